@@ -1,0 +1,93 @@
+"""Small helpers shared by the public functions: array kinds, shapes and validation.
+
+Every public entry point accepts numpy arrays or torch tensors and returns the same kind
+(same dtype, same device).  Images are ``(N, C, H, W)``; ``(C, H, W)`` and ``(H, W)`` are
+accepted for one image and the output is given back in the caller's rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = Any  # numpy.ndarray | torch.Tensor
+
+
+def is_torch(x: Array) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def check_array(x: Array, name: str) -> None:
+    """Raise TypeError unless ``x`` is a numpy array or a torch tensor of real numbers."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real-valued tensor, got dtype {x.dtype}")
+        return
+    if isinstance(x, np.ndarray):
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise TypeError(f"{name}: expected a real-valued array, got dtype {x.dtype}")
+        return
+    raise TypeError(f"{name}: expected a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+
+
+def to_float(x: Array) -> Array:
+    """Integer arrays become float64 (numpy) / float32 (torch); floats are kept."""
+    if isinstance(x, torch.Tensor):
+        return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+
+
+def as_batch(x: Array, name: str) -> tuple[Array, int]:
+    """View an image argument as ``(N, C, H, W)``; return it and the caller's rank."""
+    check_array(x, name)
+    nd = x.ndim
+    if nd == 4:
+        return x, 4
+    if nd == 3:
+        return x[None], 3
+    if nd == 2:
+        return x[None, None], 2
+    raise ValueError(
+        f"{name}: expected an image of shape (N, C, H, W), (C, H, W) or (H, W), "
+        f"got shape {tuple(x.shape)}"
+    )
+
+
+def restore_rank(x: Array, rank: int) -> Array:
+    """Undo :func:`as_batch` on an output with the same leading layout."""
+    if rank == 4:
+        return x
+    if rank == 3:
+        return x[0]
+    return x[0, 0]
+
+
+def check_finite_nonnegative(x: Array, name: str) -> None:
+    """Raise ValueError if ``x`` has NaN/inf or negative entries (images are masses)."""
+    if isinstance(x, torch.Tensor):
+        finite = bool(torch.isfinite(x).all())
+        neg = float(x.min()) if x.numel() else 0.0
+    else:
+        finite = bool(np.isfinite(x).all())
+        neg = float(x.min()) if x.size else 0.0
+    if not finite:
+        raise ValueError(f"{name}: expected finite pixel values, got NaN or infinity")
+    if neg < 0:
+        raise ValueError(f"{name}: expected non-negative pixel values (mass), got minimum {neg:g}")
+
+
+def to_numpy64(x: Array) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def like(values: np.ndarray, template: Array) -> Array:
+    """Return numpy ``values`` as the kind, dtype and device of ``template``."""
+    if isinstance(template, torch.Tensor):
+        dtype = template.dtype if template.is_floating_point() else torch.get_default_dtype()
+        return torch.as_tensor(values, dtype=dtype, device=template.device)
+    dtype = template.dtype if np.issubdtype(template.dtype, np.floating) else np.float64
+    return values.astype(dtype, copy=False)

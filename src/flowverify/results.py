@@ -1,0 +1,109 @@
+"""Result records and JSONL output shared by every operation.
+
+Each operation returns one dataclass per image (``CertifyResult``, ``AttackResult``, ...)
+with a :class:`Status`, radii in both units (``normalised``: image mass 1; ``raw``: the
+mass of the data), the method, references, timings and an optional witness.  Their
+``to_dict()`` gives one JSON object; :class:`JsonlWriter` writes one object per line,
+flushed as soon as it is known, never a half-written line.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["JsonlWriter", "Status", "jsonable", "read_jsonl"]
+
+
+class Status(str, enum.Enum):
+    """Outcome of one verification query.
+
+    ``certified``: proven robust at the reported radius.  ``falsified``: an adversarial
+    example (witness) was found within the asked radius.  ``unknown``: neither (e.g. an
+    incomplete certifier, or a solver that ran out of time; the radius is a proven lower
+    bound).  ``misclassified``: the clean image is already misclassified (radius 0).
+    ``error``: the computation failed for this image (message in the record).
+    """
+
+    CERTIFIED = "certified"
+    FALSIFIED = "falsified"
+    UNKNOWN = "unknown"
+    MISCLASSIFIED = "misclassified"
+    ERROR = "error"
+
+    def __str__(self) -> str:  # "certified", not "Status.CERTIFIED"
+        return self.value
+
+
+def jsonable(value: Any) -> Any:
+    """Convert numpy/torch scalars, arrays, enums and non-finite floats for JSON.
+
+    ``inf``/``nan`` become the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has
+    no such numbers); arrays become lists.
+    """
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class JsonlWriter:
+    """Append JSON records to a file, one per line, each flushed and fsync'ed.
+
+    Each record is written with a single ``write`` call of a complete line, so an
+    interruption never leaves a half-written line that a reader would take for a record.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, mode: str = "w"):
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode: expected 'w' or 'a', got {mode!r}")
+        self.path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._fh = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(jsonable(record), allow_nan=False) + "\n"
+        self._fh.write(line)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read the complete records of a JSONL file (a trailing partial line is ignored)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
