@@ -33,7 +33,7 @@ UNITS_HELP = (
 
 # Subcommands that live in their own modules: name -> module (imported lazily, so a
 # subcommand whose optional parts are missing does not break the others).
-_PLUGINS = ("_cli_certify", "_cli_attack", "_cli_report")
+_PLUGINS = ("_cli_certify", "_cli_attack", "_cli_report", "_cli_reproduce")
 
 
 class _Parser(argparse.ArgumentParser):
