@@ -1,0 +1,1018 @@
+r"""Certified and exact W1 radii: the public entry point :func:`certify` (SPEC section 4).
+
+For an image :math:`\mu` of class :math:`y`, a model :math:`F` and references
+:math:`R_1, \dots, R_k`, :func:`certify` gives the largest W1 radius inside which ``F``
+provably keeps class ``y``.  Each reference gives ``δµ = Δ⁻¹(R, µ)`` and the fused
+flow-domain network ``f̃(δ) = f(R + Aδ)`` (Corollary 2.1); then, by method (the paper's
+Table 1):
+
+``"vanilla"``
+    The L1 ball ``B_ε(δµ)`` (Theorem 3), certified by CROWN (``certifier="crown"``) or
+    alpha-CROWN (``"alpha-crown"``) with the dual-norm concretisation
+    ``min cᵀδ = cᵀδµ - ε‖c‖_∞``; for a linear model the radius is Lemma 7's closed form
+    ``min_t (w_tᵀδµ + d_t)/‖w_t‖_∞``, computed directly.
+``"feasible"``
+    The polytope ``B_ε(δµ) ∩ {R + Aδ >= 0}`` (Lemma 5, Theorem 6): CROWN / alpha-CROWN
+    whose intermediate and final linear bounds are minimised exactly over the polytope
+    (:mod:`flowverify.certify.bounds`), or the LP relaxation solved by HiGHS
+    (``"lp"``, :mod:`flowverify.certify.lp`).  Never below ``"vanilla"`` (the reported
+    radius is at least the vanilla CROWN radius); exact (Lemma 8) for a linear model.
+``"complete"`` / ``"complete-ball"``
+    The exact radius over the polytope (resp. the ball) by
+    :func:`flowverify.certify.complete.exact_radius`, pruned by the feasible (resp.
+    vanilla) radius from below and by a Frank-Wolfe attack from above.
+
+References (section 3.2.2): the reported radius is the maximum over references; every
+per-reference radius is kept.  (For CROWN-type certifiers the certificate is, up to
+rounding, independent of ``R``: ``W̃δµ + b̃ = Wµ + b`` and the region's image set
+``{µ + Aγ}`` do not depend on it.  Complete methods use the first reference only: their
+radius does not depend on it, Table 1.)
+
+Radii of incomplete methods come from a search on ``ε`` to a relative tolerance
+``rtol`` (:func:`~flowverify.certify.bounds.search_radius`); the reported value is the
+largest radius certified.  ``eps=`` instead decides one radius: ``certified``,
+``falsified`` (a Frank-Wolfe attack found an adversarial image within ``eps``) or
+``unknown``.
+
+Units: the W1 ground cost is the L1 distance between pixel coordinates.  ``radius_raw``
+is in data units (flow L1 norm: W1 between the images as given); ``radius`` is
+normalised: ``radius_raw / s`` with ``s`` the image's mass (for ``C`` channels, the
+largest channel mass, which is conservative: the normalised W1 ball of that radius lies
+inside the certified raw one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..flowmodel import INPUT_SCALES, FlowModel, _infer_flat, _modules_in_order
+from ..flows import apply_flow, inverse_flow, w1_distance
+from ..references import Reference, parse_references
+from ..results import Status, jsonable
+from . import bounds as _b
+from ._chain import affine_chain
+
+__all__ = ["CERTIFIERS", "METHODS", "CertifyResult", "certify"]
+
+logger = logging.getLogger(__name__)
+
+#: Verification regions x certifier families (the paper's Table 1).
+METHODS = ("vanilla", "feasible", "complete", "complete-ball")
+
+#: Valid certifiers per method; the first is the default.
+CERTIFIERS: dict[str, tuple[str, ...]] = {
+    "vanilla": ("crown", "alpha-crown"),
+    "feasible": ("crown", "alpha-crown", "lp"),
+    "complete": ("bab", "milp"),
+    "complete-ball": ("bab", "milp"),
+}
+
+UNITS = ("normalised", "raw")
+
+#: Right inverse used for ``δµ`` (any right inverse is valid; the minimal one is exact).
+INVERSE_METHOD = "minimal"
+
+
+@dataclass
+class CertifyResult:
+    """Certification of one image.
+
+    Attributes
+    ----------
+    index : int
+        Index of the image (in ``data`` when ``indices`` are given, else in the batch).
+    label, prediction : int
+        The class certified and the model's class on the image.
+    method, certifier : str
+        As resolved (see :data:`METHODS`, :data:`CERTIFIERS`).
+    references : list of str
+        Names of the references used (``uniform``, ``random#0``, ``data#17``, ...).
+    status : Status
+        ``certified`` (radius > 0 proven; with ``eps``: the ball of radius ``eps``),
+        ``falsified`` (``eps`` only: an adversarial image within ``eps``, see
+        ``witness``), ``unknown``, ``misclassified`` (radius 0) or ``error``.
+    radius : float
+        Certified W1 radius, normalised unit (image mass 1): every image within it is
+        classified ``label``.  For an exact result, the W1 distance to the closest
+        image of another class (its proven lower bound).
+    radius_raw : float
+        The same in data units (``radius * mass``).
+    exact : bool
+        True only for a complete method that finished (``radius`` is exact).
+    per_reference : dict
+        Reference name -> certified radius (normalised).
+    seconds : float
+        Wall time (a batch's time divided by its size for batched methods).
+    eps, eps_raw : float or None
+        The radius decided (``eps=`` mode), normalised and raw.
+    lower, upper : float or None
+        Proven lower bound (normalised; equal to ``radius``) and the W1 distance of
+        the closest adversarial image known (normalised; ``inf`` if none, ``None`` if
+        not searched).
+    upper_raw : float or None
+        ``upper`` in data units.
+    mass : float
+        ``s``: normalised = raw / s (largest channel mass).
+    best_reference : str or None
+        The reference that gave ``radius``.
+    converged : bool
+        Whether the radius search reached its tolerance (else it was cut by ``timeout``;
+        the radius is still certified).
+    solver_status : str or None
+        Complete methods: the solver's status.
+    message : str or None
+        Error message (``status="error"``) or notes.
+    witness : ndarray or None
+        ``(C, H, W)`` adversarial image (exact results, falsified decisions); excluded
+        from :meth:`to_dict`.  For ``complete-ball`` it may have negative pixels.
+    """
+
+    index: int
+    label: int
+    prediction: int
+    method: str
+    certifier: str
+    references: list[str]
+    status: Status
+    radius: float
+    radius_raw: float
+    exact: bool = False
+    per_reference: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    eps: float | None = None
+    eps_raw: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    upper_raw: float | None = None
+    mass: float = 1.0
+    best_reference: str | None = None
+    converged: bool = True
+    solver_status: str | None = None
+    message: str | None = None
+    witness: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field but ``witness`` (``inf`` -> ``"inf"``)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "witness"}
+        out["status"] = str(self.status)
+        out["unit"] = "normalised"
+        return jsonable(out)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_choice(value, name: str, valid: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"{name}: expected one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
+def _check_positive(value, name: str, *, allow_none=True, allow_zero=False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(
+            f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}"
+        )
+    return v
+
+
+def _check_images(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise TypeError(
+            f"images: expected a numpy array or torch tensor, got {type(images).__name__}"
+        )
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise TypeError(f"images: expected real pixel values, got dtype {images.dtype}")
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"images: expected shape (N, C, H, W), (C, H, W) or (H, W), got {images.shape}"
+        )
+    if x.shape[-1] < 2 or x.shape[-2] < 2:
+        raise ValueError(f"images: expected at least 2x2 pixels, got {images.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("images: expected finite pixel values, got NaN or infinity")
+    if (x < 0).any():
+        raise ValueError(f"images: expected non-negative pixels (mass), got minimum {x.min():g}")
+    if x.shape[0] and (x.sum(axis=(-2, -1)) <= 0).any():
+        raise ValueError("images: every channel of every image needs positive mass")
+    return x
+
+
+def _check_labels(labels, n: int, num_classes: int, prediction: np.ndarray) -> np.ndarray:
+    if labels is None:
+        return prediction.copy()
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels: expected integer class labels, got dtype {arr.dtype}")
+    if arr.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), got {arr.shape}")
+    if (arr < 0).any() or (arr >= num_classes).any():
+        raise ValueError(f"labels: expected classes in [0, {num_classes}), got {arr.tolist()}")
+    return arr.astype(np.int64)
+
+
+def _check_indices(indices, n: int) -> np.ndarray:
+    if indices is None:
+        return np.arange(n)
+    arr = np.asarray(indices)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.shape != (n,):
+        raise ValueError(f"indices: expected {n} integer indices (one per image), got {arr!r}")
+    return arr.astype(np.int64)
+
+
+def _resolve_model(model) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model.eval()
+    from ..models import load_model
+
+    return load_model(model)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _prefix(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pre-activation of the first ReLU (or the logits): the chain's first layer."""
+    z = x
+    for _, mod in _modules_in_order(model):
+        if isinstance(mod, nn.ReLU):
+            break
+        z = mod(z)
+    return z.reshape(z.shape[0], -1)
+
+
+def _model_input(x: torch.Tensor, scale: torch.Tensor | None, flat: bool) -> torch.Tensor:
+    if scale is not None:
+        x = x / scale[:, :, None, None]
+    return x.reshape(x.shape[0], -1) if flat else x
+
+
+@dataclass
+class _Ctx:
+    """Resolved options shared by every image."""
+
+    model: nn.Module  # as given (predictions)
+    model64: nn.Module  # float64 copy (certification)
+    method: str
+    certifier: str
+    input_scale: str
+    device: torch.device
+    rtol: float
+    timeout: float | None
+    flat: bool
+    num_classes: int
+    seed: int
+
+
+def _problem(ctx: _Ctx, x: np.ndarray, refs: np.ndarray, labels: np.ndarray):
+    """FlowNet and Batch for images ``x (n, C, H, W)`` with references ``refs``."""
+    n, c, h, w = x.shape
+    fm = FlowModel(ctx.model64, torch.as_tensor(refs), input_scale=ctx.input_scale, fuse=True)
+    chain0 = affine_chain(fm, 0)
+    scale = fm.scale.detach().to(torch.float64).cpu()  # (n, C)
+    net = _b.FlowNet.from_chain(chain0, (c, h, w), scale=scale[0].numpy(), device=ctx.device)
+    xin = _model_input(
+        torch.as_tensor(x), scale if ctx.input_scale == "normalised" else None, ctx.flat
+    )
+    with torch.no_grad():
+        centre = _prefix(ctx.model64, xin).numpy()
+    # consistency with the chain (reference 0): W̃ δµ + b̃ = first pre-activation at µ
+    dmu0 = np.asarray(inverse_flow(refs[:1], x[:1], method=INVERSE_METHOD)).reshape(-1)
+    c0 = chain0.weights[0] @ dmu0 + chain0.biases[0]
+    err = float(np.abs(c0 - centre[0]).max(initial=0.0))
+    if err > 1e-6 * (1.0 + float(np.abs(c0).max(initial=0.0))):
+        raise RuntimeError(
+            f"internal: the fused chain and the model disagree at the image by {err:g}"
+        )
+    batch = _b.Batch.build(net, centre, 1.0 / scale.numpy(), x.reshape(n, -1), labels)
+    return net, batch
+
+
+def _e_max(x: np.ndarray) -> np.ndarray:
+    """Raw radius that contains every image of the same masses: ``Σ_c s_c (H + W - 2)``."""
+    h, w = x.shape[-2:]
+    return x.sum(axis=(1, 2, 3)) * (h + w - 2)
+
+
+def _mass(x: np.ndarray) -> np.ndarray:
+    return x.sum(axis=(-2, -1)).max(axis=-1)
+
+
+def _predict(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) -> np.ndarray:
+    """The model's classes on images ``x`` in data units (divided by their mass per
+    channel when ``input_scale="normalised"``)."""
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    dev = param.device if param is not None else torch.device("cpu")
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), 256):
+            xb = torch.as_tensor(x[s : s + 256], dtype=torch.float64)
+            scale = xb.sum(dim=(-2, -1)) if input_scale == "normalised" else None
+            inp = _model_input(xb, scale, flat).to(dtype=dtype, device=dev)
+            out.append(model(inp).argmax(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _deadline(ctx: _Ctx, n: int) -> float | None:
+    return None if ctx.timeout is None else time.perf_counter() + ctx.timeout * n
+
+
+# ---------------------------------------------------------------- incomplete (batched)
+
+
+def _oracle(ctx: _Ctx, net, batch, *, feasible: bool, certifier: str):
+    if certifier == "lp":
+        from .lp import LPOracle
+
+        return LPOracle(net, batch)
+    return _b.RadiusOracle(net, batch, feasible=feasible, optimise=certifier == "alpha-crown")
+
+
+def _stages(method: str, certifier: str) -> list[tuple[bool, str]]:
+    """Certifiers run in turn, each starting from the radius of the previous ones, so that
+    the reported radius is never below a cheaper one: vanilla CROWN, then (feasible)
+    polytope CROWN, then alpha-CROWN or the LP."""
+    stages = [(False, "crown")]
+    if method == "feasible":
+        stages.append((True, "crown"))
+    if certifier != "crown":
+        stages.append((method == "feasible", certifier))
+    return stages
+
+
+def _incomplete_radii(ctx: _Ctx, x, refs, labels, eps_raw, method, certifier, problem=None):
+    """Raw radii ``(n,)`` of one reference slot, convergence flags and the problem.
+
+    Radius mode (``eps_raw is None``): the searches of :func:`_stages`; ``eps`` mode:
+    ``min(ε, F(ε))`` maximised over the stages (stopping once certified).
+    """
+    net, batch = _problem(ctx, x, refs, labels) if problem is None else problem
+    n = len(x)
+    linear = net.num_relu == 0
+    e_max = _e_max(x)
+    stages = _stages(method, certifier)
+    if linear:
+        stages = stages[:2]  # polytope CROWN is already exact (Lemma 8) on a linear model
+    if eps_raw is not None:
+        best = np.zeros(n)
+        for feasible, cert in stages:
+            todo = np.flatnonzero(best < eps_raw)
+            if todo.size == 0:
+                break
+            oracle = _oracle(ctx, net, batch.subset(todo), feasible=feasible, certifier=cert)
+            f_val = oracle(np.arange(todo.size), eps_raw[todo])
+            val = f_val if linear else np.minimum(f_val, eps_raw[todo])
+            best[todo] = np.maximum(best[todo], np.minimum(np.maximum(val, 0.0), e_max[todo]))
+        return best, np.ones(n, dtype=bool), (net, batch)
+    deadline = _deadline(ctx, n)
+    lower, conv = None, np.ones(n, dtype=bool)
+    for feasible, cert in stages:
+        res = _b.search_radius(
+            _oracle(ctx, net, batch, feasible=feasible, certifier=cert),
+            e_max,
+            linear=linear,
+            rtol=ctx.rtol,
+            deadline=deadline,
+            lower_init=lower if cert != "crown" else None,
+        )
+        if lower is None:
+            lower, conv = res.lower, res.converged
+        else:
+            better = res.lower >= lower
+            conv = np.where(better, res.converged, conv)
+            lower = np.maximum(lower, res.lower)
+    return lower, conv, (net, batch)
+
+
+# ------------------------------------------------------------------ Frank-Wolfe attack
+
+
+def _dense_margins(net: _b.FlowNet, batch: _b.Batch, nu: torch.Tensor) -> torch.Tensor:
+    """Smallest margin ``min_t f_y - f_t`` at images ``nu (n, C, H, W)`` (the chain in
+    image space: ``z_0 = b̃ + G(ν - µ)/s``, then the dense layers)."""
+    n = nu.shape[0]
+    c = net.shape[0]
+    mu = torch.as_tensor(batch.mu, device=net.device)
+    diff = (nu.reshape(n, c, -1) - mu.reshape(n, c, -1)) * batch.inv_scale[:, :, None]
+    z = batch.centre + diff.reshape(n, -1) @ net.G.T
+    if net.num_relu:
+        for wk, bk in zip(net.weights[:-1], net.biases[:-1], strict=True):
+            z = torch.relu(z) @ wk.T + bk
+        z = torch.relu(z)
+    marg = torch.einsum("bmn,bn->bm", batch.spec_w, z) + batch.spec_b
+    return marg.min(dim=1).values
+
+
+def _fw_attack(ctx: _Ctx, net, batch, x: np.ndarray, labels, eps_raw, steps: int = 25):
+    r"""Frank-Wolfe on ``{ν >= 0, W1(µ, ν) <= ε}`` minimising the smallest margin.
+
+    The linear minimisation oracle is exact (:func:`bounds.polytope_plan`) and the set is
+    convex, so every iterate is an image of the input's mass within W1 ``ε``.  Returns
+    ``(success (n,), images (n, C, H, W))``; a success is re-checked on the given model.
+    """
+    n = x.shape[0]
+    mu = torch.as_tensor(x, dtype=torch.float64, device=net.device)
+    nu = mu.clone()
+    found = np.zeros(n, dtype=bool)
+    gammas = (1.0, 0.5, 0.25, 0.1)
+    for k in range(steps):
+        act = np.flatnonzero(~found)
+        if act.size == 0:
+            break
+        sub = batch.subset(act)
+        cur = nu[act].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_dense_margins(net, sub, cur).sum(), cur)
+        g_np = grad.detach().cpu().numpy().reshape(act.size, -1)
+        vert = np.stack(
+            [_b.polytope_plan(g_np[j], x[i], float(eps_raw[i]))[0] for j, i in enumerate(act)]
+        )
+        vert_t = torch.as_tensor(vert, device=net.device)
+        best_m = torch.full((act.size,), math.inf, dtype=torch.float64, device=net.device)
+        best_nu = nu[act].clone()
+        with torch.no_grad():
+            for gam in gammas if k else (1.0,):
+                cand = nu[act] + gam * (vert_t - nu[act])
+                m = _dense_margins(net, sub, cand)
+                better = m < best_m
+                best_m = torch.where(better, m, best_m)
+                best_nu[better] = cand[better]
+        nu[act] = best_nu
+        found[act[(best_m < 0).cpu().numpy()]] = True
+    out = nu.detach().cpu().numpy()
+    if found.any():  # re-check on the model as given
+        pred = _predict(ctx.model, out, ctx.flat, ctx.input_scale)
+        found &= pred != np.asarray(labels)
+    return found, out
+
+
+def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max: float):
+    """Smallest budget (raw) where the FW attack succeeds, grown then bisected (one image).
+
+    Returns the exact W1 (raw) of the adversarial image found and the image, or
+    ``(inf, None)``."""
+    lab = np.array([label])
+    e = max(start_raw * 1.25, 1e-6 * e_max)
+    last_fail = start_raw
+    hit = None
+    while e <= e_max * 1.000001:
+        ok, adv = _fw_attack(ctx, net, batch, x[None], lab, np.array([e]))
+        if ok[0]:
+            hit = (e, adv[0])
+            break
+        last_fail, e = e, (e * 1.6 if e < e_max else math.inf)
+    if hit is None:
+        return math.inf, None
+    lo, hi = last_fail, hit[0]
+    for _ in range(6):
+        mid = 0.5 * (lo + hi)
+        ok, adv = _fw_attack(ctx, net, batch, x[None], lab, np.array([mid]))
+        if ok[0]:
+            hi, hit = mid, (mid, adv[0])
+        else:
+            lo = mid
+    img = hit[1]
+    return float(w1_distance(img, x, unit="raw")), img
+
+
+# ----------------------------------------------------------------------------- complete
+
+
+def _complete_module():
+    try:
+        return importlib.import_module("flowverify.certify.complete")
+    except ModuleNotFoundError as exc:  # pragma: no cover - until complete.py lands
+        if exc.name != "flowverify.certify.complete":
+            raise
+        raise NotImplementedError(
+            "method: 'complete' needs flowverify.certify.complete, which is not installed"
+        ) from exc
+
+
+def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw):
+    """Exact radius of one image over the polytope (or the ball). Returns a dict."""
+    t_end = None if ctx.timeout is None else time.perf_counter() + ctx.timeout
+    feasible = ctx.method == "complete"
+    mod = _complete_module()
+    c, h, w = x.shape
+    e_max = float(_e_max(x[None])[0])
+    # lower bound: the incomplete radius of the same region
+    lower, _, (net, batch) = _incomplete_radii(
+        ctx,
+        x[None],
+        ref[None],
+        np.array([label]),
+        None,
+        "feasible" if feasible else "vanilla",
+        "crown",
+    )
+    lower = float(lower[0])
+    # upper bound: Frank-Wolfe attack (valid for the ball too: feasible ⊂ ball)
+    upper, adv = _fw_min_radius(ctx, net, batch, x, label, lower, e_max)
+    dmu = np.asarray(inverse_flow(ref, x, method=INVERSE_METHOD), dtype=np.float64)
+    fm = FlowModel(ctx.model64, torch.as_tensor(ref), input_scale=ctx.input_scale, fuse=True)
+    chain = affine_chain(fm, 0)
+    witness_flow = None
+    if adv is not None:
+        witness_flow = (dmu + np.asarray(inverse_flow(x, adv, method=INVERSE_METHOD))).reshape(-1)
+    remaining = None if t_end is None else max(t_end - time.perf_counter(), 1e-3)
+    kwargs = dict(
+        height=h,
+        width=w,
+        feasible=feasible,
+        timeout=remaining,
+        lower_bound=lower,
+        upper_bound=upper,
+        witness_flow=witness_flow,
+        bound_fn=functools.partial(_b.relu_bounds, height=h, width=w, device=str(ctx.device)),
+        algorithm=ctx.certifier,
+    )
+    res = mod.exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
+    status = str(getattr(res, "status", "error"))
+    out = {
+        "solver_status": str(getattr(res, "solver_status", status)),
+        "lower": max(float(getattr(res, "lower", 0.0)), lower),
+        "upper": min(float(getattr(res, "upper", math.inf)), upper),
+        "exact": False,
+        "witness": None,
+    }
+    wf = getattr(res, "witness_flow", None)
+    if wf is not None and float(getattr(res, "upper", math.inf)) <= upper:
+        img = apply_flow(ref, np.asarray(wf, dtype=np.float64).reshape(c, -1))
+        out["witness"] = img
+    elif adv is not None:
+        out["witness"] = adv
+    if status == "optimal":
+        out["exact"] = True
+    elif status == "infeasible":  # no image of this mass is classified otherwise
+        out.update(exact=True, lower=e_max, upper=math.inf, witness=None)
+        out["message"] = "no adversarial image exists; radius capped at the grid diameter"
+    elif status == "error":
+        out["message"] = f"complete solver error ({out['solver_status']})"
+    return out
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def _result(ctx, i, index, label, pred, names, **kw) -> CertifyResult:
+    return CertifyResult(
+        index=int(index),
+        label=int(label),
+        prediction=int(pred),
+        method=ctx.method,
+        certifier=ctx.certifier,
+        references=list(names),
+        **kw,
+    )
+
+
+def _iter_certify(
+    model,
+    images,
+    labels=None,
+    *,
+    method: str = "vanilla",
+    certifier: str | None = None,
+    references: str | Sequence[str] = ("uniform",),
+    eps: float | None = None,
+    unit: str = "normalised",
+    input_scale: str = "raw",
+    timeout: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    data=None,
+    indices=None,
+    batch_size: int = 32,
+    rtol: float = 1e-3,
+    progress: bool = False,
+) -> Iterator[CertifyResult]:
+    """Generator form of :func:`certify` (one result per image, in order)."""
+    _check_choice(method, "method", METHODS)
+    valid = CERTIFIERS[method]
+    certifier = valid[0] if certifier is None else certifier
+    if certifier not in valid:
+        raise ValueError(
+            f"certifier: unknown certifier {certifier!r} for method {method!r}; valid: "
+            f"{', '.join(valid)}"
+        )
+    _check_choice(unit, "unit", UNITS)
+    _check_choice(input_scale, "input_scale", INPUT_SCALES)
+    eps = _check_positive(eps, "eps", allow_zero=True)
+    timeout = _check_positive(timeout, "timeout")
+    rtol = float(_check_positive(rtol, "rtol", allow_none=False))
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    dev = torch.device(device)
+    x = _check_images(images)
+    n = x.shape[0]
+    if data is not None:
+        data = _check_images(data)
+        if data.shape[1:] != x.shape[1:]:
+            raise ValueError(f"data: expected images of shape {x.shape[1:]}, got {data.shape[1:]}")
+    idx = _check_indices(indices, n)
+    net_model = _resolve_model(model)
+    flat = _infer_flat(net_model)
+    pred = _predict(net_model, x, flat, input_scale)
+    with torch.no_grad():
+        xin = torch.as_tensor(x[:1])
+        scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
+        probe = net_model(_model_input(xin, scale, flat).to(_model_dtype(net_model)))
+    num_classes = int(probe.shape[1])
+    lab = _check_labels(labels, n, num_classes, pred)
+    # resolve references once per image (data:K excludes the image itself)
+    ref_sets = (
+        [
+            parse_references(
+                references,
+                data=data,
+                exclude_index=int(idx[i]) if data is not None else None,
+                seed=int(seed),
+            )
+            for i in range(n)
+        ]
+        if n
+        else []
+    )
+    model64 = copy.deepcopy(net_model).to(torch.float64).eval()
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    ctx = _Ctx(
+        net_model,
+        model64,
+        method,
+        certifier,
+        input_scale,
+        dev,
+        rtol,
+        timeout,
+        flat,
+        num_classes,
+        int(seed),
+    )
+    if method in ("complete", "complete-ball"):
+        _complete_module()  # fail early with a clear message
+    step = 1 if method.startswith("complete") else int(batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"certify {method}", unit="img", leave=False)
+    try:
+        for s in range(0, n, step):
+            sel = np.arange(s, min(n, s + step))
+            yield from _certify_chunk(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit)
+            if bar is not None:
+                bar.update(len(sel))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    param = next(iter(model.parameters()), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+
+#: Torch runs single-threaded while certifying models whose layers all have fewer
+#: entries than this: their small matrix products lose more to waking BLAS threads than
+#: they gain (the heavy kernels are numba's, with their own threads).
+SMALL_LAYER = 1_000_000
+
+
+@contextlib.contextmanager
+def _torch_threads(ctx: _Ctx):
+    params = [p.numel() for p in ctx.model64.parameters()]
+    small = ctx.device.type == "cpu" and max(params, default=0) < SMALL_LAYER
+    prev = torch.get_num_threads()
+    if small and prev > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
+
+
+def _certify_chunk(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit) -> Iterator[CertifyResult]:
+    with _torch_threads(ctx):
+        out = _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit)
+    yield from out
+
+
+def _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit):
+    t0 = time.perf_counter()
+    ok = sel[pred[sel] == lab[sel]]
+    mass = _mass(x)
+    out: dict[int, CertifyResult] = {}
+    for i in sel:
+        if pred[i] != lab[i]:
+            names = [r.name for r in ref_sets[i]]
+            out[i] = _result(
+                ctx,
+                i,
+                idx[i],
+                lab[i],
+                pred[i],
+                names,
+                status=Status.MISCLASSIFIED,
+                radius=0.0,
+                radius_raw=0.0,
+                per_reference={nm: 0.0 for nm in names},
+                lower=0.0,
+                mass=float(mass[i]),
+                eps=eps,
+                eps_raw=None if eps is None else _eps_raw(eps, unit, mass[i]),
+            )
+    if ok.size:
+        try:
+            if ctx.method.startswith("complete"):
+                for i in ok:
+                    out[i] = _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit)
+            else:
+                out.update(_incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit))
+        except (KeyboardInterrupt, NotImplementedError):
+            raise
+        except Exception as exc:  # one failing batch must not stop the run
+            logger.exception("certify: batch %s failed", idx[ok].tolist())
+            for i in ok:
+                names = [r.name for r in ref_sets[i]]
+                out[i] = _result(
+                    ctx,
+                    i,
+                    idx[i],
+                    lab[i],
+                    pred[i],
+                    names,
+                    status=Status.ERROR,
+                    radius=0.0,
+                    radius_raw=0.0,
+                    mass=float(mass[i]),
+                    message=f"{type(exc).__name__}: {exc}",
+                )
+    per = (time.perf_counter() - t0) / max(len(sel), 1)
+    results = []
+    for i in sel:
+        res = out[i]
+        if not res.seconds:
+            res.seconds = per
+        results.append(res)
+    return results
+
+
+def _eps_raw(eps: float, unit: str, mass: float) -> float:
+    return eps * mass if unit == "normalised" else eps
+
+
+def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
+    mass = _mass(x[ok])
+    eps_raw = None if eps is None else np.array([_eps_raw(eps, unit, m) for m in mass])
+    n_refs = len(ref_sets[ok[0]])
+    radii = np.zeros((n_refs, ok.size))
+    conv = np.ones((n_refs, ok.size), dtype=bool)
+    problem = None
+    for j in range(n_refs):
+        refs = np.stack([_build_ref(ref_sets[i][j], x[i]) for i in ok])
+        radii[j], conv[j], prob = _incomplete_radii(
+            ctx, x[ok], refs, lab[ok], eps_raw, ctx.method, ctx.certifier
+        )
+        problem = prob if problem is None else problem
+    best = radii.argmax(axis=0)
+    out = {}
+    fals = np.zeros(ok.size, dtype=bool)
+    adv = None
+    if eps_raw is not None:
+        cert = radii.max(axis=0) >= eps_raw * (1 - 1e-12)
+        todo = np.flatnonzero(~cert)
+        if todo.size:
+            net, batch = problem
+            f_ok, f_img = _fw_attack(
+                ctx, net, batch.subset(todo), x[ok[todo]], lab[ok[todo]], eps_raw[todo]
+            )
+            fals[todo] = f_ok
+            adv = dict(zip(todo.tolist(), f_img, strict=True))
+    for k, i in enumerate(ok):
+        names = [r.name for r in ref_sets[i]]
+        r_raw = float(radii[best[k], k])
+        per_ref = {nm: float(radii[j, k] / mass[k]) for j, nm in enumerate(names)}
+        kw = dict(
+            radius=r_raw / mass[k],
+            radius_raw=r_raw,
+            per_reference=per_ref,
+            lower=r_raw / mass[k],
+            mass=float(mass[k]),
+            best_reference=names[best[k]],
+            converged=bool(conv[best[k], k]),
+        )
+        if eps_raw is None:
+            status = Status.CERTIFIED if r_raw > 0 else Status.UNKNOWN
+        else:
+            kw.update(eps=float(eps_raw[k] / mass[k]), eps_raw=float(eps_raw[k]))
+            if r_raw >= eps_raw[k] * (1 - 1e-12):
+                status = Status.CERTIFIED
+            elif fals[k]:
+                status = Status.FALSIFIED
+                img = adv[k]
+                w1 = float(w1_distance(img, x[i], unit="raw"))
+                kw.update(witness=img, upper=w1 / mass[k], upper_raw=w1)
+            else:
+                status = Status.UNKNOWN
+        out[i] = _result(ctx, i, idx[i], lab[i], pred[i], names, status=status, **kw)
+    return out
+
+
+def _build_ref(ref: Reference, image: np.ndarray) -> np.ndarray:
+    return np.asarray(ref.build(image), dtype=np.float64)
+
+
+def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyResult:
+    t0 = time.perf_counter()
+    refs = ref_sets[i]
+    if len(refs) > 1:
+        logger.info(
+            "certify: method %r uses the first reference only (%s); the exact radius does "
+            "not depend on it",
+            ctx.method,
+            refs[0].name,
+        )
+    mass = float(_mass(x[i : i + 1])[0])
+    ref = _build_ref(refs[0], x[i])
+    res = _complete_one(ctx, x[i], int(lab[i]), ref, None)
+    lower, upper = res["lower"], res["upper"]
+    kw: dict[str, Any] = dict(
+        radius=lower / mass,
+        radius_raw=lower,
+        per_reference={refs[0].name: lower / mass},
+        lower=lower / mass,
+        upper=upper / mass,
+        upper_raw=upper,
+        mass=mass,
+        best_reference=refs[0].name,
+        solver_status=res["solver_status"],
+        exact=bool(res["exact"]),
+        message=res.get("message"),
+    )
+    names = [refs[0].name]
+    if eps is None:
+        status = Status.CERTIFIED if res["exact"] and lower > 0 else Status.UNKNOWN
+        if res["exact"]:
+            kw["witness"] = res["witness"]
+    else:
+        e_raw = _eps_raw(eps, unit, mass)
+        kw.update(eps=e_raw / mass, eps_raw=e_raw)
+        if lower >= e_raw * (1 - 1e-12) and lower > 0:
+            status = Status.CERTIFIED
+        elif upper <= e_raw and res["witness"] is not None:
+            status = Status.FALSIFIED
+            kw["witness"] = res["witness"]
+        else:
+            status = Status.UNKNOWN
+    if res.get("message") and not res["exact"] and eps is None:
+        status = Status.UNKNOWN
+    kw["seconds"] = time.perf_counter() - t0
+    return _result(ctx, i, idx[i], lab[i], pred[i], names, status=status, **kw)
+
+
+def certify(
+    model,
+    images,
+    labels=None,
+    *,
+    method: str = "vanilla",
+    certifier: str | None = None,
+    references: str | Sequence[str] = ("uniform",),
+    eps: float | None = None,
+    unit: str = "normalised",
+    input_scale: str = "raw",
+    timeout: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    data=None,
+    indices=None,
+    batch_size: int = 32,
+    rtol: float = 1e-3,
+    progress: bool = False,
+) -> list[CertifyResult]:
+    r"""Certified (or exact) W1 radii of images for a classifier.
+
+    For each image ``µ`` of class ``y``: the largest ``ε`` such that every image ``ν``
+    of the same mass with ``W1(µ, ν) <= ε`` is classified ``y`` (SPEC section 4):
+
+    * ``vanilla``: certify ``f̃`` on the L1 ball ``B_ε(δµ)`` (Theorem 3);
+    * ``feasible``: on ``B_ε(δµ) ∩ {R + Aδ >= 0}`` (Lemma 5, Theorem 6), never below
+      vanilla;
+    * ``complete``: the exact radius ``min_{t≠y} min{‖δ - δµ‖₁ : R + Aδ >= 0,
+      f̃_t(δ) >= f̃_y(δ)}`` and the closest adversarial image (``witness``);
+    * ``complete-ball``: the same without ``R + Aδ >= 0`` (the exact L1-ball radius of
+      ``f̃``, a lower bound of the W1 radius).
+
+    Parameters
+    ----------
+    model : torch.nn.Module or str or path
+        An ``nn.Sequential`` whose first operation is affine (``Linear`` after an
+        optional ``Flatten``, or ``Conv2d``) followed by ``Linear``/``Conv2d``/``ReLU``/
+        ``Flatten`` layers; or a bundled name (``"linear"``, ``"fc"``, ``"cnn"``), an
+        ONNX file or a flowverify checkpoint (:func:`flowverify.models.load_model`).
+    images : ndarray or Tensor
+        ``(N, C, H, W)`` (or ``(C, H, W)``, ``(H, W)``) non-negative pixels in data units.
+    labels : array of int, optional
+        ``(N,)`` classes to certify; default: the model's predictions.
+    method : {"vanilla", "feasible", "complete", "complete-ball"}
+    certifier : str, optional
+        ``vanilla``: ``"crown"`` (default), ``"alpha-crown"``; ``feasible``: ``"crown"``
+        (default), ``"alpha-crown"``, ``"lp"``; complete methods: ``"bab"``, ``"milp"``.
+    references : str or sequence of str
+        Reference specs (``uniform``, ``random:K``, ``point:K``, ``data:K``; see
+        :func:`flowverify.parse_references`).  The radius is the maximum over them.
+    eps : float, optional
+        Decide this radius instead of searching (unit ``unit``).
+    unit : {"normalised", "raw"}
+        Unit of ``eps``.  Results always give both.
+    input_scale : {"raw", "normalised"}
+        What the model consumes: the image (``raw``) or the image divided by its mass.
+    timeout : float, optional
+        Seconds per image (complete: the solver's limit, a timeout gives ``unknown``
+        with the proven lower bound; incomplete: a batch of ``B`` images gets ``B``
+        times it, then reports the best radius certified so far).
+    device : str or torch.device
+        Where bound propagation runs (``"cpu"``, ``"cuda"``).
+    seed : int
+        Seed of ``random:K``/``point:K``/``data:K`` references.
+    data : ndarray, optional
+        ``(M, C, H, W)`` images ``data:K`` references are drawn from.
+    indices : array of int, optional
+        ``(N,)`` index of each image in ``data`` (reported as ``index`` and never used
+        as the image's own reference).
+    batch_size : int
+        Images per batch of the incomplete methods.
+    rtol : float
+        Relative tolerance of the radius search.
+    progress : bool
+        A tqdm progress bar on stderr.
+
+    Returns
+    -------
+    list of CertifyResult
+        One per image, in order.
+
+    Examples
+    --------
+    >>> res = certify("fc", x, y, method="feasible")          # doctest: +SKIP
+    >>> res[0].radius, res[0].status                           # doctest: +SKIP
+    """
+    return list(
+        _iter_certify(
+            model,
+            images,
+            labels,
+            method=method,
+            certifier=certifier,
+            references=references,
+            eps=eps,
+            unit=unit,
+            input_scale=input_scale,
+            timeout=timeout,
+            device=device,
+            seed=seed,
+            data=data,
+            indices=indices,
+            batch_size=batch_size,
+            rtol=rtol,
+            progress=progress,
+        )
+    )

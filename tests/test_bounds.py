@@ -1,0 +1,224 @@
+"""Bound propagation over the L1 ball and the feasibility polytope (Theorems 3, 6; Lemma 5).
+
+Exact facts: the polytope dual equals the LP optimum, never exceeds the ball value; CROWN
+bounds contain every sampled pre-activation (ball, polytope, ReLU splits); Lemma 7's
+closed form; the radius search converges to its tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+import flowverify as fv
+from flowverify.certify import bounds as B
+from flowverify.certify._chain import affine_chain
+from flowverify.flows import apply_flow_adjoint, incidence_matrix
+
+
+def _lp_gain(q, mu, eps):
+    """max q^T(mu - nu) over nu = mu + A g >= 0, ||g||_1 <= eps (flow LP, scipy/HiGHS)."""
+    c, h, w = mu.shape
+    a = sp.block_diag([incidence_matrix(h, w)] * c).tocsr()
+    n = a.shape[1]
+    coef = a.T @ q.ravel()
+    a_ub = sp.vstack([sp.hstack([-a, a]), sp.csr_matrix(np.ones((1, 2 * n)))])
+    b_ub = np.concatenate([mu.ravel(), [eps]])
+    res = linprog(
+        np.concatenate([coef, -coef]), A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs"
+    )
+    assert res.status == 0
+    return -res.fun
+
+
+def _random_problem(rng, c=1):
+    h, w = rng.integers(2, 6, size=2)
+    mu = rng.random((c, h, w)) * (rng.random((c, h, w)) < 0.6)
+    mu[:, 0, 0] += 0.1
+    return mu, rng.normal(size=(4, c * h * w))
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_polytope_gain_is_the_lp_optimum(c):
+    rng = np.random.default_rng(c)
+    for _ in range(6):
+        mu, q = _random_problem(rng, c)
+        eps = float(rng.random() * 3)
+        gain = B.polytope_gain(q, mu, eps)
+        exact = np.array([_lp_gain(row, mu, eps) for row in q])
+        np.testing.assert_allclose(gain, exact, rtol=1e-9, atol=1e-9)
+        ball = eps * np.array(
+            [np.abs(apply_flow_adjoint(row.reshape(mu.shape))).max() for row in q]
+        )
+        assert np.all(gain <= ball + 1e-12) and np.all(gain >= -1e-12)
+
+
+def test_polytope_radius_is_tight_and_sound():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        mu, q = _random_problem(rng)
+        margin = rng.random(4) * 2 + 0.05
+        rad = B.polytope_radius(q, mu, margin)
+        for k in range(4):
+            if not np.isfinite(rad[k]):
+                assert _lp_gain(q[k], mu, 1e3) <= margin[k] + 1e-9
+                continue
+            assert _lp_gain(q[k], mu, rad[k]) <= margin[k] + 1e-9
+            assert _lp_gain(q[k], mu, rad[k] * (1 + 1e-6) + 1e-9) >= margin[k] - 1e-7
+
+
+def test_polytope_plan_is_a_feasible_maximiser():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        mu, q = _random_problem(rng)
+        eps = float(rng.random() * 2)
+        nu = B.polytope_plan(q, mu, eps)
+        for k in range(len(q)):
+            assert nu[k].min() >= -1e-12
+            np.testing.assert_allclose(nu[k].sum(), mu.sum(), rtol=1e-12)
+            assert float(fv.w1_distance(np.maximum(nu[k], 0), mu, unit="raw")) <= eps + 1e-9
+            np.testing.assert_allclose(
+                q[k] @ (mu - nu[k]).ravel(), _lp_gain(q[k], mu, eps), rtol=1e-7, atol=1e-9
+            )
+
+
+def test_flow_weights_to_image_space():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2)
+    img = torch.rand(1, 2, 7, 7, dtype=torch.float64)
+    fm = fv.FlowModel(
+        nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)).double(), img, fuse=True
+    )
+    chain = affine_chain(fm, 0)
+    g, resid = B.flow_to_image_weights(chain.weights[0], (2, 7, 7))
+    back = apply_flow_adjoint(g.reshape(-1, 2, 7, 7)).reshape(g.shape[0], -1)
+    assert np.abs(back - chain.weights[0]).max(axis=1).max() <= resid.max() <= 1e-12
+    # convolution rows stay sparse (receptive field only)
+    assert np.count_nonzero(g) <= 0.5 * g.size
+
+
+def _net(seed, sizes, c=1, h=6, w=6, conv=False):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    if conv:
+        layers += [nn.Conv2d(c, 3, 3, stride=2), nn.ReLU(), nn.Flatten()]
+        n_in = 3 * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
+    else:
+        layers += [nn.Flatten()]
+        n_in = c * h * w
+    for k, n_out in enumerate(sizes):
+        layers.append(nn.Linear(n_in, n_out))
+        if k < len(sizes) - 1:
+            layers.append(nn.ReLU())
+        n_in = n_out
+    return nn.Sequential(*layers).double().eval()
+
+
+def _setup(model, x, label=0):
+    ref = fv.make_reference("uniform", x)
+    dmu = fv.inverse_flow(ref, x).reshape(-1)
+    chain = affine_chain(fv.FlowModel(model, torch.as_tensor(ref), fuse=True), 0)
+    return chain, dmu, ref
+
+
+def _samples(rng, x, eps, n, feasible):
+    """Flow perturbations g with ||g||_1 <= eps (and x + A g >= 0 when feasible)."""
+    c, h, w = x.shape
+    a = sp.block_diag([incidence_matrix(h, w)] * c).tocsr()
+    out = []
+    while len(out) < n:
+        g = rng.standard_cauchy(a.shape[1]) * (rng.random(a.shape[1]) < 0.3)
+        g *= eps * rng.random() ** 0.3 / max(np.abs(g).sum(), 1e-12)
+        if feasible:
+            img = x.ravel() + a @ g
+            if img.min() < 0:
+                continue
+        out.append(g)
+    return np.array(out)
+
+
+def _activations(chain, delta):
+    pre = []
+    z = delta @ chain.weights[0].T + chain.biases[0]
+    for wk, bk in zip(chain.weights[1:], chain.biases[1:], strict=True):
+        pre.append(z)
+        z = np.maximum(z, 0) @ wk.T + bk
+    return pre
+
+
+@pytest.mark.parametrize("feasible", [False, True])
+@pytest.mark.parametrize("conv", [False, True])
+def test_relu_bounds_contain_samples(feasible, conv):
+    rng = np.random.default_rng(7)
+    x = rng.random((2 if conv else 1, 6, 6))
+    model = _net(1, [8, 6, 3], c=x.shape[0], conv=conv)
+    chain, dmu, ref = _setup(model, x)
+    eps = 0.6
+    bnds = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=feasible, height=6, width=6)
+    pts = dmu + _samples(rng, x, eps, 300, feasible)
+    for (lo, up), z in zip(bnds, _activations(chain, pts), strict=True):
+        assert np.all(z >= lo - 1e-9) and np.all(z <= up + 1e-9)
+    if feasible:  # the polytope never loosens a bound
+        ball = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=False, height=6, width=6)
+        for (lo, up), (bl, bu) in zip(bnds, ball, strict=True):
+            assert np.all(lo >= bl - 1e-12) and np.all(up <= bu + 1e-12)
+
+
+def test_relu_bounds_with_splits():
+    rng = np.random.default_rng(8)
+    x = rng.random((1, 6, 6))
+    model = _net(2, [10, 8, 3])
+    chain, dmu, ref = _setup(model, x)
+    eps = 0.8
+    lo0, up0 = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True)[0]
+    unstable = np.flatnonzero((lo0 < 0) & (up0 > 0))
+    assert unstable.size >= 2
+    splits = [np.zeros(10, dtype=np.int8), np.zeros(8, dtype=np.int8)]
+    centre = chain.weights[0] @ dmu + chain.biases[0]
+    u0, u1 = unstable[:2]
+    splits[0][u0], splits[0][u1] = np.where(centre[[u0, u1]] >= 0, 1, -1)
+    bnds = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True, splits=splits)
+    for u in (u0, u1):
+        assert (bnds[0][0][u] >= 0) if splits[0][u] > 0 else (bnds[0][1][u] <= 0)
+    pts = dmu + _samples(rng, x, eps, 2000, True)
+    pre = _activations(chain, pts)
+    keep = (pre[0][:, u0] * splits[0][u0] >= 0) & (pre[0][:, u1] * splits[0][u1] >= 0)
+    assert keep.sum() > 10
+    for (lo, up), z in zip(bnds, pre, strict=True):
+        assert np.all(z[keep] >= lo - 1e-9) and np.all(z[keep] <= up + 1e-9)
+
+
+def test_linear_ball_radius_is_lemma_7():
+    rng = np.random.default_rng(9)
+    x = rng.random((1, 5, 5))
+    model = _net(3, [4], h=5, w=5)
+    chain, dmu, ref = _setup(model, x)
+    label = int(np.argmax(chain.forward(dmu)))
+    w_t = chain.weights[0][label] - chain.weights[0]
+    d_t = chain.biases[0][label] - chain.biases[0]
+    others = [t for t in range(4) if t != label]
+    lemma7 = min((w_t[t] @ dmu + d_t[t]) / np.abs(w_t[t]).max() for t in others)
+    net = B.FlowNet.from_chain(chain, (1, 5, 5))
+    batch = B.Batch.build(net, chain.weights[0] @ dmu + chain.biases[0], 1.0, x[None], [label])
+    lin = B.final_linear(net, batch, [])
+    got = float(B.ball_radius(net, lin).min())
+    np.testing.assert_allclose(got, lemma7, rtol=1e-8)
+
+
+def test_search_radius_finds_the_fixed_point():
+    # F(e) = e* - 0.7 (e - e*): decreasing, fixed point e*
+    e_star = np.array([0.3, 2.0, 5.0])
+
+    def oracle(idx, e):
+        return np.maximum(e_star[idx] - 0.7 * (e - e_star[idx]), 0.0)
+
+    res = B.search_radius(oracle, np.full(3, 100.0), rtol=1e-3)
+    assert np.all(res.converged) and np.all(res.lower <= e_star + 1e-12)
+    assert np.all(res.lower >= e_star / (1 + 1e-3))
+    assert np.all(res.probes <= 12)
+    start = B.search_radius(oracle, np.full(3, 100.0), lower_init=e_star * 0.9)
+    assert np.all(start.lower >= e_star * 0.9) and np.all(start.converged)
