@@ -1,0 +1,156 @@
+"""Kill real runs part-way (SIGTERM, SIGINT, SIGKILL) and resume them (issue 7).
+
+A small script runs :func:`flowverify.runner.run_jobs` in a subprocess with a slow work
+function, as the CLI does (KeyboardInterrupt -> exit 130).  Each variant is killed once
+some records are on disk; the JSONL must then be valid (every complete line parses, no
+index twice, no orphan worker left running), and resuming must give every index exactly
+once, in input order, with the records of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowverify.runner import run_jobs
+
+N = 60
+SCRIPT = """
+import functools, logging, os, sys, time
+
+from flowverify.runner import run_jobs
+
+
+def slow(batch, *, pidfile, delay):
+    with open(pidfile, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    out = []
+    for i in batch:
+        time.sleep(delay)
+        out.append({"index": i, "value": i * i, "label": f"img{i}"})
+    return out
+
+
+def config(n):
+    return {"command": "interrupt-test", "n": n}
+
+
+if __name__ == "__main__":
+    out, workers, n, delay = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    work = functools.partial(slow, pidfile=out + ".pids", delay=delay)
+    try:
+        run_jobs(range(n), work, out=out, config=config(n), workers=workers, progress=False)
+    except KeyboardInterrupt:
+        print("interrupt-test: interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+VARIANTS = {
+    "SIGTERM": (signal.SIGTERM, 2),
+    "SIGINT": (signal.SIGINT, 1),
+    "SIGKILL": (signal.SIGKILL, 2),
+}
+
+
+def _complete_lines(path: Path) -> tuple[list[dict], bool]:
+    data = path.read_text() if path.exists() else ""
+    partial = bool(data) and not data.endswith("\n")
+    body = data.rsplit("\n", 1)[0] if partial else data
+    return [json.loads(s) for s in body.splitlines()], partial
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # pragma: no cover - no /proc: fall back to kill(0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Start every variant at once, kill each after 5 records, return what was left."""
+    tmp = tmp_path_factory.mktemp("interrupt")
+    script = tmp / "interrupt_job.py"
+    script.write_text(SCRIPT)
+    procs = {}
+    for name, (_, workers) in VARIANTS.items():
+        out = tmp / f"{name}.jsonl"
+        cmd = [sys.executable, str(script), str(out), str(workers), str(N), "0.1"]
+        procs[name] = (subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), out)
+    sent: dict[str, float] = {}
+    deadline = time.monotonic() + 90
+    while len(sent) < len(procs) and time.monotonic() < deadline:
+        for name, (proc, out) in procs.items():
+            if name not in sent and len(_complete_lines(out)[0]) >= 5:
+                proc.send_signal(VARIANTS[name][0])
+                sent[name] = time.monotonic()
+        time.sleep(0.02)
+    results = {}
+    for name, (proc, out) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hang is a failure
+            proc.kill()
+            _, err = proc.communicate()
+        results[name] = {"rc": proc.returncode, "stderr": err, "out": out, "pid": proc.pid}
+    spec = importlib.util.spec_from_file_location("interrupt_job", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return results, module, sent
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_killed_run_leaves_valid_jsonl_and_resumes(killed_runs, variant, tmp_path):
+    results, module, sent = killed_runs
+    assert variant in sent, f"{variant}: the run never recorded 5 images"
+    res = results[variant]
+    out = res["out"]
+    if variant == "SIGKILL":
+        assert res["rc"] == -signal.SIGKILL
+    else:
+        assert res["rc"] == 130, res["stderr"]
+        assert "interrupted" in res["stderr"] and "Traceback" not in res["stderr"]
+        assert "re-run the same command to resume" in res["stderr"]
+    recs, partial = _complete_lines(out)
+    idx = [r["index"] for r in recs]
+    assert len(set(idx)) == len(idx), "an image recorded twice"
+    assert 5 <= len(idx) < N, "killed part-way"
+    if variant != "SIGKILL":  # clean interruption: no partial line, input order restored
+        assert not partial and idx == sorted(idx)
+    assert all(r["value"] == r["index"] ** 2 for r in recs)
+
+    # No worker process outlives the run (SIGKILL included: they watch the main process).
+    pids = {int(p) for p in Path(str(out) + ".pids").read_text().split()} - {res["pid"]}
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "orphan worker processes"
+
+    # Resume: every index exactly once, in order, as an uninterrupted run gives.
+    work = functools.partial(module.slow, pidfile=str(tmp_path / "pids"), delay=0.0)
+    cfg = module.config(N)
+    done = run_jobs(range(N), work, out=out, config=cfg, progress=False)
+    final, partial = _complete_lines(out)
+    assert not partial and final == done
+    assert [r["index"] for r in final] == list(range(N))
+    calls = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(calls) == N - len(idx), "resume re-ran recorded images"
+    fresh = run_jobs(range(N), work, out=tmp_path / "fresh.jsonl", config=cfg, progress=False)
+    assert final == fresh
