@@ -18,7 +18,8 @@ independent of the reference.  The exact (Euclidean or L1) projection onto ``W``
 quadratic / linear program.  This module implements a cheap *feasible-point map* instead:
 given a feasible anchor ``w0`` (the current iterate) and any candidate ``v``,
 
-1. ``v`` is projected exactly onto the L1 ball (sort-based, Duchi et al. 2008);
+1. ``v`` is projected exactly onto the L1 ball (soft thresholding, the threshold found
+   by Newton's method, i.e. Michelot's algorithm; no sorting);
 2. the step ``Δ = v - w0`` is made feasible by *flow limiting* (:func:`limit_step`):
    every pixel ``p`` scales all the mass it sends by ``min(1, x_p / out_p)`` (``x`` the
    anchor image, ``out_p`` the mass ``Δ`` takes out of ``p``), and with an upper bound
@@ -28,6 +29,11 @@ given a feasible anchor ``w0`` (the current iterate) and any candidate ``v``,
 3. ``w0 + Δ'`` satisfies the pixel constraints; if it leaves the ball it is scaled
    toward ``0`` (``δµ``), which keeps the pixel constraints (``µ`` and ``µ + A(w0+Δ')``
    both satisfy them, and the set is convex).
+
+:func:`pgd_step_images` is one whole attack step (masked gradient step + this map), compiled
+with numba on CPU.  :func:`best_moves` / :func:`realise` solve the linearised problem
+"largest first-order gain for a W1 budget" exactly (a multiple-choice knapsack over mass
+moves), the step of the minimal-radius search.
 
 All functions are batched: flows ``(N, C, D)`` with ``D = H(W-1) + (H-1)W`` in the layout
 ``concat(h.ravel(), v.ravel())`` of :mod:`flowverify.flows`, images ``(N, C, H, W)``, radii
