@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 
@@ -21,9 +20,6 @@ from flowverify.certify import CERTIFIERS, METHODS, CertifyResult, certify
 from flowverify.certify import api as _api
 from flowverify.flows import incidence_matrix
 from flowverify.results import Status
-
-HAS_COMPLETE = importlib.util.find_spec("flowverify.certify.complete") is not None
-needs_complete = pytest.mark.skipif(not HAS_COMPLETE, reason="flowverify.certify.complete missing")
 
 
 def _images(seed, n=4, c=1, h=6, w=6):
@@ -297,7 +293,7 @@ def test_validation_errors():
         certify(model, [[1.0]])
     with pytest.raises(ValueError, match="references"):
         certify(model, x, references="bogus")
-    assert METHODS == ("vanilla", "feasible", "complete", "complete-ball")
+    assert METHODS == ("vanilla", "feasible", "complete", "complete-ball", "smoothing")
     assert set(CERTIFIERS) == set(METHODS)
 
 
@@ -366,7 +362,6 @@ def test_cli_writes_records(tmp_path):
         _cli(["--model", "fc", "--data", str(tmp_path / "none.npz"), "--out", str(out)])
 
 
-@needs_complete
 def test_complete_linear_is_lemma_8():
     x = _images(17, n=2)
     model = _linear(18)
@@ -382,7 +377,6 @@ def test_complete_linear_is_lemma_8():
         )
 
 
-@needs_complete
 def test_complete_chain_and_timeout():
     x = _images(19, n=3)
     model = _relu_net(20)
@@ -390,6 +384,7 @@ def test_complete_chain_and_timeout():
     comp = certify(model, x, method="complete", timeout=60)
     ball = certify(model, x, method="complete-ball", timeout=60)
     van = certify(model, x, method="vanilla")
+    assert any(c.exact for c in comp) and any(b.exact for b in ball)  # not vacuous
     for v, f, c, b in zip(van, fea, comp, ball, strict=True):
         if c.exact:
             assert f.radius_raw <= c.radius_raw * (1 + 1e-6)
@@ -399,6 +394,53 @@ def test_complete_chain_and_timeout():
             if c.exact:
                 assert b.radius_raw <= c.radius_raw * (1 + 1e-6)
     tiny = certify(model, x[:2], method="complete", timeout=1e-3)
-    for q in tiny:
+    for q, c in zip(tiny, comp, strict=False):
         assert q.status == Status.UNKNOWN and not q.exact
-        assert q.radius_raw <= fea[0].radius_raw * 10  # a proven lower bound, nothing claimed
+        assert q.radius_raw <= c.upper_raw * (1 + 1e-6)  # a proven lower bound, nothing claimed
+
+
+def test_device_and_smoothing_validation():
+    x = _images(21, n=1)
+    model = _relu_net(22)
+    with pytest.raises(ValueError, match="device"):
+        certify(model, x, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device.*CUDA"):
+            certify(model, x, device="cuda")
+    with pytest.raises(ValueError, match="sigma"):
+        certify(model, x, method="smoothing")
+    with pytest.raises(ValueError, match="sigma"):
+        certify(model, x, method="vanilla", sigma=0.1)
+    with pytest.raises(ValueError, match="laplace-cohen"):
+        certify(model, x, method="smoothing", sigma=0.1, certifier="crown")
+
+
+def test_smoothing_through_certify_matches_smoothed_certify():
+    from flowverify.smoothing import smoothed_certify
+
+    x = _images(23, n=2)
+    model = _relu_net(24, conv=True)
+    a = certify(model, x, method="smoothing", sigma=0.05, n0=20, n_samples=100, seed=3)
+    b = smoothed_certify(model, x, sigma=0.05, n0=20, n=100, seed=3)
+    assert [r.to_dict() | {"seconds": 0} for r in a] == [r.to_dict() | {"seconds": 0} for r in b]
+    assert all(r.method == "smoothing" for r in a)
+
+
+def test_eval_mode_restored():
+    model = _relu_net(25).train()
+    certify(model, _images(26, n=1), method="vanilla")
+    assert all(m.training for m in model.modules())
+
+
+def test_incomplete_timeout_gives_unknown_with_a_lower_bound():
+    x = _images(27, n=2)
+    model = _relu_net(28)
+    full = certify(model, x, method="feasible")
+    cut = certify(model, x, method="feasible", timeout=1e-9)
+    for q, f in zip(cut, full, strict=True):
+        if q.status == Status.MISCLASSIFIED:
+            continue
+        assert q.radius_raw <= f.radius_raw * (1 + 1e-9)
+        if not q.converged:
+            assert q.status == Status.UNKNOWN
+    assert any(not q.converged for q in cut)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._highs import new_highs
 from ._propagate import effective, layer_bounds
 from ._relaxlp import Problem, RelaxationLP
 from ._w1ball import InputDomain
@@ -540,7 +541,7 @@ def linearised_attack(solver: _Solver, budget: float, iters: int = 12) -> None:
     n0 = prob.n0
     stop = time.perf_counter() + budget
     amat = prob.amat.tocoo()
-    h = highspy.Highs()
+    h = new_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
     inf = highspy.kHighsInf

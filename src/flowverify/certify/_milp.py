@@ -25,6 +25,7 @@ import highspy
 import numpy as np
 
 from ._bab import repair_feasibility, verify_witness
+from ._highs import new_highs
 from ._propagate import layer_bounds
 from ._relaxlp import Problem, RelaxationLP
 from ._w1ball import InputDomain
@@ -89,6 +90,7 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
     lower = math.inf
     nodes = 0
     timed_out = False
+    unverified = False  # an optimal MILP whose solution gave no verified witness
     for t in range(prob.num_classes):
         if t == prob.label:
             continue
@@ -116,7 +118,7 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
             timed_out = True
             lower = min(lower, lb)
             continue
-        h = highspy.Highs()
+        h = new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", 1)
         h.passModel(lp.h.getLp())
@@ -160,6 +162,8 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
                 d = float(np.abs(w - prob.delta_mu).sum())
                 if d < best:
                     best, best_delta = d, w
+            else:
+                unverified = True
         elif ms in (_MS.kInfeasible, _MS.kObjectiveBound):
             lower = min(lower, best if math.isfinite(best) else math.inf)
         else:
@@ -168,14 +172,14 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
             lower = min(lower, max(lb, bound - 1e-7 * abs(bound)))
     secs = time.perf_counter() - t0
     if best_delta is None:
-        if timed_out:
+        if timed_out or unverified:
             return ExactResult(
                 "timeout",
                 max(0.0, min(lower, radius)),
                 math.inf,
                 None,
                 None,
-                "milp: time limit",
+                "milp: time limit" if timed_out else "milp: no witness verified",
                 secs,
                 nodes,
             )

@@ -36,6 +36,8 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
+from ._highs import new_highs
+
 __all__ = ["Problem", "RelaxationLP"]
 
 logger = logging.getLogger(__name__)
@@ -310,7 +312,7 @@ class RelaxationLP:
         self.abs_mat_t = abs(self.mat_t)
         self.slope = [np.ones(n) for n in hidden]
         # ---------------------------------------------------------------- HiGHS
-        h = highspy.Highs()
+        h = new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("presolve", "off")
         h.setOptionValue("threads", int(threads))

@@ -46,10 +46,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,13 +64,15 @@ from ..references import Reference, parse_references
 from ..results import Status, jsonable
 from . import bounds as _b
 from ._chain import affine_chain
+from .complete import exact_radius
 
 __all__ = ["CERTIFIERS", "METHODS", "CertifyResult", "certify"]
 
 logger = logging.getLogger(__name__)
 
-#: Verification regions x certifier families (the paper's Table 1).
-METHODS = ("vanilla", "feasible", "complete", "complete-ball")
+#: Verification regions x certifier families (the paper's Table 1), and Levine & Feizi's
+#: Wasserstein smoothing (section 3.3, :mod:`flowverify.smoothing`) as a baseline.
+METHODS = ("vanilla", "feasible", "complete", "complete-ball", "smoothing")
 
 #: Valid certifiers per method; the first is the default.
 CERTIFIERS: dict[str, tuple[str, ...]] = {
@@ -78,6 +80,7 @@ CERTIFIERS: dict[str, tuple[str, ...]] = {
     "feasible": ("crown", "alpha-crown", "lp"),
     "complete": ("bab", "milp"),
     "complete-ball": ("bab", "milp"),
+    "smoothing": ("laplace-cohen",),
 }
 
 UNITS = ("normalised", "raw")
@@ -247,6 +250,16 @@ def _check_indices(indices, n: int) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer) or arr.shape != (n,):
         raise ValueError(f"indices: expected {n} integer indices (one per image), got {arr!r}")
     return arr.astype(np.int64)
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+    return dev
 
 
 def _resolve_model(model) -> nn.Module:
@@ -507,22 +520,10 @@ def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max
 # ----------------------------------------------------------------------------- complete
 
 
-def _complete_module():
-    try:
-        return importlib.import_module("flowverify.certify.complete")
-    except ModuleNotFoundError as exc:  # pragma: no cover - until complete.py lands
-        if exc.name != "flowverify.certify.complete":
-            raise
-        raise NotImplementedError(
-            "method: 'complete' needs flowverify.certify.complete, which is not installed"
-        ) from exc
-
-
 def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw):
     """Exact radius of one image over the polytope (or the ball). Returns a dict."""
     t_end = None if ctx.timeout is None else time.perf_counter() + ctx.timeout
     feasible = ctx.method == "complete"
-    mod = _complete_module()
     c, h, w = x.shape
     e_max = float(_e_max(x[None])[0])
     # lower bound: the incomplete radius of the same region
@@ -556,7 +557,7 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
         bound_fn=functools.partial(_b.relu_bounds, height=h, width=w, device=str(ctx.device)),
         algorithm=ctx.certifier,
     )
-    res = mod.exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
+    res = exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
     status = str(getattr(res, "status", "error"))
     out = {
         "solver_status": str(getattr(res, "solver_status", status)),
@@ -596,7 +597,21 @@ def _result(ctx, i, index, label, pred, names, **kw) -> CertifyResult:
     )
 
 
-def _iter_certify(
+def _iter_certify(model, *args, **kwargs) -> Iterator[CertifyResult]:
+    """Generator form of :func:`certify` (one result per image, in order).
+
+    A given ``nn.Module`` is run in eval mode; the training flags of its modules are
+    restored when the generator ends (or is closed).
+    """
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    try:
+        yield from _iter_certify_modes(model, *args, **kwargs)
+    finally:
+        for mod, training in modes:
+            mod.train(training)
+
+
+def _iter_certify_modes(
     model,
     images,
     labels=None,
@@ -616,8 +631,12 @@ def _iter_certify(
     rtol: float = 1e-3,
     progress: bool = False,
 ) -> Iterator[CertifyResult]:
-    """Generator form of :func:`certify` (one result per image, in order)."""
     _check_choice(method, "method", METHODS)
+    if method == "smoothing":
+        raise ValueError(
+            "method: 'smoothing' certifies a smoothed classifier; call flowverify.certify "
+            "(or flowverify.smoothing.smoothed_certify) with sigma=..."
+        )
     valid = CERTIFIERS[method]
     certifier = valid[0] if certifier is None else certifier
     if certifier not in valid:
@@ -638,7 +657,7 @@ def _iter_certify(
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    dev = torch.device(device)
+    dev = _check_device(device)
     x = _check_images(images)
     n = x.shape[0]
     if data is not None:
@@ -685,8 +704,6 @@ def _iter_certify(
         num_classes,
         int(seed),
     )
-    if method in ("complete", "complete-ball"):
-        _complete_module()  # fail early with a clear message
     step = 1 if method.startswith("complete") else int(batch_size)
     bar = None
     if progress:
@@ -817,7 +834,7 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
     fals = np.zeros(ok.size, dtype=bool)
     adv = None
     if eps_raw is not None:
-        cert = radii.max(axis=0) >= eps_raw * (1 - 1e-12)
+        cert = radii.max(axis=0) >= eps_raw
         todo = np.flatnonzero(~cert)
         if todo.size:
             net, batch = problem
@@ -840,10 +857,13 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
             converged=bool(conv[best[k], k]),
         )
         if eps_raw is None:
-            status = Status.CERTIFIED if r_raw > 0 else Status.UNKNOWN
+            timed_out = ctx.timeout is not None and not kw["converged"]
+            status = Status.CERTIFIED if r_raw > 0 and not timed_out else Status.UNKNOWN
+            if timed_out:
+                kw["message"] = "time limit reached: radius is the proven lower bound so far"
         else:
             kw.update(eps=float(eps_raw[k] / mass[k]), eps_raw=float(eps_raw[k]))
-            if r_raw >= eps_raw[k] * (1 - 1e-12):
+            if r_raw >= eps_raw[k]:
                 status = Status.CERTIFIED
             elif fals[k]:
                 status = Status.FALSIFIED
@@ -895,7 +915,7 @@ def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyR
     else:
         e_raw = _eps_raw(eps, unit, mass)
         kw.update(eps=e_raw / mass, eps_raw=e_raw)
-        if lower >= e_raw * (1 - 1e-12) and lower > 0:
+        if lower >= e_raw and lower > 0:
             status = Status.CERTIFIED
         elif upper <= e_raw and res["witness"] is not None:
             status = Status.FALSIFIED
@@ -927,6 +947,10 @@ def certify(
     batch_size: int = 32,
     rtol: float = 1e-3,
     progress: bool = False,
+    sigma: float | None = None,
+    n0: int = 1000,
+    n_samples: int = 10000,
+    alpha: float = 0.05,
 ) -> list[CertifyResult]:
     r"""Certified (or exact) W1 radii of images for a classifier.
 
@@ -939,7 +963,12 @@ def certify(
     * ``complete``: the exact radius ``min_{t≠y} min{‖δ - δµ‖₁ : R + Aδ >= 0,
       f̃_t(δ) >= f̃_y(δ)}`` and the closest adversarial image (``witness``);
     * ``complete-ball``: the same without ``R + Aδ >= 0`` (the exact L1-ball radius of
-      ``f̃``, a lower bound of the W1 radius).
+      ``f̃``, a lower bound of the W1 radius);
+    * ``smoothing``: Levine & Feizi's baseline, the Wasserstein-smoothed classifier of
+      ``model`` (Laplace noise of scale ``sigma/√2`` on the flow), certified by Cohen et
+      al.'s CERTIFY with ``n0``/``n_samples`` samples at level ``alpha``
+      (:func:`flowverify.smoothing.smoothed_certify`; returns its ``SmoothingResult``
+      records, whose radius holds with probability ``1 - alpha``).
 
     Parameters
     ----------
@@ -952,7 +981,7 @@ def certify(
         ``(N, C, H, W)`` (or ``(C, H, W)``, ``(H, W)``) non-negative pixels in data units.
     labels : array of int, optional
         ``(N,)`` classes to certify; default: the model's predictions.
-    method : {"vanilla", "feasible", "complete", "complete-ball"}
+    method : {"vanilla", "feasible", "complete", "complete-ball", "smoothing"}
     certifier : str, optional
         ``vanilla``: ``"crown"`` (default), ``"alpha-crown"``; ``feasible``: ``"crown"``
         (default), ``"alpha-crown"``, ``"lp"``; complete methods: ``"bab"``, ``"milp"``.
@@ -984,17 +1013,42 @@ def certify(
         Relative tolerance of the radius search.
     progress : bool
         A tqdm progress bar on stderr.
+    sigma, n0, n_samples, alpha
+        ``smoothing`` only: noise level (standard deviation of one flow coordinate of
+        the normalised image; required), selection and estimation samples per image,
+        failure probability of each certificate.
 
     Returns
     -------
     list of CertifyResult
-        One per image, in order.
+        One per image, in order (``smoothing``: ``SmoothingResult``).
 
     Examples
     --------
     >>> res = certify("fc", x, y, method="feasible")          # doctest: +SKIP
     >>> res[0].radius, res[0].status                           # doctest: +SKIP
     """
+    if method == "smoothing":
+        return _smoothing(
+            model,
+            images,
+            labels,
+            certifier=certifier,
+            references=references,
+            eps=eps,
+            input_scale=input_scale,
+            timeout=timeout,
+            device=device,
+            seed=seed,
+            indices=indices,
+            progress=progress,
+            sigma=sigma,
+            n0=n0,
+            n_samples=n_samples,
+            alpha=alpha,
+        )
+    if sigma is not None:
+        raise ValueError(f"sigma: only used by method='smoothing', not {method!r}")
     return list(
         _iter_certify(
             model,
@@ -1015,4 +1069,63 @@ def certify(
             rtol=rtol,
             progress=progress,
         )
+    )
+
+
+def _smoothing(
+    model,
+    images,
+    labels,
+    *,
+    certifier,
+    references,
+    eps,
+    input_scale,
+    timeout,
+    device,
+    seed,
+    indices,
+    progress,
+    sigma,
+    n0,
+    n_samples,
+    alpha,
+):
+    """``method="smoothing"``: :func:`flowverify.smoothing.smoothed_certify`."""
+    from ..smoothing import smoothed_certify
+
+    if certifier not in (None, *CERTIFIERS["smoothing"]):
+        raise ValueError(
+            f"certifier: unknown certifier {certifier!r} for method 'smoothing'; valid: "
+            f"{', '.join(CERTIFIERS['smoothing'])}"
+        )
+    if sigma is None:
+        raise ValueError("sigma: method='smoothing' needs the noise level sigma (e.g. 0.02)")
+    if eps is not None:
+        raise ValueError("eps: fixed-radius decisions are not available for 'smoothing'")
+    if input_scale != "raw":
+        raise ValueError("input_scale: 'smoothing' base nets consume raw images ('raw')")
+    if timeout is not None:
+        warnings.warn("timeout is ignored by method='smoothing'", stacklevel=3)
+    refs = [references] if isinstance(references, str) else list(references)
+    if refs != ["uniform"]:
+        warnings.warn(
+            "references are ignored by method='smoothing' (the smoothed classifier does "
+            "not depend on the reference)",
+            stacklevel=3,
+        )
+    x = _check_images(images)
+    net = _resolve_model(model) if not isinstance(model, nn.Module) else model
+    return smoothed_certify(
+        net,
+        x,
+        labels,
+        sigma=sigma,
+        n0=n0,
+        n=n_samples,
+        alpha=alpha,
+        seed=seed,
+        indices=indices,
+        device=device,
+        progress=progress,
     )

@@ -127,6 +127,7 @@ def _linear_ball(prob: Problem, rtol: float, t0: float) -> ExactResult:
     y = prob.label
     logits = prob.forward(prob.delta_mu)
     best, best_delta, best_t, lower = math.inf, None, None, math.inf
+    unverified = False  # a target whose closed-form witness never passed the check
     for t in range(prob.num_classes):
         if t == y:
             continue
@@ -147,6 +148,7 @@ def _linear_ball(prob: Problem, rtol: float, t0: float) -> ExactResult:
                 break
             step = step * (1 + 1e-9) + 1e-15 * (1 + step)
         else:
+            unverified = True
             continue
         dist = float(np.abs(delta - prob.delta_mu).sum())
         if dist < best:
@@ -154,6 +156,17 @@ def _linear_ball(prob: Problem, rtol: float, t0: float) -> ExactResult:
     del b
     secs = time.perf_counter() - t0
     if best_delta is None:
+        if unverified:  # never claim "no adversarial" without a proof
+            return ExactResult(
+                "timeout",
+                max(0.0, lower),
+                math.inf,
+                None,
+                None,
+                "lemma7: no witness verified",
+                secs,
+                0,
+            )
         return ExactResult("infeasible", math.inf, math.inf, None, None, "lemma7", secs, 0)
     status = "optimal" if best - lower <= rtol * best + 1e-12 else "timeout"
     return ExactResult(
@@ -182,6 +195,7 @@ def _linear_exact(
         best = float(np.abs(incumbent - prob.delta_mu).sum())
     lower = math.inf
     timed_out = False
+    unverified = False  # an optimal LP whose solution could not be made a verified witness
     for t in range(prob.num_classes):
         if t == prob.label:
             continue
@@ -209,6 +223,7 @@ def _linear_exact(
         if lb >= best:
             continue
         k = kappa
+        found = False
         for _ in range(6):
             lp.set_margin(k)
             st2, _, x2 = lp.solve()
@@ -222,10 +237,23 @@ def _linear_exact(
                     dist = float(np.abs(g).sum())
                     if dist < best:
                         best, best_delta = dist, delta
+                    found = True
                     break
             k *= 10.0
+        unverified |= not found
     secs = time.perf_counter() - t0
     if best_delta is None:
+        if unverified and not timed_out:
+            return ExactResult(
+                "timeout",
+                max(0.0, min(lower, radius)),
+                math.inf,
+                None,
+                None,
+                "lemma8-lp: an adversarial region was found but no witness verified",
+                secs,
+                0,
+            )
         if timed_out:
             return ExactResult(
                 "timeout", max(lower, 0.0), math.inf, None, None, "lemma8-lp: time limit", secs, 0

@@ -37,6 +37,7 @@ import torch
 
 from ..flows import incidence_matrix
 from . import bounds as _b
+from ._highs import new_highs
 
 __all__ = ["LPOracle", "lp_margin_bounds"]
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def _highs(time_limit: float | None) -> highspy.Highs:
-    h = highspy.Highs()
+    h = new_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
     if time_limit is not None:
