@@ -92,9 +92,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Adversarial losses (minimised): ``ce`` = minus the cross-entropy, ``margin`` =
-#: f_y - max_{t≠y} f_t (the paper's; Carlini-Wagner), ``dlr`` = margin / (z_(1) - z_(3))
-#: (Croce-Hein).
-LOSSES = ("ce", "margin", "dlr")
+#: f_y - max_{t≠y} f_t (the paper's; Carlini-Wagner, also accepted as ``cw``),
+#: ``dlr`` = margin / (z_(1) - z_(3)) (Croce-Hein).
+LOSSES = ("ce", "margin", "cw", "dlr")
 #: Step-size schedules over the ``steps`` iterations of one run.
 SCHEDULES = ("cosine", "constant")
 
@@ -254,7 +254,7 @@ def _fooled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-image adversarial loss (to be minimised; negative margin = misclassified)."""
-    if name == "margin":
+    if name in ("margin", "cw"):
         return _margin(logits, labels)
     if name == "ce":
         return -F.cross_entropy(logits, labels, reduction="none")
@@ -553,10 +553,11 @@ class WassersteinPGD:
     step_size : float
         Euclidean length of a gradient step as a fraction of the budget (default 0.15),
         scaled by the schedule.
-    loss : {"ce", "margin", "dlr"}
+    loss : {"ce", "margin", "cw", "dlr"}
         Adversarial loss, minimised: ``"ce"`` (default: minus the cross-entropy; measured
         stronger than the margin at small budgets and with ``clip_max``), ``"margin"`` (the
-        paper's ``f_y - max_{t≠y} f_t``) or ``"dlr"``.
+        paper's ``f_y - max_{t≠y} f_t``; ``"cw"`` is the same, Carlini-Wagner's name) or
+        ``"dlr"``.
     schedule : {"cosine", "constant"}
         Step-size schedule over the steps of a run (default ``"cosine"``).
     restarts : int
