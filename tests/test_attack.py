@@ -139,9 +139,8 @@ def test_minimal_radius_never_below_the_exact_radius():
 
 def test_linear_model_minimal_radius_is_near_exact(digits):
     """For a linear model DeepFool-W1 solves the LP of Lemma 8 (up to the reach)."""
-    from flowverify.models import load_model
-
     from flowverify import certify
+    from flowverify.models import load_model
 
     _, x, y = digits
     model = load_model("linear")
@@ -248,7 +247,7 @@ def test_repr_lists_hyperparameters():
         ({"eps": -0.1}, ValueError, "eps"),
         ({"eps": [0.1, float("nan")]}, ValueError, "eps"),
         ({"eps": "0.1"}, TypeError, "eps"),
-        ({"loss": "hinge"}, ValueError, "loss.*ce, margin, dlr"),
+        ({"loss": "hinge"}, ValueError, "loss.*ce, margin, cw, dlr"),
         ({"schedule": "linear"}, ValueError, "schedule"),
         ({"steps": 0}, ValueError, "steps"),
         ({"step_size": 0.0}, ValueError, "step_size"),
