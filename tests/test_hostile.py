@@ -3,9 +3,9 @@ works (and its result honours its contract) or refuses the input with a clear er
 (ValueError, TypeError or FileNotFoundError) naming the argument; the CLI prints one line
 on stderr and exits with code 2.
 
-Property-based tests (hypothesis) cover the passing behaviour; the known failures are
-explicit examples marked ``xfail(strict=True)`` with the reason, so that a fix shows up
-as an XPASS (then drop the mark).
+Property-based tests (hypothesis) cover the passing behaviour; the gaps they found are
+pinned by explicit examples below (known failures, when there are any, are marked
+``xfail(strict=True)`` with the reason, so that a fix shows up as an XPASS).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_w1_distance_hostile(x, y_kind, y, unit, use_torch):
         y = np.random.default_rng(0).permutation(x.ravel()).reshape(x.shape)
     elif y_kind == "same":
         y = x.copy()
-    assume(problem(x) != "empty grid" and problem(y) != "empty grid")  # see the xfail below
+    assume(problem(x) != "empty grid" and problem(y) != "empty grid")  # test_zero_sized_grids
     X, Y = maybe_torch(x, use_torch), maybe_torch(y, use_torch)
     bad = problem(x) or problem(y)
     if not bad:
@@ -127,7 +127,7 @@ def test_w1_distance_hostile(x, y_kind, y, unit, use_torch):
             if unit == "raw" and not np.allclose(mx, my, rtol=1e-4, atol=0):
                 bad = "mass"
     if bad:
-        # the mass mismatch message names "reference, image" (xfail below)
+        # the raw mass mismatch message: test_w1_distance_raw_mass_message_names_x_y
         with pytest.raises(Exception) as info:  # noqa: B017,PT011
             fv.w1_distance(X, Y, unit=unit)
         assert_clear(info.value, "x", "y", "reference")
@@ -158,11 +158,6 @@ def test_w1_distance_not_an_array(arg):
     raises_clear(lambda: fv.w1_distance(np.ones((3, 3)), arg), "y")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="w1_distance: finite but huge pixels (1e308) overflow the mass to inf and give a "
-    "wrong distance (0.889 instead of 1.333 for eye(3)*1e308 vs its mirror), no error",
-)
 def test_w1_distance_huge_values():
     a, b = np.eye(3) * 1e308, np.eye(3)[::-1].copy()
     try:
@@ -173,11 +168,6 @@ def test_w1_distance_huge_values():
     assert d == pytest.approx(float(fv.w1_distance(np.eye(3), b)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="w1_distance(unit='raw') with unequal masses: the message names 'reference, "
-    "image' and suggests make_reference, instead of naming x and y",
-)
 def test_w1_distance_raw_mass_message_names_x_y():
     with pytest.raises(ValueError) as info:
         fv.w1_distance(np.ones((3, 3)), 2 * np.ones((3, 3)), unit="raw")
@@ -188,13 +178,6 @@ def test_w1_distance_raw_mass_message_names_x_y():
 ZERO_GRIDS = [(1, 1, 0, 3), (1, 1, 3, 0), (0, 0), (2, 0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="images with H = 0 or W = 0: ValueError('empty grid 0x3') from the min-cost-flow "
-    "kernel (w1_distance raw, inverse_flow), numpy messages ('negative dimensions are not "
-    "allowed', 'cannot reshape array of size 0') for algorithm2, ('high <= 0') for "
-    "make_reference('point'): none names the argument",
-)
 @pytest.mark.parametrize("shape", ZERO_GRIDS)
 def test_zero_sized_grids(shape):
     a = np.ones(shape)
@@ -258,7 +241,7 @@ def test_inverse_flow_hostile(img, ref_kind, ref, method, use_torch):
 @SETTINGS
 @given(x=arrays(min_rank=1, min_side=1), wrong=st.integers(-2, 2), use_torch=st.booleans())
 def test_apply_flow_shapes(x, wrong, use_torch):
-    assume(np.isfinite(x).all())  # non-finite values: see the xfail below
+    assume(np.isfinite(x).all())  # non-finite values: test_apply_flow_non_finite
     if x.ndim < 2:
         raises_clear(lambda: fv.apply_flow(x, np.zeros(3)), "x")
         return
@@ -282,11 +265,6 @@ def test_apply_flow_wrong_types():
     raises_clear(lambda: fv.apply_flow(np.ones((3, 3), complex), np.zeros(12)), "x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply_flow accepts NaN/inf in x or flow and silently returns NaN/inf images "
-    "(inverse_flow, w1_distance and make_reference refuse them)",
-)
 @pytest.mark.parametrize("which", ["x nan", "x inf", "flow nan", "flow inf"])
 def test_apply_flow_non_finite(which):
     x, flow = np.ones((1, 1, 3, 3)), np.zeros((1, 1, 12))
@@ -298,12 +276,6 @@ def test_apply_flow_non_finite(which):
     raises_clear(lambda: fv.apply_flow(x, flow), which.split()[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply_flow with batch sizes that do not broadcast (x (2,1,3,3), flow (3,1,12)): "
-    "numpy raises 'operands could not be broadcast together' (no argument named), torch a "
-    "RuntimeError",
-)
 @pytest.mark.parametrize("use_torch", [False, True])
 def test_apply_flow_batch_mismatch(use_torch):
     x, flow = np.ones((2, 1, 3, 3)), np.zeros((3, 1, 12))
@@ -363,12 +335,6 @@ def test_make_reference_kind_types():
     raises_clear(lambda: fv.make_reference("uniform", [[1.0]]), "image")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_reference(seed=...) passes the seed to numpy unchecked: 'a' and 1.5 give "
-    "TypeError('SeedSequence expects int ...'), -1 gives ValueError('expected non-negative "
-    "integer'); neither names seed",
-)
 @pytest.mark.parametrize("seed", ["a", 1.5, -1])
 def test_make_reference_seed(seed):
     raises_clear(lambda: fv.make_reference("random", np.ones((3, 3)), seed=seed), "seed")
@@ -406,22 +372,11 @@ def test_parse_references_hostile(parts, with_data):
         assert np.allclose(out.sum(), img.sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_references(3) / (None) / (b'uniform'): TypeError(\"'int' object is not "
-    'iterable") or a silently mangled spec; no message names the argument',
-)
 @pytest.mark.parametrize("spec", [3, None, 1.5])
 def test_parse_references_wrong_type(spec):
     raises_clear(lambda: fv.parse_references(spec), "references", "spec")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_references(..., data=...) does not check data: a 1-D array gives 'data: "
-    "expected a numpy.ndarray or torch.Tensor, got float64', NaN data is only refused later "
-    "by Reference.build with a message naming 'kind'",
-)
 @pytest.mark.parametrize(
     "data", [np.ones(3), np.full((3, 1, 3, 3), np.nan), -np.ones((3, 1, 3, 3))]
 )
@@ -448,8 +403,8 @@ def _lin():
     flow_shape=st.sampled_from([(1, 1, 12), (2, 1, 12), (1, 12), (1, 1, 11), (12,), (1, 2, 12)]),
 )
 def test_flowmodel_hostile(ref, fuse, scale, flow_shape):
-    ref = ref.astype(np.float32)  # float64 references: see the xfail below
-    assume(ref.size > 0)  # empty references: see the xfail below
+    ref = ref.astype(np.float32)  # float64 references: test_flowmodel_float64_reference
+    assume(ref.size > 0)  # empty references: test_flowmodel_empty_reference
     model = _lin()
     try:
         fm = fv.FlowModel(model, ref, input_scale=scale, fuse=fuse)
@@ -487,12 +442,6 @@ def test_flowmodel_wrong_types():
     raises_clear(lambda: fm(np.zeros((1, 1, 12))), "flow")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FlowModel with a float64 reference (numpy's default, e.g. from make_reference on "
-    "float64 images) and a float32 model: forward raises RuntimeError('mat1 and mat2 must "
-    "have the same dtype'), fused and unfused",
-)
 @pytest.mark.parametrize("fuse", [False, True])
 def test_flowmodel_float64_reference(fuse):
     model = load_model("fc")
@@ -500,22 +449,11 @@ def test_flowmodel_float64_reference(fuse):
     assert fm(torch.zeros(1, 1, flow_dim(28, 28))).shape == (1, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FlowModel with an empty reference (0, 1, 3, 3) or a 0-pixel grid: "
-    "RuntimeError('min(): Expected reduction dim ...') instead of a ValueError naming reference",
-)
 @pytest.mark.parametrize("shape", [(0, 1, 3, 3), (1, 0, 3, 3), (1, 1, 0, 3)])
 def test_flowmodel_empty_reference(shape):
     raises_clear(lambda: fv.FlowModel(_lin(), np.ones(shape, np.float32)), "reference")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no check that the model's output is (N, classes): FlowModel (and the demo) pass "
-    "a (N, C, H, W) output through; certify/attack must refuse it (move this test there if "
-    "that is where the check belongs)",
-)
 def test_flowmodel_output_not_logits():
     fm = fv.FlowModel(nn.Sequential(nn.Identity()), np.ones((1, 3, 3), np.float32))
     raises_clear(lambda: fm(torch.zeros(1, 1, 12)), "model")
@@ -555,12 +493,6 @@ def test_parse_indices_hostile(spec, n):
         assert out.tolist() == [i % n for i in spec]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_indices with an index beyond int64 (10**30, '1'*40) raises OverflowError "
-    "(a traceback in the CLI, not exit 2); uint64 2**63 wraps to a negative index in the "
-    "message",
-)
 @pytest.mark.parametrize("spec", [10**30, "1" * 40, np.array([2**63], dtype=np.uint64)])
 def test_parse_indices_beyond_int64(spec):
     with pytest.raises(ValueError, match="indices") as info:
@@ -646,19 +578,12 @@ def test_load_images_corrupted_npz(good_npz, data):
         except CLEAR as exc:
             assert_clear(exc, path, "path")
             return
-        except NotImplementedError:  # zip version / compression fields: see the xfail below
+        except NotImplementedError:  # zip header fields: test_load_images_npz_zip_header_fields
             reject()
         # a flip in a field nobody reads (a timestamp, say) may load: then nothing changed
         assert np.array_equal(x, x0) and np.array_equal(y, y0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_images on an .npz whose zip header has a corrupted 'version needed' or "
-    "'compression method' field: zipfile's NotImplementedError ('zip file version 10.9', "
-    "'That compression method is not supported') escapes (a traceback in the CLI); "
-    "_load_npz catches OSError/ValueError/EOFError/BadZipFile/zlib.error only",
-)
 @pytest.mark.parametrize("field", [("version", 6), ("compression", 10)])
 def test_load_images_npz_zip_header_fields(good_npz, tmp_path, field):
     raw, _ = good_npz
@@ -754,12 +679,6 @@ def _flip_in_tensor_data(raw: bytes) -> bytes:
     return raw[:pos] + bytes([raw[pos] ^ 0x40]) + raw[pos + 1 :]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model/load_checkpoint: a checkpoint with a flipped byte in the weight data "
-    "loads silently with a changed weight (torch.load does not verify the zip CRC-32; "
-    "zipfile.ZipFile(path).testzip() before torch.load would catch it)",
-)
 def test_load_model_flipped_weight_byte(checkpoint, tmp_path):
     raw, model = checkpoint
     path = tmp_path / "flipped.pt"
@@ -772,11 +691,6 @@ def test_load_model_flipped_weight_byte(checkpoint, tmp_path):
     assert _same_model(loaded, model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model on random bytes says 'it contains pickled Python objects (for example "
-    "a whole nn.Module ...)': a misleading diagnosis for a corrupted file",
-)
 def test_load_model_random_bytes_message(tmp_path):
     path = tmp_path / "noise.pt"
     path.write_bytes(np.random.default_rng(0).bytes(500))
@@ -866,13 +780,6 @@ def _model_file(tmp_path, kind):
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flowverify demo --model with a model that does not fit the 28x28 digits "
-    "(RuntimeError traceback), has no parameters (StopIteration traceback) or whose output "
-    "is not (N, classes) (exit 2 but 'only 0-dimensional arrays can be converted to Python "
-    "scalars', and an empty --out file is left behind)",
-)
 @pytest.mark.parametrize("kind", ["mismatch", "no-params", "not-logits"])
 def test_cli_demo_unsuitable_model(tmp_path, kind):
     out = tmp_path / "o.jsonl"
@@ -883,12 +790,6 @@ def test_cli_demo_unsuitable_model(tmp_path, kind):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flowverify demo --out below a regular file (x.npz/o.jsonl): FileExistsError "
-    "traceback from os.makedirs in JsonlWriter; --out '' gives \"[Errno 2] No such file or "
-    "directory: ''\" without naming --out",
-)
 @pytest.mark.parametrize("where", ["under-a-file", "empty"])
 def test_cli_demo_bad_out(tmp_path, where):
     (tmp_path / "x.npz").write_bytes(b"")

@@ -43,16 +43,26 @@ def as_batch(x: Array, name: str) -> tuple[Array, int]:
     """View an image argument as ``(N, C, H, W)``; return it and the caller's rank."""
     check_array(x, name)
     nd = x.ndim
+    if nd not in (2, 3, 4):
+        raise ValueError(
+            f"{name}: expected an image of shape (N, C, H, W), (C, H, W) or (H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    check_grid(x, name)
     if nd == 4:
         return x, 4
     if nd == 3:
         return x[None], 3
-    if nd == 2:
-        return x[None, None], 2
-    raise ValueError(
-        f"{name}: expected an image of shape (N, C, H, W), (C, H, W) or (H, W), "
-        f"got shape {tuple(x.shape)}"
-    )
+    return x[None, None], 2
+
+
+def check_grid(x: Array, name: str) -> None:
+    """Raise ValueError if the image grid of ``x`` (its last two axes) has no pixel."""
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(
+            f"{name}: expected images of at least 1x1 pixels (H, W >= 1), got an empty "
+            f"{x.shape[-2]}x{x.shape[-1]} grid in shape {tuple(x.shape)}"
+        )
 
 
 def restore_rank(x: Array, rank: int) -> Array:

@@ -15,8 +15,10 @@ line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -129,7 +131,6 @@ def _optional(module: str):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from .datasets import bundled_digits
@@ -146,13 +147,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     x = x_all[: args.n].astype(np.float64)
     y = y_all[: args.n]
     model = load_model(args.model)
-    with torch.no_grad():
-        param = next(model.parameters())
-        inp = torch.as_tensor(x, dtype=param.dtype)
-        first = next(iter(model.children()), None)
-        if isinstance(first, torch.nn.Linear):
-            inp = inp.reshape(len(x), -1)
-        pred = model(inp).argmax(1).numpy()
+    pred = _demo_predictions(model, x, num_classes=int(y_all.max()) + 1)
     ref = make_reference("uniform", x)
     mass = x.sum(axis=(1, 2, 3))
 
@@ -171,7 +166,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     rows = []
     t0 = time.perf_counter()
-    with JsonlWriter(args.out) as out:
+    out = JsonlWriter(args.out, name="--out")
+    with _removed_on_error(args.out), out:  # closed first, then removed on error
         for i in tqdm(range(len(x)), desc="demo", unit="img", file=sys.stderr, leave=False):
             xi = x[i : i + 1]
             flow = inverse_flow(ref[i : i + 1], xi, method="minimal")
@@ -198,6 +194,53 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"normalised unit (image mass 1, L1 ground cost). Records: {args.out}"
     )
     return 0
+
+
+def _demo_predictions(model, x: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """The model's predictions on the digits ``x``; ValueError naming --model if it does
+    not take them or does not return ``(N, num_classes)`` logits."""
+    import torch
+
+    from .flowmodel import _infer_flat
+
+    tensors = [*model.parameters(), *model.buffers()]
+    param = next((t for t in tensors if t.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    inp = torch.as_tensor(x, dtype=dtype, device=device)
+    if _infer_flat(model):
+        inp = inp.reshape(len(x), -1)
+    try:
+        with torch.no_grad():
+            logits = model(inp)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"--model: the model cannot run on the bundled digits (input shape "
+            f"{tuple(inp.shape)}): {reason}"
+        ) from None
+    expected = (len(x), num_classes)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        if isinstance(logits, torch.Tensor):
+            got = f"shape {tuple(logits.shape)}"
+        else:
+            got = f"a {type(logits).__name__}"
+        raise ValueError(
+            f"--model: expected logits of shape (N, {num_classes}) for the {num_classes} digit "
+            f"classes, got {got}"
+        )
+    return logits.argmax(1).cpu().numpy()
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: str):
+    """Delete the output file if the block fails: no half-written results are left."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
 
 
 def _demo_extras(args, model, xi, label, certify_fn, attack_fn) -> dict[str, object]:

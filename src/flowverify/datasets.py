@@ -108,15 +108,20 @@ def parse_indices(spec, n: int) -> np.ndarray:
             f"indices must be an int, a slice, a string or a list of ints, got {spec!r}"
         )
     elif isinstance(spec, int | np.integer):
+        _check_python_ints([int(spec)], n)
         out = _check_positions(np.array([int(spec)], dtype=np.int64), n)
     elif isinstance(spec, Sequence | np.ndarray):
+        if not isinstance(spec, np.ndarray) and all(
+            isinstance(i, int | np.integer) and not isinstance(i, bool) for i in spec
+        ):
+            _check_python_ints([int(i) for i in spec], n)  # before int64 could overflow
         arr = np.asarray(spec)
         if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(
                 "indices must be a flat sequence of ints, got "
                 f"{type(spec).__name__} with dtype {arr.dtype} and shape {arr.shape}"
             )
-        out = _check_positions(arr.astype(np.int64), n)
+        out = _check_positions(arr, n)
     else:
         raise TypeError(
             "indices must be None, an int, a slice, a string like '0:100' or '1,5,9', "
@@ -170,14 +175,31 @@ def _fmt_slice(sl: slice) -> str:
     return ":".join(parts if sl.step is not None else parts[:2])
 
 
+def _out_of_range(shown: list[int], more: bool, n: int) -> ValueError:
+    return ValueError(
+        f"indices out of range: valid range is [0, {n}) (or [-{n}, 0) from the end) "
+        f"for {n} items, got {shown}{' ...' if more else ''}"
+    )
+
+
+def _check_python_ints(values: list[int], n: int) -> None:
+    """Range check on Python ints (arbitrary size), before any conversion to int64."""
+    bad = [v for v in values if not -n <= v < n]
+    if bad:
+        raise _out_of_range(bad[:5], len(bad) > 5, n)
+
+
 def _check_positions(pos: np.ndarray, n: int) -> np.ndarray:
+    if pos.dtype.kind == "u":  # unsigned: compare before the cast (2**63 would wrap)
+        bad = pos >= n
+        if np.any(bad):
+            raise _out_of_range(pos[bad][:5].tolist(), int(bad.sum()) > 5, n)
+        pos = pos.astype(np.int64)
+    elif pos.dtype != np.int64:
+        pos = pos.astype(np.int64)
     bad = (pos < -n) | (pos >= n)
     if np.any(bad):
-        shown = pos[bad][:5].tolist()
-        raise ValueError(
-            f"indices out of range: valid range is [0, {n}) (or [-{n}, 0) from the end) "
-            f"for {n} items, got {shown}{' ...' if bad.sum() > 5 else ''}"
-        )
+        raise _out_of_range(pos[bad][:5].tolist(), int(bad.sum()) > 5, n)
     return np.where(pos < 0, pos + n, pos)
 
 
@@ -324,16 +346,67 @@ def _read_head(p: Path, n: int) -> bytes:
 # --------------------------------------------------------------------------- npz
 
 
+# What numpy/zipfile raise for a truncated or corrupted archive: NotImplementedError for a
+# corrupted 'version needed' or 'compression method' field, RuntimeError for a corrupted
+# 'encrypted' flag.
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _check_member_headers(p: Path) -> None:
+    """Open every member of the archive (headers only, no data is read).
+
+    zipfile checks that each member's local header agrees with the central directory, so
+    a corrupted member name there (``y.npy`` read as ``{.npy``, say) is an error instead
+    of a silently missing key.  The data's CRC-32 is checked as numpy reads it.
+    """
+    try:
+        with zipfile.ZipFile(p) as z:
+            members = z.infolist()
+            for info in members:
+                z.open(info).close()
+        declared = _declared_members(p)
+    except _NPZ_ERRORS as exc:
+        raise ValueError(f"could not read {str(p)!r}: {exc}") from exc
+    if declared is not None and declared != len(members):
+        # e.g. a corrupted comment length that swallows the next directory entry
+        raise ValueError(
+            f"could not read {str(p)!r}: corrupted zip directory (the archive declares "
+            f"{declared} members, the directory lists {len(members)})"
+        )
+
+
+def _declared_members(p: Path) -> int | None:
+    """The member count in the zip's end-of-central-directory record (None: zip64/none)."""
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        fh.seek(max(0, size - (22 + 0xFFFF)))  # the record (22 bytes) + a comment
+        tail = fh.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    (total,) = struct.unpack("<H", tail[at + 10 : at + 12])
+    return None if total == 0xFFFF else total
+
+
 def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         data = np.load(p, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except _NPZ_ERRORS as exc:
         raise ValueError(f"could not read {str(p)!r}: {exc}") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(
             f"could not read {str(p)!r}: expected an .npz archive, got a single .npy array"
         )
     with data:
+        _check_member_headers(p)
         keys = list(data.keys())
         if "x" not in keys:
             raise ValueError(
@@ -342,7 +415,7 @@ def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
         try:
             x = np.asarray(data["x"])
             y = np.asarray(data["y"]) if "y" in keys else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        except _NPZ_ERRORS as exc:
             raise ValueError(f"could not read {str(p)!r}: {exc}") from exc
     x = _to_nchw(x, source=p, allow_flat=True)
     if y is not None:

@@ -267,11 +267,24 @@ class FlowModel(nn.Module):
         return x
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, classes)`` of the model at ``R + A flow``."""
+        """Logits ``(N, classes)`` of the model at ``R + A flow``.
+
+        Raises ValueError naming ``model`` if the model's output is not ``(N, classes)``.
+        """
         if not self.fused:
-            return self.model(self.model_input(flow))
-        flow = self._check_flow(flow)
-        return self.head(self.first(flow))
+            out = self.model(self.model_input(flow))
+        else:
+            flow = self._check_flow(flow)
+            out = self.head(self.first(flow))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != flow.shape[0]:
+            got = (
+                f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            )
+            raise ValueError(
+                f"model: expected logits of shape (N, classes) = ({flow.shape[0]}, classes) for "
+                f"a batch of {flow.shape[0]} flows, got {got}"
+            )
+        return out
 
     def _check_flow(self, flow: torch.Tensor) -> torch.Tensor:
         if not isinstance(flow, torch.Tensor):
@@ -284,6 +297,8 @@ class FlowModel(nn.Module):
                 f"flow: expected shape (N, {self.channels}, {self.flow_dim}), got "
                 f"{tuple(flow.shape)}"
             )
+        if flow.dtype != self.reference.dtype:  # the model's floating dtype
+            flow = flow.to(self.reference.dtype)
         n_ref = self.reference.shape[0]
         if n_ref not in (1, flow.shape[0]):
             raise ValueError(
@@ -317,9 +332,16 @@ def _as_reference_tensor(reference, model: nn.Module) -> torch.Tensor:
             "reference: expected shape (C, H, W), (H, W) or (N, C, H, W), got "
             f"{tuple(reference.shape)}"
         )
+    if reference.numel() == 0:
+        raise ValueError(
+            "reference: expected a non-empty reference (N, C, H, W >= 1), got shape "
+            f"{tuple(reference.shape)}"
+        )
     if not bool(torch.isfinite(reference).all()) or float(reference.min()) < 0:
         raise ValueError("reference: expected finite, non-negative pixel values")
-    params = list(model.parameters())
-    if params and params[0].is_floating_point():
-        reference = reference.to(device=params[0].device)
+    # The reference takes the model's floating dtype (a float64 reference, numpy's default,
+    # with a float32 model would otherwise feed float64 images to float32 layers).
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        reference = reference.to(device=param.device, dtype=param.dtype)
     return reference.detach()

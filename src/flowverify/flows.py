@@ -28,6 +28,8 @@ the flow of the paper's Algorithm 2 (corrected, SPEC section 2) from an exact OT
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -38,6 +40,7 @@ from ._arrays import (
     as_batch,
     check_array,
     check_finite_nonnegative,
+    check_grid,
     like,
     to_float,
     to_numpy64,
@@ -165,6 +168,13 @@ def apply_flow(x: Array, flow: Array) -> Array:
     ndarray or Tensor
         The image(s) ``x + A flow``, same kind as the inputs; differentiable in torch.
         Mass is unchanged (``1ᵀA = 0``); no sign constraint is enforced.
+
+    Raises
+    ------
+    ValueError
+        Naming ``x`` and/or ``flow``: an empty grid, a flow of the wrong length, leading
+        axes that do not broadcast, NaN or infinite values (checked with one sum over the
+        output; the inputs are only inspected when it is not finite).
     """
     check_array(x, "x")
     check_array(flow, "flow")
@@ -175,9 +185,43 @@ def apply_flow(x: Array, flow: Array) -> Array:
         )
     if x.ndim < 2:
         raise ValueError(f"x: expected an image of rank >= 2, got shape {tuple(x.shape)}")
+    check_grid(x, "x")
     height, width = x.shape[-2], x.shape[-1]
     _check_flow_shape(flow, height, width)
-    return to_float(x) + _divergence(to_float(flow), height, width)
+    try:
+        np.broadcast_shapes(tuple(x.shape[:-2]), tuple(flow.shape[:-1]))
+    except ValueError:
+        raise ValueError(
+            "x, flow: expected leading (batch, channel) axes that broadcast, got x of shape "
+            f"{tuple(x.shape)} (leading {tuple(x.shape[:-2])}) and flow of shape "
+            f"{tuple(flow.shape)} (leading {tuple(flow.shape[:-1])})"
+        ) from None
+    out = to_float(x) + _divergence(to_float(flow), height, width)
+    # NaN/inf in x or flow always reach the output (A has no cancelling entries), so one
+    # sum over the output is the fast check; the inputs are only looked at when it fails.
+    if not _finite_sum(out) and not _all_finite(out):
+        for value, name in ((x, "x"), (flow, "flow")):
+            if not _all_finite(value):
+                raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+        raise ValueError(
+            "x, flow: the flowed image overflows (non-finite pixels from finite x and flow); "
+            "expected values well within the floating-point range"
+        )
+    return out
+
+
+def _finite_sum(a: Array) -> bool:
+    """Whether the sum of ``a`` is finite: True when every entry is, unless it overflows."""
+    if isinstance(a, torch.Tensor):
+        return math.isfinite(float(a.detach().sum())) if a.numel() else True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(float(a.sum()))
+
+
+def _all_finite(a: Array) -> bool:
+    if isinstance(a, torch.Tensor):
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(a).all())
 
 
 def is_mixed(a: Array, b: Array) -> bool:
@@ -201,21 +245,43 @@ def apply_flow_adjoint(g: Array) -> Array:
 
 
 def _masses(x: np.ndarray) -> np.ndarray:
-    return x.sum(axis=(-2, -1))
+    with np.errstate(over="ignore"):  # an overflowing mass is inf, checked by the callers
+        return x.sum(axis=(-2, -1))
 
 
-def _check_equal_mass(ref: np.ndarray, img: np.ndarray, dtype: np.dtype) -> None:
+def _check_finite_mass(mass: np.ndarray, x: np.ndarray, name: str) -> None:
+    """Raise ValueError if a channel's mass overflows (finite but huge pixels)."""
+    if not np.isfinite(mass).all():
+        raise ValueError(
+            f"{name}: expected pixel values whose sum per channel is finite, got a mass that "
+            f"overflows float64 (largest pixel {float(x.max()):g})"
+        )
+
+
+def _check_equal_mass(
+    ref: np.ndarray,
+    img: np.ndarray,
+    dtype: np.dtype,
+    names: tuple[str, str] = ("reference", "image"),
+    hint: str = "scale the reference to the image's mass (flowverify.make_reference does)",
+) -> None:
+    """Raise ValueError unless ``ref`` and ``img`` have equal (finite) mass per channel.
+
+    ``names`` are the argument names used in the message, ``hint`` what to do about it.
+    """
     mr, mi = _masses(ref), _masses(img)
+    _check_finite_mass(mr, ref, names[0])
+    _check_finite_mass(mi, img, names[1])
     mr, mi = np.broadcast_arrays(mr, mi)
     rtol = MASS_RTOL.get(np.dtype(dtype), 1e-5)
     bad = np.abs(mr - mi) > rtol * np.maximum(np.maximum(np.abs(mr), np.abs(mi)), 1e-300)
     if bad.any():
         n, c = np.argwhere(bad)[0]
+        a, b = names
         raise ValueError(
-            "reference, image: expected equal mass per channel (relative tolerance "
-            f"{rtol:g}), got reference mass {mr[n, c]:.10g} and image mass {mi[n, c]:.10g} "
-            f"(image {n}, channel {c}); scale the reference to the image's mass "
-            "(flowverify.make_reference does)"
+            f"{a}, {b}: expected equal mass per channel (relative tolerance {rtol:g}), got "
+            f"{a} mass {mr[n, c]:.10g} and {b} mass {mi[n, c]:.10g} (image {n}, channel {c}); "
+            f"{hint}"
         )
 
 
@@ -351,6 +417,22 @@ def _route_plan(plan: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.concatenate([h.ravel(), v.ravel()])
 
 
+def _normalise(x: np.ndarray, name: str) -> np.ndarray:
+    """Each channel of ``x (N, C, H, W)`` divided by its mass (mass 1 per channel)."""
+    mass = _masses(x)
+    if not np.isfinite(mass).all():
+        # finite but huge pixels: the sum overflows; scale by the largest pixel first
+        peak = x.max(axis=(-2, -1), keepdims=True)
+        x = x / np.where(peak > 0, peak, 1.0)
+        mass = _masses(x)
+    if (mass <= 0).any():
+        raise ValueError(
+            f"{name}: unit='normalised' needs positive mass in every channel, got a "
+            "channel of mass 0 (all-zero image)"
+        )
+    return x / mass[..., None, None]
+
+
 def w1_distance(x: Array, y: Array, *, unit: str = "normalised") -> Array:
     r"""Exact 1-Wasserstein distance with L1 ground cost, one value per image pair.
 
@@ -393,17 +475,15 @@ def w1_distance(x: Array, y: Array, *, unit: str = "normalised") -> Array:
     x64, y64 = np.broadcast_arrays(to_numpy64(xb), to_numpy64(yb))
     n, c, height, width = x64.shape
     if unit == "normalised":
-        mx, my = _masses(x64), _masses(y64)
-        for name, m in (("x", mx), ("y", my)):
-            if (m <= 0).any():
-                raise ValueError(
-                    f"{name}: unit='normalised' needs positive mass in every channel, got a "
-                    "channel of mass 0 (all-zero image)"
-                )
-        x64 = x64 / mx[..., None, None]
-        y64 = y64 / my[..., None, None]
+        x64, y64 = _normalise(x64, "x"), _normalise(y64, "y")
     else:
-        _check_equal_mass(x64, y64, to_numpy_dtype(x))
+        _check_equal_mass(
+            x64,
+            y64,
+            to_numpy_dtype(x),
+            names=("x", "y"),
+            hint="unit='raw' compares images of the same mass; use unit='normalised' otherwise",
+        )
     from ._mincostflow import grid_w1
 
     if n * c == 0:

@@ -26,6 +26,8 @@ import math
 import operator
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -402,9 +404,52 @@ def _plain(obj, where: str):
 def _unpickler_reason(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
-        if "WeightsUnpickler error" in ln:
+        if "WeightsUnpickler error" in ln and ln.rstrip(":").endswith("error"):
+            continue  # the reason is on a later line
+        if "WeightsUnpickler error" in ln or "GLOBAL" in ln or "Unsupported" in ln:
             return ln.split(". Please use")[0]
     return lines[0] if lines else type(exc).__name__
+
+
+def _is_forbidden_object(exc: Exception) -> bool:
+    """Whether torch's weights-only unpickler refused a Python object (a class or function
+    named in the file), as opposed to failing on bytes that are no pickle at all."""
+    return "global" in str(exc).lower()
+
+
+# What zipfile raises for a corrupted archive (NotImplementedError: a corrupted version or
+# compression field; RuntimeError: a corrupted 'encrypted' flag).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _check_zip_integrity(p: Path, where: str) -> None:
+    """Verify the CRC-32 of every member of a zip-format checkpoint.
+
+    ``torch.load`` does not check them, so a flipped byte in the weight data would load
+    silently as a different weight.
+    """
+    try:
+        if not zipfile.is_zipfile(p):
+            return  # legacy (non-zip) torch format, or not a torch file: torch.load decides
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except _ZIP_ERRORS as exc:
+        raise ValueError(
+            f"could not read {where}: truncated or corrupted zip archive ({type(exc).__name__}: "
+            f"{exc})"
+        ) from None
+    if bad is not None:
+        raise ValueError(
+            f"could not read {where}: corrupted file (CRC-32 mismatch in member {bad!r})"
+        )
 
 
 _PLAIN_KW = (int, bool, str, float, type(None))
@@ -455,9 +500,15 @@ def load_checkpoint(
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {str(p)!r}")
     where = f"{str(p)!r}"
+    _check_zip_integrity(p, where)
     try:
         payload = torch.load(p, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
+        if not _is_forbidden_object(exc):
+            raise ValueError(
+                f"could not read {where}: not a PyTorch file, or truncated or corrupted "
+                f"({_unpickler_reason(exc)})"
+            ) from None
         raise ValueError(
             f"{where} is not a flowverify checkpoint: it contains pickled Python objects "
             "(for example a whole nn.Module saved with torch.save(model)), which are never "

@@ -21,11 +21,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._arrays import Array, as_batch, check_finite_nonnegative, restore_rank, to_numpy64
+from ._arrays import (
+    Array,
+    as_batch,
+    check_array,
+    check_finite_nonnegative,
+    restore_rank,
+    to_numpy64,
+)
 
 __all__ = ["REFERENCE_KINDS", "Reference", "make_reference", "parse_references"]
 
 REFERENCE_KINDS = ("uniform", "random", "point", "data")
+
+
+def _check_seed(seed: object, name: str = "seed") -> int:
+    """A seed for ``numpy.random.default_rng``: an int >= 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name}: expected a non-negative int, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {seed}")
+    return int(seed)
 
 
 def _scale_to_mass(shape_img: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -60,6 +76,7 @@ def make_reference(kind: str | Array, image: Array, *, seed: int = 0) -> Array:
         mass of ``image[n]`` per channel.  The draw of ``"random"``/``"point"`` is one
         pattern shared by the whole batch.
     """
+    seed = _check_seed(seed)
     img_b, rank = as_batch(image, "image")
     check_finite_nonnegative(img_b, "image")
     img64 = to_numpy64(img_b)
@@ -88,8 +105,15 @@ def make_reference(kind: str | Array, image: Array, *, seed: int = 0) -> Array:
                 f"kind: expected a reference image of shape {(c, height, width)}, got "
                 f"{tuple(pattern.shape)}"
             )
-    if (img64.sum(axis=(-2, -1)) <= 0).any():
+    with np.errstate(over="ignore"):  # an overflowing mass is inf, refused below
+        mass = img64.sum(axis=(-2, -1))
+    if (mass <= 0).any():
         raise ValueError("image: expected positive mass in every channel, got an all-zero channel")
+    if not np.isfinite(mass).all():
+        raise ValueError(
+            "image: expected pixel values whose sum per channel is finite, got a mass that "
+            f"overflows float64 (largest pixel {float(img64.max()):g})"
+        )
     ref = _scale_to_mass(np.broadcast_to(pattern, img64.shape), img64)
     if isinstance(image, torch.Tensor):
         dtype = image.dtype if image.is_floating_point() else torch.get_default_dtype()
@@ -159,8 +183,25 @@ def parse_references(
     -------
     list of Reference
     """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if isinstance(spec, str):
+        items = [spec]
+    elif (
+        isinstance(spec, Sequence)
+        and not isinstance(spec, (bytes, bytearray))
+        and all(isinstance(item, str) for item in spec)
+    ):
+        items = list(spec)
+    else:
+        shown = type(spec).__name__
+        if isinstance(spec, (list, tuple)):
+            shown += " holding " + ", ".join(sorted({type(i).__name__ for i in spec}))
+        raise TypeError(
+            "references: expected a spec string like 'random:2,point:2,data:2' or a list of "
+            f"such strings, got {shown}"
+        )
+    seed = _check_seed(seed)
+    _check_data(data)
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
     if not parts:
         raise ValueError("references: expected at least one reference spec, got none")
     out: list[Reference] = []
@@ -191,9 +232,34 @@ def parse_references(
             order = np.random.default_rng(seed).permutation(m_data)
             chosen = [int(i) for i in order if i != exclude_index][:count]
             for idx in chosen:
-                pattern = to_numpy64(as_batch(data[idx], "data")[0])
+                image = as_batch(data[idx], "data")[0]
+                try:
+                    check_finite_nonnegative(image, "data")
+                except ValueError as exc:
+                    raise ValueError(f"{exc} (data image {idx}, drawn by {part!r})") from None
+                pattern = to_numpy64(image)
                 out.append(Reference("data", idx, f"data#{idx}", pattern))
     names = [r.name for r in out]
     if len(set(names)) != len(names):
         raise ValueError(f"references: duplicate references in {spec!r}")
     return out
+
+
+def _check_data(data: object) -> None:
+    """The data set of ``data:K`` references: ``(M, C, H, W)`` or ``(M, H, W)`` images.
+
+    Only the shape is checked here (O(1)); the values of the images that are drawn are
+    checked when they are drawn.
+    """
+    if data is None:
+        return
+    check_array(data, "data")
+    if data.ndim not in (3, 4):
+        raise ValueError(
+            "data: expected a data set of images of shape (M, C, H, W) or (M, H, W), got "
+            f"shape {tuple(data.shape)}"
+        )
+    if data.shape[-2] == 0 or data.shape[-1] == 0:
+        raise ValueError(
+            f"data: expected images of at least 1x1 pixels, got shape {tuple(data.shape)}"
+        )

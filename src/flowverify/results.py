@@ -69,15 +69,33 @@ class JsonlWriter:
 
     Each record is written with a single ``write`` call of a complete line, so an
     interruption never leaves a half-written line that a reader would take for a record.
+
+    A path that cannot be created or opened (empty, a directory, below a regular file,
+    not writable) raises ValueError whose message starts with ``name`` (the argument or
+    option that gave the path, e.g. ``--out``) and quotes the path.
     """
 
-    def __init__(self, path: str | os.PathLike, *, mode: str = "w"):
+    def __init__(self, path: str | os.PathLike, *, mode: str = "w", name: str = "path"):
         if mode not in ("w", "a"):
             raise ValueError(f"mode: expected 'w' or 'a', got {mode!r}")
         self.path = os.fspath(path)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self._fh = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+        if not self.path:
+            raise ValueError(f"{name}: expected a file path, got an empty string")
+        if os.path.isdir(self.path):
+            raise ValueError(f"{name}: expected a file path, got the directory {self.path}")
+        try:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            self._fh = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ValueError(
+                f"{name}: cannot create {self.path}: {_blocking_file(self.path)} is a file, "
+                "not a directory"
+            ) from exc
+        except OSError as exc:
+            raise ValueError(
+                f"{name}: cannot write {self.path}: {exc.strerror or type(exc).__name__}"
+            ) from exc
 
     def write(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(jsonable(record), allow_nan=False) + "\n"
@@ -94,6 +112,14 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _blocking_file(path: str) -> str:
+    """The nearest existing ancestor of ``path`` (a file that blocks its directories)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
