@@ -309,14 +309,14 @@ def test_cli_fixed_budget_writes_records_and_npz(tmp_path, capsys):
     assert code == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 6
-    assert [r["index"] for r in recs] == [3, 4, 5, 3, 4, 5]
-    assert [r["eps"] for r in recs] == [0.05] * 3 + [0.5] * 3
+    assert [r["index"] for r in recs] == [3, 3, 4, 4, 5, 5]  # per image, budgets in order
+    assert [r["eps"] for r in recs] == [0.05, 0.5] * 3
     cfg = recs[0]["config"]
     assert cfg["model"] == "fc" and cfg["steps"] == 10 and "flowverify_version" in cfg
     with np.load(npz) as d:
         assert d["adversarial"].shape == (6, 1, 28, 28)
-        np.testing.assert_array_equal(d["index"], [3, 4, 5, 3, 4, 5])
-        np.testing.assert_array_equal(d["eps"], [0.05] * 3 + [0.5] * 3)
+        np.testing.assert_array_equal(d["index"], [3, 3, 4, 4, 5, 5])
+        np.testing.assert_array_equal(d["eps"], [0.05, 0.5] * 3)
     assert "success" in capsys.readouterr().out
 
 

@@ -5,6 +5,10 @@ function, as the CLI does (KeyboardInterrupt -> exit 130).  Each variant is kill
 some records are on disk; the JSONL must then be valid (every complete line parses, no
 index twice, no orphan worker left running), and resuming must give every index exactly
 once, in input order, with the records of an uninterrupted run.
+
+The same holds for the real ``flowverify certify`` and ``flowverify attack`` commands,
+killed part-way and re-run with the same command line (witnesses and the
+``--save-adversarial`` npz included).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flowverify.runner import run_jobs
@@ -154,3 +159,127 @@ def test_killed_run_leaves_valid_jsonl_and_resumes(killed_runs, variant, tmp_pat
     assert len(calls) == N - len(idx), "resume re-ran recorded images"
     fresh = run_jobs(range(N), work, out=tmp_path / "fresh.jsonl", config=cfg, progress=False)
     assert final == fresh
+
+
+# ------------------------------------------------------------------ the real CLI
+# A real `flowverify` run on the bundled `linear` model, killed part-way and re-run with
+# the same command: `certify --method complete` (one image per batch, with witnesses) on
+# two local workers, killed by SIGTERM; `attack --minimize` (with --save-adversarial)
+# serially, killed by SIGINT.
+
+N_CLI = 12
+
+
+def _flowverify() -> list[str]:
+    exe = Path(sys.executable).with_name("flowverify")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "flowverify.cli"]
+
+
+def _cli_argv(variant: str, folder: Path) -> list[str]:
+    common = ["--model", "linear", "--indices", f"0:{N_CLI}", "--no-progress"]
+    out = str(folder / f"{variant}.jsonl")
+    if variant == "SIGTERM":
+        return ["certify", *common, "--method", "complete", "--workers", "2", "--out", out,
+                "--witness-dir", str(folder / "witnesses")]  # fmt: skip
+    return ["attack", *common, "--data", "bundled", "--minimize", "--batch-size", "1",
+            "--out", out, "--save-adversarial", str(folder / "adv.npz")]  # fmt: skip
+
+
+CLI_VARIANTS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+@pytest.fixture(scope="module")
+def killed_cli_runs(tmp_path_factory):
+    """Start both CLI runs, kill each after 3 records, resume them; and serial references."""
+    base = tmp_path_factory.mktemp("cli_interrupt")
+    procs = {}
+    for name in CLI_VARIANTS:
+        folder = base / name
+        folder.mkdir()
+        cmd = [*_flowverify(), *_cli_argv(name, folder)]
+        procs[name] = (subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), folder, cmd)
+    sent: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while len(sent) < len(procs) and time.monotonic() < deadline:
+        for name, (proc, folder, _) in procs.items():
+            if name not in sent and proc.poll() is None:
+                recs, _ = _complete_lines(folder / f"{name}.jsonl")
+                if len(recs) >= 3:
+                    proc.send_signal(CLI_VARIANTS[name])
+                    sent[name] = len(recs)
+        time.sleep(0.02)
+    results = {}
+    for name, (proc, folder, _) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hang is a failure
+            proc.kill()
+            _, err = proc.communicate()
+        out = folder / f"{name}.jsonl"
+        results[name] = {"rc": proc.returncode, "stderr": err, "left": _complete_lines(out)}
+        if name == "SIGINT" and (folder / "adv.npz").exists():
+            with np.load(folder / "adv.npz") as d:
+                results[name]["npz_left"] = d["index"].tolist()
+    resumed = {
+        name: subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        for name, (_, _, cmd) in procs.items()
+    }
+    for name, proc in resumed.items():
+        _, err = proc.communicate(timeout=180)
+        results[name].update(resume_rc=proc.returncode, resume_stderr=err)
+    # uninterrupted serial references, in this process
+    from flowverify.cli import main
+
+    for name in CLI_VARIANTS:
+        ref = base / f"{name}-ref"
+        ref.mkdir()
+        argv = _cli_argv(name, ref)
+        if name == "SIGTERM":
+            argv[argv.index("--workers") + 1] = "1"
+        assert main(argv) == 0
+        results[name]["ref"] = ref
+    return results, procs, sent
+
+
+def _strip_timing(records, drop=("seconds", "witness_path")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+@pytest.mark.parametrize("variant", list(CLI_VARIANTS))
+def test_killed_cli_run_resumes_to_the_serial_records(killed_cli_runs, variant):
+    results, procs, sent = killed_cli_runs
+    assert variant in sent, f"{variant}: the run never recorded 3 images"
+    res = results[variant]
+    folder = procs[variant][1]
+    assert res["rc"] == 130, res["stderr"]
+    assert "interrupted" in res["stderr"] and "Traceback" not in res["stderr"]
+    assert "re-run the same command to resume" in res["stderr"]
+    left, partial = res["left"]
+    idx = [r["index"] for r in left]
+    assert not partial, "a half-written line"
+    assert idx == sorted(set(idx)), "input order, each image once"
+    assert 3 <= len(idx) < N_CLI, "killed part-way"
+
+    assert res["resume_rc"] == 0, res["resume_stderr"]
+    assert "Traceback" not in res["resume_stderr"]
+    final, partial = _complete_lines(folder / f"{variant}.jsonl")
+    assert not partial
+    assert [r["index"] for r in final] == list(range(N_CLI)), "every image exactly once"
+    assert final[: len(left)] == left, "recorded images were not re-run"
+    ref, _ = _complete_lines(res["ref"] / f"{variant}.jsonl")
+    assert _strip_timing(final) == _strip_timing(ref)
+
+    if variant == "SIGTERM":  # every witness, as the serial run wrote them
+        mine = sorted(p.name for p in (folder / "witnesses").glob("*.npy"))
+        theirs = sorted(p.name for p in (res["ref"] / "witnesses").glob("*.npy"))
+        assert mine == theirs and len(mine) == sum("witness_path" in r for r in final) > 0
+        for name in mine:
+            a = np.load(folder / "witnesses" / name)
+            np.testing.assert_array_equal(a, np.load(res["ref"] / "witnesses" / name))
+    else:  # the npz followed the interrupted JSONL, then holds every row, in order
+        assert res.get("npz_left") == idx
+        assert not (folder / "adv.npz.parts").exists()
+        with np.load(folder / "adv.npz") as a, np.load(res["ref"] / "adv.npz") as b:
+            np.testing.assert_array_equal(a["index"], list(range(N_CLI)))
+            for key in ("adversarial", "index", "eps", "success", "w1"):
+                np.testing.assert_array_equal(a[key], b[key])

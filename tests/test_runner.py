@@ -311,3 +311,229 @@ def test_add_runner_args_and_kwargs():
 def test_work_and_records_pickle_across_processes():
     work = functools.partial(toy_work, scale=2.0)
     assert pickle.loads(pickle.dumps(work))([1]) == work([1])
+
+
+def batch_work(batch, *, attach=False, stop_at=None):
+    """Records that show their batch; optional attachments; KeyboardInterrupt on a batch."""
+    if stop_at is not None and stop_at in batch:
+        raise KeyboardInterrupt
+    out = []
+    for i in batch:
+        for k in range(2):
+            rec = {"index": i, "k": k, "batch": list(batch)}
+            if attach:
+                rec[runner.ATTACH_KEY] = np.full(3, 10 * i + k) if k == 0 else None
+            out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_attachments_saved_before_their_records(tmp_path, workers):
+    out = tmp_path / "r.jsonl"
+    seen = {}
+
+    def save(index, payloads):
+        written = [r["index"] for r in lines(out)] if out.exists() else []
+        assert index not in written, "the attachment must be saved before the record"
+        seen[index] = payloads
+
+    work = functools.partial(batch_work, attach=True)
+    recs = run_jobs(
+        range(5), work, out=out, config=CONFIG, workers=workers, batch_size=2, on_attachment=save
+    )
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    for i, payloads in seen.items():
+        assert len(payloads) == 2 and payloads[1] is None  # aligned with the records
+        np.testing.assert_array_equal(payloads[0], [10 * i] * 3)
+    assert all(runner.ATTACH_KEY not in r for r in recs)
+    assert "__attachment__" not in out.read_text()
+
+
+def test_batches_fixed_across_interruption_and_resume(tmp_path):
+    """An interrupted run resumes with the batches of the uninterrupted run."""
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(range(8), functools.partial(batch_work, stop_at=4), out=out, config=CONFIG,
+                 batch_size=3)  # fmt: skip
+    assert [r["index"] for r in lines(out)] == [0, 0, 1, 1, 2, 2]
+    recs = run_jobs(range(8), batch_work, out=out, config=CONFIG, batch_size=3, workers=2)
+    full = run_jobs(range(8), batch_work, out=tmp_path / "f.jsonl", config=CONFIG, batch_size=3)
+    assert recs == full
+    assert [r["batch"] for r in recs[::2]] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3 + [[6, 7]] * 2
+
+
+def test_scattered_records_of_an_image_are_gathered_not_dropped(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = [{"index": i, "eps": e, "config": CONFIG} for e in (0.1, 0.2) for i in (0, 1)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # budget-major, as before
+    counter = Counter()
+    recs = run_jobs(range(3), counter, out=out, config=CONFIG, progress=False)
+    assert counter.seen == [2]
+    assert [(r["index"], r.get("eps")) for r in recs[:4]] == [
+        (0, 0.1),
+        (0, 0.2),
+        (1, 0.1),
+        (1, 0.2),
+    ]
+    assert lines(out) == recs and len(recs) == 5
+
+
+def test_existing_records(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert runner.existing_records(out, CONFIG) == []
+    recs = run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
+    assert runner.existing_records(out, {**CONFIG, "workers": 3}) == recs
+    assert runner.existing_records(out, {**CONFIG, "seed": 9}, overwrite=True) == []
+    with pytest.raises(ValueError, match="--out.*seed"):
+        runner.existing_records(out, {**CONFIG, "seed": 9})
+    with pytest.raises(ValueError, match="--out.*exists"):
+        runner.existing_records(out, CONFIG, resume=False)
+
+
+def test_run_that_cannot_start_leaves_no_output(tmp_path):
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(TypeError, match="work"):
+        run_jobs(range(4), lambda b: [], out=out, config=CONFIG, workers=2)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    run_jobs(range(2), toy_work, out=out, config=CONFIG)
+    before = out.read_bytes()
+    with pytest.raises(TypeError, match="work"):  # --overwrite: the old file is kept
+        run_jobs(range(4), lambda b: [], out=out, config=CONFIG, workers=2, overwrite=True)
+    assert out.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- the CLIs
+# The real `flowverify certify` / `attack` on a few digits of the bundled `linear` model:
+# local workers and Ray give the serial run's records; resume, refusal, --overwrite.
+
+
+def certify_argv(eps="0.5", indices="0:4"):
+    return ["certify", "--model", "linear", "--method", "feasible", "--eps", eps,
+            "--indices", indices, "--batch-size", "1", "--no-progress"]  # fmt: skip
+
+
+CERTIFY = certify_argv()
+
+
+def _cli(argv, capsys=None):
+    from flowverify.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def _strip(records, drop=("seconds",)):
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def _witnesses(folder):
+    return {p.name: np.load(p) for p in sorted(folder.glob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def serial_certify(tmp_path_factory):
+    """The serial `flowverify certify` run every execution backend must reproduce."""
+    tmp = tmp_path_factory.mktemp("serial")
+    out, wit = tmp / "serial.jsonl", tmp / "wit"
+    code, _ = _cli([*CERTIFY, "--out", out, "--witness-dir", wit])
+    assert code == 0
+    recs = lines(out)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3]
+    assert any(r["status"] == "falsified" for r in recs)  # witnesses are exercised
+    return recs, _witnesses(wit)
+
+
+def _check_same_as_serial(serial, out, wit):
+    recs, witnesses = serial
+    got = lines(out)
+    assert [r["index"] for r in got] == [0, 1, 2, 3]  # input order restored
+    drop = ("seconds", "witness_path")
+    assert _strip(got, drop) == _strip(recs, drop)
+    assert [os.path.basename(r.get("witness_path", "")) for r in got] == [
+        os.path.basename(r.get("witness_path", "")) for r in recs
+    ]
+    mine = _witnesses(wit)
+    assert mine.keys() == witnesses.keys() and mine
+    for name, arr in witnesses.items():
+        np.testing.assert_array_equal(mine[name], arr)
+
+
+def test_cli_certify_two_workers_identical_to_serial(serial_certify, tmp_path):
+    out, wit = tmp_path / "w2.jsonl", tmp_path / "wit"
+    code, _ = _cli([*CERTIFY, "--out", out, "--witness-dir", wit, "--workers", "2"])
+    assert code == 0
+    _check_same_as_serial(serial_certify, out, wit)
+
+
+def test_cli_certify_ray_identical_to_serial(serial_certify, tmp_path):
+    pytest.importorskip("ray")
+    out, wit = tmp_path / "ray.jsonl", tmp_path / "wit"
+    argv = [*CERTIFY, "--out", out, "--witness-dir", wit, "--backend", "ray", "--workers", "2"]
+    code, _ = _cli(argv)  # a local Ray instance on loopback, shut down afterwards
+    assert code == 0
+    _check_same_as_serial(serial_certify, out, wit)
+
+
+def test_cli_certify_resume_refusal_and_overwrite(serial_certify, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    first = certify_argv(indices="0:2")
+    assert _cli([*first, "--out", out], capsys)[0] == 0
+    before = out.read_bytes()
+    # the same command again: nothing to do, the file is unchanged
+    assert _cli([*first, "--out", out], capsys)[0] == 0
+    assert out.read_bytes() == before
+    # more images: only the new ones run; the result is the serial run's
+    assert _cli([*CERTIFY, "--out", out], capsys)[0] == 0
+    drop = ("seconds", "config", "witness_path")
+    assert _strip(lines(out), drop) == _strip(serial_certify[0], drop)
+    kept = out.read_bytes()
+    # another config: refused on one line naming --out and the key, file untouched
+    code, err = _cli([*certify_argv(eps="0.25"), "--out", out], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "--out" in err and "eps" in err and "--overwrite" in err
+    assert out.read_bytes() == kept
+    code, err = _cli([*CERTIFY, "--out", out, "--no-resume"], capsys)
+    assert code == 2 and "--out" in err and out.read_bytes() == kept
+    # --overwrite starts afresh with the new config
+    code, _ = _cli([*certify_argv(eps="0.25"), "--out", out, "--overwrite"], capsys)
+    assert code == 0
+    recs = lines(out)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3]
+    assert all(r["config"]["eps"] == 0.25 and r["eps"] == 0.25 for r in recs)
+
+
+ATTACK = ["attack", "--model", "linear", "--data", "bundled", "--eps", "0.05,0.2"]
+ATTACK += ["--steps", "10", "--restarts", "1", "--batch-size", "2", "--no-progress"]
+
+
+def test_cli_attack_resume_keeps_every_npz_row(tmp_path, capsys):
+    """A resumed attack (and one on two workers) gives the serial records and npz."""
+    full, npz_full = tmp_path / "full.jsonl", tmp_path / "full.npz"
+    assert (
+        _cli([*ATTACK, "--indices", "0:6", "--out", full, "--save-adversarial", npz_full])[0] == 0
+    )
+    out, npz = tmp_path / "r.jsonl", tmp_path / "r.npz"
+    assert _cli([*ATTACK, "--indices", "0:2", "--out", out, "--save-adversarial", npz])[0] == 0
+    assert not (tmp_path / "r.npz.parts").exists()  # the npz holds them all
+    argv = [*ATTACK, "--indices", "0:6", "--out", out, "--save-adversarial", npz]
+    assert _cli([*argv, "--workers", "2"])[0] == 0
+    recs = lines(out)
+    assert [(r["index"], r["eps"]) for r in recs] == [(i, e) for i in range(6) for e in (0.05, 0.2)]
+    drop = ("seconds", "config")
+    assert _strip(recs, drop) == _strip(lines(full), drop)
+    with np.load(npz) as a, np.load(npz_full) as b:
+        assert a["adversarial"].shape == (12, 1, 28, 28)
+        for key in ("adversarial", "index", "eps", "success", "w1"):
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a["index"], [r["index"] for r in recs])
+    capsys.readouterr()
+    # the npz lost: resuming would leave rows without images, so it is refused
+    npz.unlink()
+    code, err = _cli(argv, capsys)
+    assert code == 2 and "--save-adversarial" in err and "--overwrite" in err
+    assert not npz.exists()
+    assert _cli([*argv, "--overwrite"], capsys)[0] == 0
+    with np.load(npz) as a, np.load(npz_full) as b:
+        np.testing.assert_array_equal(a["adversarial"], b["adversarial"])

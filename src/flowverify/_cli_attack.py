@@ -5,18 +5,51 @@ it.  Bad input raises ``ValueError`` / ``TypeError`` / ``FileNotFoundError`` nam
 argument; the CLI turns those into one line on stderr and exit code 2.
 
 Output: one JSON object per (image, budget) (minimal-radius mode: per image), each with
-the resolved configuration under the key ``config``.
+the resolved configuration under the key ``config``; the records of an image are
+consecutive (its budgets in the order given) and the images in input order.
+
+Execution (:mod:`flowverify.runner`, as for ``flowverify certify``): fixed batches of
+``--batch-size`` consecutive indices, serially or on ``--workers`` local processes or Ray
+tasks; each batch's records are appended and fsync'ed as soon as they are known and the
+file is put in input order at the end (identical to the serial run's, timings aside).
+Re-running the same command resumes ``--out``; ``--overwrite`` starts afresh; a file
+written with a different config is refused.  An image whose attack fails gets
+``status="error"`` records (one per budget, with the message under ``error``).
+
+``--save-adversarial FILE.npz`` holds one row per record of ``--out`` (earlier runs
+included), in the same order.  It is rebuilt atomically at the end of every run, also an
+interrupted one: each batch's images are first saved to ``FILE.npz.parts/<index>.npy``
+before its records are written (so a killed run loses none), and that folder is removed
+once the npz holds them all.  A resumed run takes the images of earlier records from the
+parts or from the existing npz; if some are in neither, it is refused before any work
+(``--overwrite`` recomputes everything).  Error records give rows of NaN pixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import logging
 import math
-import sys
-import time
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
+
+from ._cli_certify import (
+    _cached_data,
+    _cached_model,
+    _check_execution,
+    _crashed,
+    _flagged,
+    _load_inputs,
+    _ray_options,
+    _save_array,
+    _summary_float,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +85,8 @@ def _parse_eps(text: str) -> list[float]:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``attack`` subcommand to ``subparsers``; returns its parser."""
+    from .runner import add_runner_args
+
     p = subparsers.add_parser(
         "attack",
         help="Wasserstein PGD attack in the flow domain (fixed budget or minimal radius)",
@@ -116,17 +151,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--fuse", action="store_true", help="fuse the first layer (needs --reference)")
     p.add_argument("--seed", type=int, default=0, help="seed of restarts/references (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
-    p.add_argument("--out", required=True, help="JSONL output, one record per (image, eps)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda or cuda:N (with --backend ray, each task asks for a quarter "
+        "of a GPU)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="images per batch, also the unit of work given to a worker (results are those "
+        "of a serial run with the same --batch-size); default 100",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSONL output, one record per (image, eps); an existing file written with the "
+        "same options is resumed (images already recorded are skipped), see --overwrite",
+    )
     p.add_argument(
         "--save-adversarial",
         default=None,
         metavar="FILE.npz",
         help="save the returned images: 'adversarial' (rows, C, H, W) in data units, "
-        "'index' and 'eps' per row, plus 'success' and 'w1'",
+        "'index' and 'eps' per row, plus 'success' and 'w1'; one row per record of --out, "
+        "in the same order (also after a resume)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_runner_args(p)
     return p
 
 
@@ -145,16 +198,257 @@ def _config(args, attack, sel: np.ndarray) -> dict:
     return cfg
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``flowverify attack``; returns the exit code."""
+def _attack_kwargs(args: argparse.Namespace, eps, reference) -> dict:
+    """The :class:`~flowverify.attack.WassersteinPGD` keywords of the command (no device)."""
+    return {
+        "eps": eps,
+        "steps": args.steps,
+        "step_size": args.step_size,
+        "loss": args.loss,
+        "schedule": args.schedule,
+        "restarts": args.restarts,
+        "search_steps": args.search_steps,
+        "clip_max": args.clip_max,
+        "input_scale": args.input_scale,
+        "reference": reference,
+        "fuse": args.fuse,
+        "seed": args.seed,
+    }
+
+
+def _attack_work(batch: list[int], *, model: str, data: str, attack: dict, device: str, save: bool):
+    """Attack the images ``batch`` of ``data`` (the runner's work function).
+
+    Runs in a worker (or serially in the main process).  An exception on a batch of
+    several images re-runs them one at a time, so that only the failing image gets
+    ``status="error"`` records.  With ``save``, each record carries its adversarial image
+    as an attachment (see :data:`flowverify.runner.ATTACH_KEY`).
+    """
     import torch
-    from tqdm import tqdm
 
     from .attack import WassersteinPGD
-    from .datasets import load_images, parse_indices
-    from .models import load_model
-    from .results import JsonlWriter
+    from .runner import ATTACH_KEY
 
+    dev = torch.device(device)
+    atk = WassersteinPGD(**attack, device=dev)
+    x_all, y_all = _cached_data(data)
+    idx = np.asarray(batch, dtype=np.int64)
+    try:
+        net = _cached_model(model).to(dev)
+        res = atk(net, x_all[idx], None if y_all is None else np.asarray(y_all)[idx])
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        if len(batch) > 1:
+            kw = {"model": model, "data": data, "attack": attack, "device": device, "save": save}
+            return [rec for i in batch for rec in _attack_work([i], **kw)]
+        label = -1 if y_all is None else int(np.asarray(y_all)[batch[0]])
+        return _attack_errors(batch[0], label, atk, exc)
+    records = res.to_records(indices=idx)
+    if save:
+        for r, rec in enumerate(records):
+            rec[ATTACH_KEY] = res.adversarial[r]
+    return records
+
+
+def _attack_errors(index: int, label: int, atk, exc: Exception) -> list[dict]:
+    """The ``status="error"`` records of an image (one per budget), with every field of an
+    attack record (``success`` false, distances null)."""
+    text = str(exc).strip()
+    msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    budgets = [None] if atk.eps is None else list(atk.eps)
+    return [
+        {
+            "index": int(index),
+            "label": int(label),
+            "prediction": -1,
+            "eps": eps,
+            "success": False,
+            "w1_bound": None,
+            "w1": None,
+            "w1_raw": None,
+            "prediction_adversarial": None,
+            "iterations": 0,
+            "seconds": 0.0,
+            "unit": "normalised",
+            "threat_model": atk.threat_model,
+            "mode": "minimal" if atk.eps is None else "fixed",
+            "status": "error",
+            "error": msg,
+        }
+        for eps in budgets
+    ]
+
+
+class _AdversarialStore:
+    """``--save-adversarial FILE.npz``: one row per record of ``--out``, in its order.
+
+    :meth:`save` (the runner's ``on_attachment``) writes the rows of an image to
+    ``FILE.npz.parts/<index>.npy`` before its records are written; :meth:`assemble`
+    rebuilds the npz from the records, taking each row from the parts or, for records of
+    earlier runs, from the existing npz (matched by index, position among the image's
+    rows, and budget), then removes the parts once the npz holds them all.
+    """
+
+    def __init__(self, path: str, images: np.ndarray):
+        self.path = Path(path)
+        self.parts = Path(f"{path}.parts")
+        self.shape = tuple(images.shape[1:])
+        self.dtype = images.dtype if np.issubdtype(images.dtype, np.floating) else np.float64
+        self._previous: dict | None = None
+
+    # -- writing parts (main process, signals deferred by the runner)
+
+    def save(self, index: int, payloads: list) -> None:
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            rows = [self._blank() if p is None else np.asarray(p) for p in payloads]
+            _save_array(str(self.parts / f"{index}.npy"), np.stack(rows))
+        except OSError as exc:
+            raise ValueError(
+                f"--save-adversarial: cannot write {str(self.parts)!r} ({exc})"
+            ) from None
+
+    def clear_parts(self) -> None:
+        if self.parts.is_dir():
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+    def _blank(self) -> np.ndarray:
+        return np.full(self.shape, np.nan, dtype=self.dtype)
+
+    # -- reading back
+
+    def _part(self, index: int) -> np.ndarray | None:
+        path = self.parts / f"{index}.npy"
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            logger.warning("--save-adversarial: ignoring the unreadable %s (%s)", path, exc)
+            return None
+
+    def _earlier(self) -> dict[tuple[int, int], tuple[float, np.ndarray]]:
+        """``(index, k) -> (eps, image)`` of the rows of the existing npz."""
+        if self._previous is not None:
+            return self._previous
+        out: dict[tuple[int, int], tuple[float, np.ndarray]] = {}
+        if self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as d:
+                    adv, index, eps = d["adversarial"], d["index"], d["eps"]
+                seen: collections.Counter = collections.Counter()
+                for r, i in enumerate(index.tolist()):
+                    out[(int(i), seen[i])] = (float(eps[r]), adv[r])
+                    seen[i] += 1
+            except (OSError, ValueError, KeyError, IndexError) as exc:
+                logger.warning(
+                    "--save-adversarial: ignoring the unreadable %s (%s)", self.path, exc
+                )
+                out = {}
+        self._previous = out
+        return out
+
+    def _rows(self, records: list[dict]) -> tuple[list[np.ndarray], list[int]]:
+        """The image of every record (NaN for error records) and the indices lacking one."""
+        rows, missing = [], []
+        seen: collections.Counter = collections.Counter()
+        parts: dict[int, np.ndarray | None] = {}
+        for rec in records:
+            i = int(rec["index"])
+            k = seen[i]
+            seen[i] += 1
+            if rec.get("status") == "error":
+                rows.append(self._blank())
+                continue
+            if i not in parts:
+                parts[i] = self._part(i)
+            part = parts[i]
+            if part is not None and k < len(part) and part.shape[1:] == self.shape:
+                rows.append(part[k])
+                continue
+            eps = _summary_float(rec.get("eps"))
+            prev = self._earlier().get((i, k))
+            if prev is not None and prev[1].shape == self.shape and _same(prev[0], eps):
+                rows.append(prev[1])
+                continue
+            rows.append(self._blank())
+            missing.append(i)
+        return rows, missing
+
+    def check(self, records: list[dict]) -> None:
+        """Refuse (ValueError naming the flag) to resume records whose images are lost."""
+        _, missing = self._rows(records)
+        if missing:
+            shown = ", ".join(map(str, sorted(set(missing))[:10]))
+            raise ValueError(
+                f"--save-adversarial: {str(self.path)!r} lacks the adversarial images of "
+                f"{len(missing)} record(s) already in --out (indices {shown}); pass --overwrite "
+                "to recompute them, or choose another --out"
+            )
+
+    def assemble(self, records: list[dict]) -> None:
+        """Write the npz (atomically) from ``records``; drop the parts once it has them."""
+        rows, missing = self._rows(records)
+        adversarial = (
+            np.stack(rows).astype(self.dtype, copy=False)
+            if rows
+            else np.zeros((0, *self.shape), dtype=self.dtype)
+        )
+        arrays = {
+            "adversarial": adversarial,
+            "index": np.array([int(r["index"]) for r in records], dtype=np.int64),
+            "eps": np.array([_summary_float(r.get("eps")) for r in records], dtype=np.float64),
+            "success": np.array([r.get("success") is True for r in records], dtype=bool),
+            "w1": np.array([_summary_float(r.get("w1")) for r in records], dtype=np.float64),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._previous = None
+        if missing:
+            logger.warning(
+                "--save-adversarial: %d row(s) without an image (NaN) in %s; kept %s",
+                len(missing),
+                self.path,
+                self.parts,
+            )
+        else:
+            self.clear_parts()
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _check_npz_path(path) -> str:
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"--save-adversarial: expected a .npz file path, got {path!r}")
+    if os.path.isdir(text):
+        raise ValueError(f"--save-adversarial: {text!r} is a folder; expected a .npz file path")
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--save-adversarial: cannot create {text!r}: {parent!r} is a file")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``flowverify attack``; returns the exit code."""
+    from .attack import WassersteinPGD
+    from .results import read_jsonl
+    from .runner import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
+
+    # Every check comes before anything is written.
     eps = None if args.minimize else _parse_eps(args.eps)
     if isinstance(args.batch_size, bool) or args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
@@ -164,84 +458,81 @@ def run(args: argparse.Namespace) -> int:
             f"--reference: unknown reference {args.reference!r}; valid: image, uniform, "
             "random, point"
         )
+    _check_execution(args)
+    device = args.device.strip()
+    kwargs = _attack_kwargs(args, eps, reference)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was asked for, but no CUDA device is available")
-    try:
-        attack = WassersteinPGD(
-            eps=eps,
-            steps=args.steps,
-            step_size=args.step_size,
-            loss=args.loss,
-            schedule=args.schedule,
-            restarts=args.restarts,
-            search_steps=args.search_steps,
-            clip_max=args.clip_max,
-            input_scale=args.input_scale,
-            reference=reference,
-            fuse=args.fuse,
-            seed=args.seed,
-            device=device,
-        )
+        attack = WassersteinPGD(**kwargs, device=device)
     except (ValueError, TypeError) as exc:  # name the flag, not the keyword
         msg = str(exc)
         name = msg.split(":", 1)[0]
         raise type(exc)(f"--{name.replace('_', '-')}:{msg.split(':', 1)[1]}") from None
-    x_all, y_all = load_images(args.data)
-    sel = parse_indices(args.indices, x_all.shape[0]) if args.indices is not None else None
-    if sel is None:
-        sel = np.arange(x_all.shape[0])
-    x = x_all[sel]
-    y = None if y_all is None else y_all[sel]
-    model = load_model(args.model).to(device)
+    npz = None if args.save_adversarial is None else _check_npz_path(args.save_adversarial)
+    _, x_all, _, sel, data_spec, model_spec = _load_inputs(args)
     config = _config(args, attack, sel)
-    logger.info("attack: %r on %d images", attack, x.shape[0])
-    adv_rows, idx_rows, eps_rows, succ_rows, w1_rows = [], [], [], [], []
-    summary: dict[float, list[tuple[bool, float, float]]] = {}
-    t0 = time.perf_counter()
-    starts = range(0, x.shape[0], args.batch_size)
-    bar = tqdm(
-        total=x.shape[0],
-        desc="attack",
-        unit="img",
-        file=sys.stderr,
-        disable=args.no_progress or None,
-        leave=False,
+    kept = existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
+    store = None
+    if npz is not None:
+        store = _AdversarialStore(npz, x_all)
+        if args.overwrite:
+            store.clear_parts()
+        else:
+            store.check(kept)
+    logger.info("attack: %r on %d images", attack, sel.size)
+    work = functools.partial(
+        _attack_work,
+        model=model_spec,
+        data=data_spec,
+        attack=kwargs,
+        device=device,
+        save=store is not None,
     )
-    with JsonlWriter(args.out) as out:
-        for s in starts:
-            xb = x[s : s + args.batch_size]
-            yb = None if y is None else y[s : s + args.batch_size]
-            res = attack(model, xb, yb)
-            data_idx = sel[s : s + args.batch_size]
-            for rec in res.to_records(indices=data_idx, config=config):
-                out.write(rec)
-            for r in range(len(res)):
-                key = math.inf if eps is None else float(res.eps[r])
-                summary.setdefault(key, []).append(
-                    (bool(res.success[r]), float(res.w1[r]), float(res.seconds[r]))
-                )
-            if args.save_adversarial:
-                adv_rows.append(res.adversarial)
-                idx_rows.append(data_idx[res.index])
-                eps_rows.append(res.eps)
-                succ_rows.append(res.success)
-                w1_rows.append(res.w1)
-            bar.update(xb.shape[0])
-    bar.close()
-    if args.save_adversarial:
-        np.savez_compressed(
-            args.save_adversarial,
-            adversarial=np.concatenate(adv_rows) if adv_rows else np.zeros((0,)),
-            index=np.concatenate(idx_rows) if idx_rows else np.zeros((0,), np.int64),
-            eps=np.concatenate(eps_rows) if eps_rows else np.zeros((0,)),
-            success=np.concatenate(succ_rows) if succ_rows else np.zeros((0,), bool),
-            w1=np.concatenate(w1_rows) if w1_rows else np.zeros((0,)),
+    try:
+        records = run_jobs(
+            sel.tolist(),
+            work,
+            out=args.out,
+            config=config,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            desc="attack",
+            ray_options=_ray_options(args),
+            on_attachment=None if store is None else store.save,
+            **runner_kwargs(args),
         )
-    _print_summary(summary, eps is None, attack.threat_model, time.perf_counter() - t0, args.out)
+    except (KeyboardInterrupt, WorkerCrashedError) as exc:
+        # The runner left --out valid and in order: the npz follows it.
+        if store is not None and os.path.exists(args.out):
+            store.assemble(read_jsonl(args.out))
+        if isinstance(exc, WorkerCrashedError):
+            return _crashed("attack", exc)
+        raise
+    except (ValueError, TypeError) as exc:
+        renamed = _flagged(exc)
+        if renamed is exc:
+            raise
+        raise renamed from None
+    if store is not None:
+        store.assemble(records)
+    summary: dict[float, list[tuple[bool, float, float]]] = {}
+    n_errors = 0
+    for rec in records:
+        if rec.get("status") == "error":
+            n_errors += 1
+            continue
+        key = math.inf if eps is None else _summary_float(rec.get("eps"))
+        summary.setdefault(key, []).append(
+            (
+                rec.get("success") is True,
+                _summary_float(rec.get("w1")),
+                _summary_float(rec.get("seconds")),
+            )
+        )
+    # attack time of every record (earlier runs' included): per image in minimal mode
+    seconds = sum(r[2] for rows in summary.values() for r in rows if math.isfinite(r[2]))
+    _print_summary(summary, eps is None, attack.threat_model, seconds, args.out)
+    if n_errors:
+        print(f"{n_errors} error record(s) (status 'error', message under 'error')")
     return 0
 
 

@@ -9,15 +9,33 @@ Output: one JSON object per image (see :class:`flowverify.certify.CertifyResult`
 with the resolved configuration under ``"config"``; with ``--witness-dir DIR``, every
 result that carries an adversarial image (exact results, falsified decisions) writes it
 to ``DIR/<index>.npy`` (float64, the input's shape and mass).
+
+Execution (:mod:`flowverify.runner`): images are certified in fixed batches of
+``--batch-size`` consecutive indices (one image per batch for the complete methods),
+serially or on ``--workers`` local processes or Ray tasks (``--backend ray``); each batch's
+records are appended and fsync'ed as soon as they are known, and the file is put in input
+order at the end, so that it is identical to the serial run's (timings aside).
+Re-running the same command resumes ``--out`` (``--overwrite`` starts afresh); a file
+written with a different config is refused.  An image whose computation fails gets a
+``status="error"`` record (``message`` and ``error``: the exception) and the run goes on.
+
+Every argument is checked before anything is written: a bad one is reported by the CLI on
+one line naming the flag, with exit code 2, and leaves no output behind.  The helpers
+here (``_check_execution``, ``_check_device``, ``_load_inputs``) serve ``attack`` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,6 +63,7 @@ _DESCRIPTION = (
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``certify`` subcommand to ``subparsers``; return its parser."""
     from .certify.api import CERTIFIERS, METHODS
+    from .runner import add_runner_args
 
     cert_help = "; ".join(f"{m}: {', '.join(c)} (default {c[0]})" for m, c in CERTIFIERS.items())
     p = subparsers.add_parser(
@@ -103,16 +122,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "with the proven lower bound)",
     )
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the search")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (incomplete)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per batch of the incomplete methods, and per unit of work given to a "
+        "worker (results are those of a serial run with the same --batch-size; lower it to "
+        "spread few images over many workers); default %(default)s",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of random/point/data references")
-    p.add_argument("--device", default="cpu", help="torch device of bound propagation")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of bound propagation: cpu (default), cuda or cuda:N (with "
+        "--backend ray, each task asks for a quarter of a GPU)",
+    )
     p.add_argument(
         "--witness-dir",
         default=None,
         help="write adversarial images (exact results, falsified decisions) to DIR/<index>.npy",
     )
-    p.add_argument("--out", required=True, help="JSONL output, one object per image")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSONL output, one object per image; an existing file written with the same "
+        "options is resumed (images already recorded are skipped), see --overwrite",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_runner_args(p)
     return p
 
 
@@ -139,13 +176,304 @@ def _config(args, certifier: str, labels_from: str) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- checks
+# Shared with ``flowverify attack`` (:mod:`flowverify._cli_attack`).
+
+
+def _renamed(exc: BaseException, flag: str, names: Sequence[str] = ()) -> BaseException:
+    """``exc`` with its message led by ``flag``: a leading ``name:`` in ``names`` is
+    replaced, other messages are prefixed.  The type is kept (FileNotFoundError stays one)."""
+    msg = (str(exc.args[0]) if len(exc.args) == 1 else str(exc)).strip()
+    msg = msg or type(exc).__name__
+    head, sep, rest = msg.partition(":")
+    if sep and head.strip() in names:
+        msg = f"{flag}:{rest}"
+    elif not msg.startswith(flag):
+        msg = f"{flag}: {msg}"
+    try:
+        return type(exc)(msg)
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        return ValueError(msg)
+
+
+def _check_device(text, *, local: bool = True, flag: str = "--device") -> str:
+    """Check a ``--device`` value: ``cpu``, ``cuda`` or ``cuda:N``, the latter available
+    here when ``local`` (a remote Ray cluster has its own GPUs).  Returns it, stripped."""
+    import torch
+
+    expected = "expected cpu, cuda or cuda:N"
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{flag}: {expected}, got {text!r}")
+    text = text.strip()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag}: unknown device {text!r}; {expected}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag}: {expected}, got {text!r}")
+    if dev.type == "cuda" and local:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{flag}: {text!r} was asked for, but no CUDA device is available here "
+                f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not compiled in'}); "
+                "use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag}: {text!r} does not exist; {count} CUDA device(s) here")
+    return text
+
+
+def _check_execution(args: argparse.Namespace) -> None:
+    """The execution options (``--workers`` ... ``--out``) and ``--device``; no file touched."""
+    workers = args.workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"--workers: expected an int >= 0 (0: every CPU), got {workers!r}")
+    if args.backend not in ("local", "ray"):
+        raise ValueError(f"--backend: expected local or ray, got {args.backend!r}")
+    if args.address is not None:
+        if args.backend != "ray":
+            raise ValueError("--address: only used with --backend ray")
+        if not str(args.address).strip():
+            raise ValueError("--address: expected 'auto', 'ray://host:port' or 'host:port'")
+    if args.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "--backend: 'ray' needs the optional package ray: pip install 'flowverify[ray]'"
+        )
+    out = args.out
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise ValueError(f"--out: expected a file path, got {out!r}")
+    if os.path.isdir(out):
+        raise ValueError(f"--out: {os.fspath(out)!r} is a folder; expected a .jsonl file path")
+    _check_device(args.device, local=args.backend != "ray" or args.address is None)
+
+
+def _ray_options(args: argparse.Namespace) -> dict | None:
+    """Ray task options: a quarter of a GPU per task with a CUDA ``--device``."""
+    if args.backend == "ray" and str(args.device).strip().startswith("cuda"):
+        return {"num_cpus": 1, "num_gpus": 0.25}
+    return None
+
+
+def _spec(text: str, keep: Sequence[str]) -> str:
+    """A model/data spec as workers should see it: names in ``keep`` as they are, an
+    existing path made absolute (workers may run in another folder)."""
+    text = str(text)
+    if text in keep or not os.path.exists(text):
+        return text
+    return os.path.abspath(text)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(spec: str):
+    """``load_images(spec)``, once per process (main process and each worker)."""
+    from .datasets import load_images
+
+    return load_images(spec)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(spec: str):
+    """``load_model(spec)``, once per process (main process and each worker)."""
+    from .models import load_model
+
+    return load_model(spec)
+
+
+def _num_classes(model, x: np.ndarray) -> int:
+    """Run ``model`` on images ``x``; the number of classes, or a ValueError naming
+    ``--model`` if it cannot take them or does not return ``(N, classes)`` logits."""
+    import torch
+
+    from .flowmodel import _infer_flat
+
+    tensors = [*model.parameters(), *model.buffers()]
+    param = next((t for t in tensors if t.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    inp = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dtype, device=device)
+    try:
+        if _infer_flat(model):
+            inp = inp.reshape(len(x), -1)
+        with torch.no_grad():
+            logits = model(inp)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"--model: the model cannot run on the --data images (input shape "
+            f"{tuple(inp.shape)}): {reason}"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(x):
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else "a "
+        got += "" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"--model: expected logits of shape (N, classes), got {got}")
+    return int(logits.shape[1])
+
+
+def _load_inputs(args: argparse.Namespace):
+    """Load and check ``--data``, ``--indices`` and ``--model``.
+
+    Returns ``(model, x_all, y_all, sel, data_spec, model_spec)``: the model (on the CPU),
+    every image and label of ``--data``, the selected indices and the specs workers load
+    (cached: a serial run reuses what is loaded here).
+    """
+    from .datasets import parse_indices
+    from .models import BUNDLED_MODELS
+
+    data_spec = _spec(args.data, ("bundled",))
+    model_spec = _spec(args.model, tuple(BUNDLED_MODELS))
+    try:
+        x_all, y_all = _cached_data(data_spec)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _renamed(exc, "--data", ("path",)) from None
+    try:
+        sel = parse_indices(args.indices, x_all.shape[0])
+    except (ValueError, TypeError) as exc:
+        raise _renamed(exc, "--indices", ("indices",)) from None
+    try:
+        model = _cached_model(model_spec)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _renamed(exc, "--model", ("model", "spec", "path")) from None
+    classes = _num_classes(model, x_all[sel[:1]])
+    if y_all is not None:
+        y_sel = np.asarray(y_all)[sel]
+        bad = (y_sel < 0) | (y_sel >= classes)
+        if bad.any():
+            raise ValueError(
+                f"--data: labels must be classes of the model in [0, {classes}), got "
+                f"{sorted(set(y_sel[bad].tolist()))[:5]} (e.g. image {int(sel[bad][0])})"
+            )
+    return model, x_all, y_all, sel, data_spec, model_spec
+
+
+#: Runner argument names in messages -> the flags that set them.
+_RUNNER_FLAGS = {
+    "address": "--address",
+    "backend": "--backend",
+    "workers": "--workers",
+    "ray_options": "--device",
+}
+
+
+def _flagged(exc: BaseException) -> BaseException:
+    """A runner error naming a keyword (``address: ...``) renamed to name its flag."""
+    head, sep, _ = str(exc).partition(":")
+    flag = _RUNNER_FLAGS.get(head.strip()) if sep else None
+    return exc if flag is None else _renamed(exc, flag, (head.strip(),))
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` atomically (temporary file, then ``os.replace``)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _summary_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _crashed(command: str, exc: Exception) -> int:
+    print(f"flowverify {command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- work
+
+
+def _certify_work(batch: list[int], **kw) -> list[dict]:
+    """Certify the images ``batch`` of ``kw["data"]`` (the runner's work function).
+
+    Runs in a worker (or serially in the main process).  An exception on a batch of
+    several images re-runs them one at a time, so that only the failing image gets a
+    ``status="error"`` record.  Witnesses travel back as attachments when
+    ``kw["witness_dir"]`` is set.
+    """
+    from .certify.api import _iter_certify
+    from .runner import ATTACH_KEY
+
+    model = _cached_model(kw["model"])
+    x_all, y_all = _cached_data(kw["data"])
+    idx = np.asarray(batch, dtype=np.int64)
+    try:
+        results = list(
+            _iter_certify(
+                model,
+                x_all[idx],
+                None if y_all is None else np.asarray(y_all)[idx],
+                method=kw["method"],
+                certifier=kw["certifier"],
+                references=kw["references"],
+                eps=kw["eps"],
+                unit=kw["unit"],
+                input_scale=kw["input_scale"],
+                timeout=kw["timeout"],
+                device=kw["device"],
+                seed=kw["seed"],
+                data=x_all,
+                indices=idx,
+                batch_size=max(len(idx), 1),
+                rtol=kw["rtol"],
+                progress=False,
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        if len(batch) > 1:
+            return [rec for i in batch for rec in _certify_work([i], **kw)]
+        label = -1 if y_all is None else int(np.asarray(y_all)[batch[0]])
+        return [_certify_error(batch[0], label, kw["method"], kw["certifier"], exc)]
+    records = []
+    for res in results:
+        rec = res.to_dict()
+        if kw["witness_dir"] and res.witness is not None:
+            rec["witness_path"] = os.path.join(kw["witness_dir"], f"{res.index}.npy")
+            rec[ATTACH_KEY] = np.asarray(res.witness, dtype=np.float64)
+        records.append(rec)
+    return records
+
+
+def _certify_error(index: int, label: int, method: str, certifier: str, exc: Exception) -> dict:
+    """The ``status="error"`` record of an image: every field of a certify record."""
+    from .certify.api import CertifyResult
+    from .results import Status
+
+    text = str(exc).strip()
+    msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    res = CertifyResult(
+        index=int(index),
+        label=int(label),
+        prediction=-1,
+        method=method,
+        certifier=certifier,
+        references=[],
+        status=Status.ERROR,
+        radius=0.0,
+        radius_raw=0.0,
+        message=msg,
+    )
+    return {**res.to_dict(), "error": msg}
+
+
+# --------------------------------------------------------------------------- run
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``flowverify certify``; write the JSONL file; return the exit code."""
-    from .certify.api import CERTIFIERS, _iter_certify
-    from .datasets import load_images, parse_indices
-    from .models import load_model
-    from .results import JsonlWriter, Status
+    from .certify.api import CERTIFIERS
+    from .references import parse_references
+    from .results import Status
+    from .runner import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
 
+    # Every check comes before anything is written.
     if args.method not in CERTIFIERS:
         raise ValueError(f"--method: expected one of {', '.join(CERTIFIERS)}, got {args.method!r}")
     valid = CERTIFIERS[args.method]
@@ -163,48 +491,86 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rtol: expected a positive tolerance, got {args.rtol}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive int, got {args.batch_size}")
-    x_all, y_all = load_images(args.data)
-    sel = parse_indices(args.indices, x_all.shape[0])
-    model = load_model(args.model)
-    x = x_all[sel]
-    labels = None if y_all is None else y_all[sel]
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected an int >= 0, got {args.seed}")
+    if args.witness_dir is not None and (
+        not str(args.witness_dir) or os.path.isfile(args.witness_dir)
+    ):
+        raise ValueError(f"--witness-dir: expected a folder, got {str(args.witness_dir)!r}")
+    _check_execution(args)
+    model, x_all, y_all, sel, data_spec, model_spec = _load_inputs(args)
+    try:
+        parse_references(
+            args.references, data=x_all, exclude_index=int(sel[0]), seed=int(args.seed)
+        )
+    except (ValueError, TypeError) as exc:
+        raise _renamed(exc, "--references", ("references",)) from None
     config = _config(args, certifier, "data" if y_all is not None else "model predictions")
-    if args.witness_dir:
-        os.makedirs(args.witness_dir, exist_ok=True)
+    existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
+
+    witness_dir = None if args.witness_dir is None else str(args.witness_dir)
+    on_attachment = None
+    if witness_dir is not None:
+        try:
+            os.makedirs(witness_dir, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--witness-dir: cannot create {witness_dir!r} ({exc})") from None
+
+        def on_attachment(index: int, payloads: list) -> None:
+            path = os.path.join(witness_dir, f"{index}.npy")
+            for arr in payloads:
+                if arr is not None:
+                    try:
+                        _save_array(path, arr)
+                    except OSError as exc:
+                        raise ValueError(f"--witness-dir: cannot write {path!r} ({exc})") from None
+
+    work = functools.partial(
+        _certify_work,
+        model=model_spec,
+        data=data_spec,
+        method=args.method,
+        certifier=certifier,
+        references=args.references,
+        eps=args.eps,
+        unit=args.unit,
+        input_scale=args.input_scale,
+        timeout=args.timeout,
+        device=args.device.strip(),
+        seed=int(args.seed),
+        rtol=args.rtol,
+        witness_dir=witness_dir,
+    )
+    del model  # loaded and cached for the serial path; workers load their own
+    t0 = time.perf_counter()
+    try:
+        records = run_jobs(
+            sel.tolist(),
+            work,
+            out=args.out,
+            config=config,
+            batch_size=1 if args.method.startswith("complete") else args.batch_size,
+            progress=not args.no_progress,
+            desc=f"certify {args.method}",
+            ray_options=_ray_options(args),
+            on_attachment=on_attachment,
+            **runner_kwargs(args),
+        )
+    except WorkerCrashedError as exc:
+        return _crashed("certify", exc)
+    except (ValueError, TypeError) as exc:
+        renamed = _flagged(exc)
+        if renamed is exc:
+            raise
+        raise renamed from None
     counts: dict[str, int] = {}
     radii = []
-    t0 = time.perf_counter()
-    with JsonlWriter(args.out) as out:
-        for res in _iter_certify(
-            model,
-            x,
-            labels,
-            method=args.method,
-            certifier=certifier,
-            references=args.references,
-            eps=args.eps,
-            unit=args.unit,
-            input_scale=args.input_scale,
-            timeout=args.timeout,
-            device=args.device,
-            seed=args.seed,
-            data=x_all,
-            indices=sel,
-            batch_size=args.batch_size,
-            rtol=args.rtol,
-            progress=not args.no_progress,
-        ):
-            rec = res.to_dict()
-            rec["config"] = config
-            if args.witness_dir and res.witness is not None:
-                path = os.path.join(args.witness_dir, f"{res.index}.npy")
-                np.save(path, np.asarray(res.witness, dtype=np.float64))
-                rec["witness_path"] = path
-            out.write(rec)
-            counts[str(res.status)] = counts.get(str(res.status), 0) + 1
-            if res.status not in (Status.MISCLASSIFIED, Status.ERROR):
-                radii.append(res.radius)
-    n = int(sum(counts.values()))
+    for rec in records:
+        status = str(rec.get("status"))
+        counts[status] = counts.get(status, 0) + 1
+        if status not in (Status.MISCLASSIFIED.value, Status.ERROR.value):
+            radii.append(_summary_float(rec.get("radius")))
+    n = len(records)
     med = float(np.median(radii)) if radii else float("nan")
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(

@@ -4,11 +4,16 @@
 processes, or as Ray tasks, and records its results in a JSONL file that survives
 interruption:
 
-* **Per image, all or nothing.**  All records of one image are written with one
+* **Per batch, all or nothing.**  All records of one batch are written with one
   ``write`` system call (and ``fsync``), as soon as they are known (completion order),
   with SIGINT/SIGTERM deferred around the write.  An image is thus either fully recorded
   or absent; the only damage a hard kill (SIGKILL, power loss) can leave is a trailing
   partial line, which is dropped when the file is read back.
+* **Fixed batches.**  Batches are consecutive runs of ``batch_size`` indices of
+  ``indices`` (the same whatever the number of workers); a resumed run leaves out the
+  images already recorded, so an interrupted batch is re-run whole, as in the
+  uninterrupted run.  Batched computations (whose floating-point rounding may depend on
+  the other images of the batch) thus give the same records as the serial run.
 * **Order restored.**  At the end (also after an interruption) the file is rewritten
   atomically (temporary file, ``fsync``, ``os.replace``) with the images in input order,
   so the output is identical to a serial run whatever the number of workers.
@@ -16,8 +21,14 @@ interruption:
   must equal the run's ``config`` up to the keys in :data:`NEUTRAL_CONFIG_KEYS` (options
   that do not change results), otherwise the run is refused with a ValueError naming
   ``--out`` and the differing keys.  Images already recorded are skipped (``error``
-  records included: they are results; ``--overwrite`` starts afresh).  Only one run at a
-  time may write a given file (an advisory lock next to it; POSIX only).
+  records included: they are results; ``--overwrite`` starts afresh).  Records of one
+  image that are not consecutive in the file (e.g. a file written by an older version,
+  budget-major) are gathered, never dropped.  Only one run at a time may write a given
+  file (an advisory lock next to it; POSIX only).  :func:`existing_records` returns the
+  records a run would keep, with the same checks, without running anything.
+* **Nothing left behind on failure.**  The backend is started before the output is
+  opened: a run that cannot start (Ray unreachable, unpicklable work) leaves the output
+  untouched; a new output in which nothing was recorded is removed when the run fails.
 * **Errors.**  An exception escaping ``work`` is caught in the worker and every image of
   the batch gets an ``{"index": i, "status": "error", "error": "Type: message"}``
   record; the run goes on.  Work functions should catch per image themselves, so that
@@ -41,9 +52,17 @@ of these images (each a dict with an ``"index"`` key; one or more per image).  W
 ``functools.partial`` of one with picklable arguments (a model spec string, a data path,
 hyperparameters), loading heavy objects inside the worker (``functools.lru_cache`` on
 the loader keeps them across the batches a worker process runs).  For results identical
-to the serial run, a record must depend only on its image (seed randomness from the
-image index, not from the position in the run or the batch).  The runner sets
+to the serial run, a record must depend only on its batch (seed randomness from the
+image index or the batch, not from the position in the run).  The runner sets
 ``record["config"] = config`` on every record.
+
+Attachments: a record may carry arrays that do not belong in the JSONL (an adversarial
+image, a witness) under the key :data:`ATTACH_KEY`.  The runner removes them from the
+record in the worker, ships them back to the main process (also from a remote Ray
+node), and calls ``on_attachment(index, payloads)`` there for each image of a finished
+batch, before its records are written (``payloads`` is aligned with the image's
+records, ``None`` for a record without one).  Whatever ``on_attachment`` saves is thus on
+disk whenever the record is.
 """
 
 from __future__ import annotations
@@ -75,12 +94,14 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "ATTACH_KEY",
     "BACKENDS",
     "NEUTRAL_CONFIG_KEYS",
     "WorkerCrashedError",
     "add_runner_args",
     "config_differences",
     "config_from_args",
+    "existing_records",
     "run_jobs",
     "runner_kwargs",
 ]
@@ -90,9 +111,13 @@ logger = logging.getLogger(__name__)
 #: Execution backends of :func:`run_jobs`.
 BACKENDS = ("local", "ray")
 
+#: Record key of the arrays a work function hands to ``on_attachment`` (see the module
+#: docstring); never written to the JSONL.
+ATTACH_KEY = "__attachment__"
+
 #: Config keys that do not change results: ignored when a run resumes a file written with
 #: another value (how the work is spread, where it is written, how it is shown, and which
-#: images are asked for: records depend on their own image only).
+#: images are asked for, or how many: records depend on their own image only).
 NEUTRAL_CONFIG_KEYS: frozenset[str] = frozenset(
     {
         "workers",
@@ -105,6 +130,7 @@ NEUTRAL_CONFIG_KEYS: frozenset[str] = frozenset(
         "verbose",
         "quiet",
         "indices",
+        "n_images",
     }
 )
 
@@ -248,13 +274,18 @@ def _error_lines(batch: Sequence[int], message: str, config: dict) -> dict[int, 
     }
 
 
-def _run_batch(work: Callable, batch: list[int], config: dict) -> dict[int, str]:
-    """Run ``work`` on one batch; return ``{index: JSONL text of its records}``.
+_Result = tuple[dict[int, str], dict[int, list]]
+
+
+def _run_batch(work: Callable, batch: list[int], config: dict) -> _Result:
+    """Run ``work`` on one batch; return ``({index: JSONL text}, {index: payloads})``.
 
     Runs in the worker.  Exceptions become ``error`` records (the batch's images), so
     nothing unpicklable travels back; records are serialised here, so a record JSON
-    cannot encode is an error of its batch too.
+    cannot encode is an error of its batch too.  The second dict holds the
+    :data:`ATTACH_KEY` payloads of the images that have any (aligned with their records).
     """
+    attached: dict[int, list] = {}
     try:
         records = work(list(batch))
         if not isinstance(records, (list, tuple)):
@@ -270,18 +301,21 @@ def _run_batch(work: Callable, batch: list[int], config: dict) -> dict[int, str]
             if idx not in per_image:
                 raise ValueError(f"work returned a record for index {idx}, not in its batch")
             rec = dict(rec)
+            payload = rec.pop(ATTACH_KEY, None)
             rec["index"] = idx
             rec["config"] = config
             per_image[idx].append(_dumps(rec) + "\n")
+            attached.setdefault(idx, []).append(payload)
     except Exception as exc:  # noqa: BLE001 - reported as error records, the run goes on
-        return _error_lines(batch, _error_text(exc), config)
+        return _error_lines(batch, _error_text(exc), config), {}
     out = {}
     for i, lines in per_image.items():
         if lines:
             out[i] = "".join(lines)
         else:
             out[i] = _error_lines([i], "work returned no record for this image", config)[i]
-    return out
+    payloads = {i: p for i, p in attached.items() if any(x is not None for x in p)}
+    return out, payloads
 
 
 def _process_stamp(pid: int) -> str | None:
@@ -382,7 +416,8 @@ class _Signals:
 
 
 def _read_existing(path: Path) -> tuple[list[tuple[int, str]], bool]:
-    """Complete records of ``path`` grouped per image: ``[(index, text)]`` in file order.
+    """Complete records of ``path`` grouped per image: ``[(index, text)]`` in the order of
+    each image's first record (an image's records in file order).
 
     Returns the groups and whether a trailing partial line was dropped.  Raises a
     ValueError naming ``--out`` for an unreadable line that is not the last one.
@@ -394,6 +429,8 @@ def _read_existing(path: Path) -> tuple[list[tuple[int, str]], bool]:
         logger.warning("%s: dropping a trailing partial line (an interrupted write)", path)
     lines = lines[:-1]  # the empty tail after the last newline, or the partial line
     groups: list[tuple[int, str]] = []
+    where: dict[int, int] = {}  # index -> position in groups
+    scattered = 0
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -411,10 +448,15 @@ def _read_existing(path: Path) -> tuple[list[tuple[int, str]], bool]:
                 f"--out: line {n} of {str(path)!r} is not a flowverify record (no integer "
                 "'index'); choose another --out, or pass --overwrite to replace the file"
             )
-        if groups and groups[-1][0] == idx:
-            groups[-1] = (idx, groups[-1][1] + text + "\n")
+        if idx in where:  # gathered (consecutive or not): never dropped
+            k = where[idx]
+            scattered += k != len(groups) - 1
+            groups[k] = (idx, groups[k][1] + text + "\n")
         else:
+            where[idx] = len(groups)
             groups.append((idx, text + "\n"))
+    if scattered:
+        logger.info("%s: records of some images were not consecutive; gathered per image", path)
     return groups, partial
 
 
@@ -552,7 +594,7 @@ class _Serial:
 
     def __init__(self, work: Callable, config: dict):
         self.work, self.config = work, config
-        self._results: dict[int, dict[int, str]] = {}
+        self._results: dict[int, _Result] = {}
         self._next = 0
 
     def submit(self, batch: list[int]) -> int:
@@ -563,10 +605,10 @@ class _Serial:
     def wait(self, handles: list) -> list:
         return list(handles)
 
-    def result(self, handle: int) -> dict[int, str]:
+    def result(self, handle: int) -> _Result:
         return self._results.pop(handle)
 
-    def finished(self, handle: int) -> dict[int, str] | None:  # pragma: no cover
+    def finished(self, handle: int) -> _Result | None:  # pragma: no cover
         return self._results.pop(handle, None)
 
     def restart(self) -> None:  # pragma: no cover - nothing to restart
@@ -613,13 +655,18 @@ class _LocalPool:
         )
 
     def submit(self, batch: list[int]) -> cf.Future:
-        return self._pool.submit(_run_batch, self.work, batch, self.config)
+        try:
+            return self._pool.submit(_run_batch, self.work, batch, self.config)
+        except cf.process.BrokenProcessPool as exc:  # broke before its failure was seen
+            failed: cf.Future = cf.Future()
+            failed.set_exception(exc)
+            return failed
 
     def wait(self, handles: list) -> list:
         done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
         return list(done)
 
-    def result(self, handle: cf.Future) -> dict[int, str]:
+    def result(self, handle: cf.Future) -> _Result:
         try:
             return handle.result()
         except cf.process.BrokenProcessPool as exc:
@@ -627,7 +674,7 @@ class _LocalPool:
         except Exception as exc:  # noqa: BLE001 - work's own errors never get here
             raise _unusable(exc, "worker processes") from None
 
-    def finished(self, handle: cf.Future) -> dict[int, str] | None:
+    def finished(self, handle: cf.Future) -> _Result | None:
         """The result of a batch that completed before the pool broke, else None."""
         if handle.done() and not handle.cancelled() and handle.exception() is None:
             return handle.result()
@@ -697,6 +744,12 @@ class _RayTasks:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.concurrency = workers or max(cpus, 1)
         opts = {"num_cpus": 1, "max_retries": 1, **dict(options or {})}
+        if opts.get("num_gpus") and not ray.cluster_resources().get("GPU"):
+            self.close()
+            raise ValueError(
+                f"ray_options: tasks ask for num_gpus={opts['num_gpus']}, but the Ray cluster "
+                "has no GPU"
+            )
         self._task = ray.remote(_run_batch).options(**opts)
         self._work = ray.put(work)
         self.config = config
@@ -708,7 +761,7 @@ class _RayTasks:
         done, _ = self.ray.wait(handles, num_returns=1)
         return done
 
-    def result(self, handle) -> dict[int, str]:
+    def result(self, handle) -> _Result:
         exc_mod = self.ray.exceptions
         lost = tuple(
             getattr(exc_mod, n)
@@ -729,7 +782,7 @@ class _RayTasks:
             cause = getattr(exc, "cause", None) or exc
             raise _unusable(cause, "Ray workers") from None
 
-    def finished(self, handle) -> dict[int, str] | None:  # pragma: no cover
+    def finished(self, handle) -> _Result | None:  # pragma: no cover
         return None
 
     def restart(self) -> None:  # pragma: no cover - Ray tasks fail independently
@@ -799,6 +852,7 @@ def run_jobs(
     desc: str = "",
     ray_options: Mapping | None = None,
     max_worker_failures: int = 3,
+    on_attachment: Callable[[int, list], None] | None = None,
 ) -> list[dict]:
     """Run ``work`` over ``indices`` and record the results in a resumable JSONL file.
 
@@ -824,7 +878,9 @@ def run_jobs(
         Ray address (``"auto"``, ``"ray://host:port"``, ...); ``None`` starts a local Ray
         instance on loopback (and shuts it down afterwards).  Ray only.
     batch_size : int, optional
-        Indices per call of ``work`` (consecutive in ``indices``).  Default 1.
+        Indices per call of ``work``: ``indices`` cut into consecutive runs of
+        ``batch_size`` (fixed, whatever the workers; a resumed run leaves out the images
+        already recorded).  Default 1.
     resume : bool, optional
         Continue an existing ``out``: skip the images it records.  Default True.
     overwrite : bool, optional
@@ -838,6 +894,12 @@ def run_jobs(
         the GPUs from tasks that do not ask for one).  Default ``{"num_cpus": 1}``.
     max_worker_failures : int, optional
         Stop the run after this many batches whose worker process died.  Default 3.
+    on_attachment : callable, optional
+        ``on_attachment(index, payloads)``, called in this process with the
+        :data:`ATTACH_KEY` payloads of each image of a finished batch (aligned with its
+        records, ``None`` for a record without one) before the batch's records are
+        written, with SIGINT/SIGTERM deferred.  Exceptions it raises stop the run.
+        Without it, attachments are dropped.
 
     Returns
     -------
@@ -859,11 +921,7 @@ def run_jobs(
     asked = _check_indices(indices)
     if not callable(work):
         raise TypeError(f"work: expected a callable, got {type(work).__name__}")
-    if isinstance(out, bool) or not isinstance(out, (str, os.PathLike)) or not str(out):
-        raise TypeError(f"out: expected a file path, got {out!r}")
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out: {str(path)!r} is a folder; expected a .jsonl file path")
+    path = _check_out(out)
     cfg = _normalise_config(config)
     workers = _check_int(workers, "workers", 0)
     batch_size = _check_int(batch_size, "batch_size", 1)
@@ -874,29 +932,19 @@ def run_jobs(
         raise ValueError(f"address: only used with backend='ray', got backend={backend!r}")
     if ray_options is not None and not isinstance(ray_options, Mapping):
         raise TypeError(f"ray_options: expected a mapping, got {type(ray_options).__name__}")
+    if on_attachment is not None and not callable(on_attachment):
+        raise TypeError(
+            f"on_attachment: expected a callable or None, got {type(on_attachment).__name__}"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out: cannot create the folder of {str(path)!r} ({exc})") from None
 
     with _exclusive(path):
-        groups: list[tuple[int, str]] = []
-        if path.exists() and not overwrite:
-            if not resume:
-                raise ValueError(
-                    f"--out: {str(path)!r} exists; pass --resume to continue it or --overwrite "
-                    "to start afresh"
-                )
-            groups, partial = _read_existing(path)
-            _check_config(path, groups, cfg)
-            if partial:
-                _atomic_write(path, [t for _, t in groups])
-        recorded: dict[int, str] = {}
-        for idx, text in groups:
-            if idx in recorded:
-                logger.warning("--out: index %d is recorded twice; keeping the first", idx)
-                continue
-            recorded[idx] = text
+        existed = path.exists()
+        groups = _kept_groups(path, cfg, resume=resume, overwrite=overwrite, repair=True)
+        recorded = dict(groups)
         before = len(recorded)
         todo = [i for i in asked if i not in recorded]
         if before:
@@ -904,8 +952,14 @@ def run_jobs(
         asked_set = set(asked)
         # output order: earlier images not asked for now (file order), then `indices`
         order = [*(i for i in recorded if i not in asked_set), *asked]
+        # fixed batches of `indices`, less the images already recorded
+        batches = [
+            b
+            for k in range(0, len(asked), batch_size)
+            if (b := [i for i in asked[k : k + batch_size] if i not in recorded])
+        ]
         return _execute(
-            todo,
+            batches,
             order,
             recorded,
             work,
@@ -914,17 +968,83 @@ def run_jobs(
             workers=workers,
             backend=backend,
             address=address,
-            batch_size=batch_size,
             truncate=overwrite or not groups,
+            existed=existed,
             progress=progress,
             desc=desc,
             ray_options=ray_options,
             max_failures=max_worker_failures,
+            on_attachment=on_attachment,
         )
 
 
+def _check_out(out: Any) -> Path:
+    if isinstance(out, bool) or not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise TypeError(f"out: expected a file path, got {out!r}")
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out: {str(path)!r} is a folder; expected a .jsonl file path")
+    return path
+
+
+def _kept_groups(
+    path: Path, cfg: dict, *, resume: bool, overwrite: bool, repair: bool
+) -> list[tuple[int, str]]:
+    """The per-image groups of ``path`` a run keeps (none with ``overwrite``), checked.
+
+    With ``repair``, a trailing partial line is removed from the file.
+    """
+    if overwrite or not path.exists():
+        return []
+    if not resume:
+        raise ValueError(
+            f"--out: {str(path)!r} exists; pass --resume to continue it or --overwrite "
+            "to start afresh"
+        )
+    groups, partial = _read_existing(path)
+    _check_config(path, groups, cfg)
+    if partial and repair:
+        _atomic_write(path, [t for _, t in groups])
+    return groups
+
+
+def existing_records(
+    out: str | os.PathLike, config: Mapping, *, resume: bool = True, overwrite: bool = False
+) -> list[dict]:
+    """The records :func:`run_jobs` would keep from ``out``, checked as it checks them.
+
+    Runs nothing and changes nothing: a caller can check, before any work, that what it
+    keeps alongside the JSONL (e.g. an ``.npz`` of images) covers the recorded images.
+
+    Parameters
+    ----------
+    out : str or path-like
+        The JSONL output (``--out``).
+    config : mapping
+        The run's config (see :func:`run_jobs`).
+    resume, overwrite : bool, optional
+        As for :func:`run_jobs`.
+
+    Returns
+    -------
+    list of dict
+        The complete records of ``out`` (grouped per image, in the order of each image's
+        first record); empty if ``out`` does not exist or with ``overwrite``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`run_jobs`: ``out`` exists without ``resume``/``overwrite``, was written
+        with a different config, or has a corrupt line.
+    """
+    path = _check_out(out)
+    cfg = _normalise_config(config)
+    groups = _kept_groups(path, cfg, resume=resume, overwrite=overwrite, repair=False)
+    return [json.loads(line) for _, text in groups for line in text.splitlines()]
+
+
 def _execute(
-    todo: list[int],
+    todo_batches: list[list[int]],
     order: list[int],
     recorded: dict[int, str],
     work: Callable,
@@ -934,17 +1054,19 @@ def _execute(
     workers: int,
     backend: str,
     address: str | None,
-    batch_size: int,
     truncate: bool,
+    existed: bool,
     progress: bool,
     desc: str,
     ray_options: Mapping | None,
     max_failures: int,
+    on_attachment: Callable[[int, list], None] | None,
 ) -> list[dict]:
     from tqdm import tqdm
 
     pos = {i: k for k, i in enumerate(order)}
-    batches = collections.deque(todo[k : k + batch_size] for k in range(0, len(todo), batch_size))
+    batches = collections.deque(todo_batches)
+    todo = [i for b in todo_batches for i in b]
     before = len(recorded)
     signals = _Signals()
     executor: Any = None
@@ -954,7 +1076,7 @@ def _execute(
     isolated: Any = None  # the handle of a suspect batch running alone after a crash
     n_errors = 0
     window = 0
-    interrupted = False
+    interrupted = failed_run = False
     t0 = time.perf_counter()
     bar = tqdm(
         total=len(order),
@@ -966,15 +1088,20 @@ def _execute(
         leave=False,
         dynamic_ncols=True,
     )
-    appender = _Appender(path, truncate=truncate)
+    appender: _Appender | None = None
 
-    def record(batch: list[int], texts: dict[int, str]) -> None:
+    def record(batch: list[int], result: _Result) -> None:
         nonlocal n_errors
+        texts, attached = result
         with signals.critical():
+            if on_attachment is not None:  # on disk before the records that need it
+                for i in batch:
+                    if i in attached:
+                        on_attachment(i, attached[i])
+            appender.write("".join(texts[i] for i in batch))  # one write: all or nothing
+            appender.sync()
             for i in batch:
-                appender.write(texts[i])
                 recorded[i] = texts[i]
-            appender.sync()  # once per batch: a killed process loses nothing written anyway
         n_err = sum(f'"status": "{Status.ERROR.value}"' in texts[i] for i in batch)
         if n_err:
             n_errors += n_err
@@ -1001,6 +1128,8 @@ def _execute(
             # Keep workers busy while results travel back; serially, record each batch
             # as soon as it is computed.
             window = 1 if isinstance(executor, _Serial) else 2 * executor.concurrency
+        # Opened once the backend is up: a run that cannot start leaves the file as it was.
+        appender = _Appender(path, truncate=truncate)
         while True:
             if len(failed) < max_failures:
                 if suspects:  # after a crash: re-run the suspects one at a time
@@ -1017,7 +1146,7 @@ def _execute(
             for handle in executor.wait(list(inflight)):
                 batch = inflight.pop(handle)
                 try:
-                    texts = executor.result(handle)
+                    result = executor.result(handle)
                 except _Lost as exc:
                     if exc.shared and handle is not isolated:
                         # The pool died with several batches in it: any could be the cause.
@@ -1040,9 +1169,12 @@ def _execute(
                     if exc.shared:
                         executor.restart()
                     continue
-                record(batch, texts)
+                record(batch, result)
     except KeyboardInterrupt:
         interrupted = True
+        raise
+    except BaseException:
+        failed_run = True
         raise
     finally:
         bar.close()
@@ -1051,9 +1183,14 @@ def _execute(
                 executor.abort(list(inflight))
             with contextlib.suppress(Exception):
                 executor.close()
-        appender.close()
-        with signals.critical():
-            _atomic_write(path, [recorded[i] for i in order if i in recorded])
+        if appender is not None:
+            appender.close()
+            with signals.critical():
+                if (failed_run or interrupted) and not existed and not recorded:
+                    with contextlib.suppress(OSError):  # a new, empty output: none at all
+                        path.unlink()
+                else:
+                    _atomic_write(path, [recorded[i] for i in order if i in recorded])
         signals.restore()
         if interrupted:
             logger.warning(
