@@ -178,3 +178,26 @@ def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeyp
         assert adv.shape == (6, 1, 28, 28)
         assert np.isnan(adv[2:4]).all() and np.isfinite(adv[[0, 1, 4, 5]]).all()
         np.testing.assert_array_equal(d["index"], [0, 0, 1, 1, 2, 2])
+
+
+def test_certify_smoothing_cli_matches_the_api(tmp_path):
+    """--method smoothing runs Levine & Feizi's CERTIFY, the same records as the API."""
+    from flowverify.datasets import bundled_digits
+    from flowverify.models import load_model
+    from flowverify.smoothing import smoothed_certify
+
+    out = tmp_path / "s.jsonl"
+    argv = ["certify", "--model", "cnn", "--indices", "0:3", "--method", "smoothing"]
+    argv += ["--sigma", "0.02", "--n0", "16", "--n-samples", "64", "--batch-size", "2"]
+    code, err = run_cli([*argv, "--out", str(out), "--no-progress"])
+    assert code == 0, err
+    recs = lines(out)
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    assert all(r["method"] == "smoothing" and r["config"]["sigma"] == 0.02 for r in recs)
+    x, y = bundled_digits()
+    api = smoothed_certify(load_model("cnn"), x[:3], y[:3], sigma=0.02, n0=16, n=64)
+    for rec, res in zip(recs, api, strict=True):
+        assert rec["status"] == str(res.status) and rec["radius"] == pytest.approx(res.radius)
+    code, err = run_cli(["certify", "--model", "cnn", "--method", "smoothing", "--out",
+                            str(tmp_path / "t.jsonl")])  # fmt: skip
+    assert code == 2 and "--sigma" in err and not (tmp_path / "t.jsonl").exists()

@@ -149,6 +149,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "options is resumed (images already recorded are skipped), see --overwrite",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    smooth = p.add_argument_group(
+        "smoothing (--method smoothing: Levine & Feizi's Wasserstein smoothing; the model is "
+        "the base classifier, trained with this noise)"
+    )
+    smooth.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise level: standard deviation of one flow coordinate of the normalised image "
+        "(Laplace scale sigma/sqrt(2)); required by --method smoothing",
+    )
+    smooth.add_argument(
+        "--n0", type=int, default=1000, help="selection samples per image (default %(default)s)"
+    )
+    smooth.add_argument(
+        "--n-samples",
+        type=int,
+        default=10000,
+        help="estimation samples per image (default %(default)s)",
+    )
+    smooth.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="failure probability of each certificate (default %(default)s)",
+    )
     add_runner_args(p)
     return p
 
@@ -173,6 +199,11 @@ def _config(args, certifier: str, labels_from: str) -> dict:
         "device": args.device,
         "labels": labels_from,
         "version": __version__,
+        **(
+            {"sigma": args.sigma, "n0": args.n0, "n_samples": args.n_samples, "alpha": args.alpha}
+            if args.method == "smoothing"
+            else {}
+        ),
     }
 
 
@@ -398,34 +429,47 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
     ``status="error"`` record.  Witnesses travel back as attachments when
     ``kw["witness_dir"]`` is set.
     """
-    from .certify.api import _iter_certify
+    from .certify.api import _iter_certify, certify
     from .runner import ATTACH_KEY
 
     model = _cached_model(kw["model"])
     x_all, y_all = _cached_data(kw["data"])
     idx = np.asarray(batch, dtype=np.int64)
     try:
-        results = list(
-            _iter_certify(
+        if kw["method"] == "smoothing":
+            smooth = kw["smoothing"]
+            results = certify(
                 model,
                 x_all[idx],
                 None if y_all is None else np.asarray(y_all)[idx],
-                method=kw["method"],
-                certifier=kw["certifier"],
-                references=kw["references"],
-                eps=kw["eps"],
-                unit=kw["unit"],
-                input_scale=kw["input_scale"],
-                timeout=kw["timeout"],
+                method="smoothing",
                 device=kw["device"],
                 seed=kw["seed"],
-                data=x_all,
                 indices=idx,
-                batch_size=max(len(idx), 1),
-                rtol=kw["rtol"],
-                progress=False,
+                **smooth,
             )
-        )
+        else:
+            results = list(
+                _iter_certify(
+                    model,
+                    x_all[idx],
+                    None if y_all is None else np.asarray(y_all)[idx],
+                    method=kw["method"],
+                    certifier=kw["certifier"],
+                    references=kw["references"],
+                    eps=kw["eps"],
+                    unit=kw["unit"],
+                    input_scale=kw["input_scale"],
+                    timeout=kw["timeout"],
+                    device=kw["device"],
+                    seed=kw["seed"],
+                    data=x_all,
+                    indices=idx,
+                    batch_size=max(len(idx), 1),
+                    rtol=kw["rtol"],
+                    progress=False,
+                )
+            )
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         if len(batch) > 1:
             return [rec for i in batch for rec in _certify_work([i], **kw)]
@@ -493,6 +537,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: expected a positive int, got {args.batch_size}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected an int >= 0, got {args.seed}")
+    if args.method == "smoothing":
+        if args.sigma is None or not (np.isfinite(args.sigma) and args.sigma > 0):
+            raise ValueError(
+                f"--sigma: --method smoothing needs a noise level > 0, got {args.sigma}"
+            )
+        if args.n0 < 1 or args.n_samples < 1:
+            raise ValueError(
+                f"--n0, --n-samples: expected positive sample counts, got {args.n0}, "
+                f"{args.n_samples}"
+            )
+        if not (0 < args.alpha < 1):
+            raise ValueError(f"--alpha: expected a probability in (0, 1), got {args.alpha}")
+        if args.eps is not None:
+            raise ValueError("--eps: fixed-radius decisions are not available for smoothing")
+        if args.input_scale != "raw":
+            raise ValueError("--input-scale: smoothing base nets consume raw images ('raw')")
+    elif args.sigma is not None:
+        raise ValueError("--sigma: only used by --method smoothing")
     if args.witness_dir is not None and (
         not str(args.witness_dir) or os.path.isfile(args.witness_dir)
     ):
@@ -540,6 +602,12 @@ def run(args: argparse.Namespace) -> int:
         seed=int(args.seed),
         rtol=args.rtol,
         witness_dir=witness_dir,
+        smoothing={
+            "sigma": args.sigma,
+            "n0": args.n0,
+            "n_samples": args.n_samples,
+            "alpha": args.alpha,
+        },
     )
     del model  # loaded and cached for the serial path; workers load their own
     t0 = time.perf_counter()
