@@ -119,7 +119,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=0.15,
         help="Euclidean step length as a fraction of the budget (default 0.15)",
     )
-    p.add_argument("--loss", default="margin", help="margin (default), ce (cross-entropy) or dlr")
+    p.add_argument(
+        "--loss",
+        default="ce",
+        help="adversarial loss: ce (cross-entropy, default, as the Python API), margin (the "
+        "paper's f_y - max_t f_t; also 'cw') or dlr",
+    )
     p.add_argument("--schedule", default="cosine", help="cosine (default) or constant")
     p.add_argument(
         "--restarts", type=int, default=0, help="random restarts for failures (default 0)"
