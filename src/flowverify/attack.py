@@ -507,6 +507,8 @@ def _check_eps(eps) -> tuple[float, ...] | None:
         return None
     if isinstance(eps, (str, bytes)):
         raise TypeError(f"eps: expected a float, a sequence of floats or None, got {eps!r}")
+    if isinstance(eps, np.ndarray) and eps.ndim == 0:
+        eps = eps.item()
     vals = list(eps) if isinstance(eps, (Sequence, np.ndarray)) else [eps]
     if not vals:
         raise ValueError("eps: expected at least one budget, got an empty sequence")
@@ -521,6 +523,24 @@ def _check_eps(eps) -> tuple[float, ...] | None:
     return tuple(out)
 
 
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return dev
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -530,7 +550,7 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 def _check_choice(value, name: str, valid: Sequence[str]) -> str:
-    if value not in valid:
+    if not isinstance(value, str) or value not in valid:
         raise ValueError(f"{name}: unknown {name} {value!r}; valid: {', '.join(valid)}")
     return value
 
@@ -617,7 +637,9 @@ class WassersteinPGD:
     ):
         self.eps = _check_eps(eps)
         self.steps = _check_int(steps, "steps", 1)
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float, np.floating)):
+        if isinstance(step_size, bool) or not isinstance(
+            step_size, (int, float, np.integer, np.floating)
+        ):
             raise TypeError(f"step_size: expected a float, got {type(step_size).__name__}")
         if not math.isfinite(step_size) or step_size <= 0:
             raise ValueError(f"step_size: expected a finite value > 0, got {step_size}")
@@ -648,7 +670,9 @@ class WassersteinPGD:
         if fuse and reference is None:
             raise ValueError("fuse: fusion needs a reference (reference='uniform', ...)")
         self.seed = _check_int(seed, "seed", 0)
-        self.device = None if device is None else torch.device(device)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed: expected an int < 2**64, got {self.seed}")
+        self.device = None if device is None else _check_device(device)
 
     # ------------------------------------------------------------------ description
 
@@ -755,7 +779,10 @@ class WassersteinPGD:
         model_dev = params[0].device if params else torch.device("cpu")
         if self.device is None:
             return model_dev
-        if params and model_dev != self.device:
+        same = model_dev.type == self.device.type and (
+            model_dev.type == "cpu" or (model_dev.index or 0) == (self.device.index or 0)
+        )
+        if params and not same:
             raise ValueError(
                 f"device: the model is on {model_dev}, the attack was asked to run on "
                 f"{self.device}; move the model first (model.to({str(self.device)!r}))"
@@ -788,7 +815,23 @@ class WassersteinPGD:
         )
         with torch.no_grad():
             zero = torch.zeros(n, c, flow_dim(height, width), dtype=dtype, device=device)
-            clean_logits = objective(mu, zero, torch.arange(n, device=device))
+            try:
+                clean_logits = objective(mu, zero, torch.arange(n, device=device))
+            except (RuntimeError, TypeError, IndexError) as exc:
+                if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
+                    raise
+                raise ValueError(
+                    f"model: cannot be applied to images of shape {(c, height, width)}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        _check_logits(clean_logits, n)
+        bad = ~torch.isfinite(clean_logits).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"images: the model's logits are not finite on image(s) "
+                f"{torch.nonzero(bad).flatten().tolist()[:5]} (pixel values too large for "
+                f"the model's dtype {dtype}?)"
+            )
         prediction = clean_logits.argmax(1)
         y = _check_labels(labels, n, clean_logits.shape[1], prediction)
         ctx = _Ctx(
@@ -816,7 +859,10 @@ class WassersteinPGD:
             for eps in self.eps:
                 t0 = time.perf_counter() - setup
                 setup = 0.0  # counted once, with the first budget
-                radius = torch.full((n,), eps, dtype=dtype, device=device)
+                # Every image of the same masses lies within normalised W1 C * (H + W - 2):
+                # a larger budget reaches the same set (and may overflow the dtype).
+                cap = float(c * (height + width - 2))
+                radius = torch.full((n,), min(eps, cap), dtype=dtype, device=device)
                 flow, found, iters = self._fixed(ctx, radius, prev)
                 eps_arr = np.full(n, eps)
                 rows.append(self._finalise(ctx, flow, found, eps_arr, iters, t0, minimal=False))
@@ -842,7 +888,11 @@ class WassersteinPGD:
             kind = self.reference
             if isinstance(kind, torch.Tensor):
                 kind = kind.detach().cpu().numpy()
-            ref = make_reference(kind, mu_data, seed=self.seed)
+            try:
+                ref = make_reference(kind, mu_data, seed=self.seed)
+            except (ValueError, TypeError) as exc:  # make_reference names its `kind`
+                msg = str(exc).removeprefix("kind: ")
+                raise type(exc)(f"reference: {msg}") from None
         dmu = inverse_flow(np.broadcast_to(ref, mu_data.shape), mu_data, method="minimal")
         reference = torch.as_tensor(np.ascontiguousarray(ref), dtype=dtype, device=device)
         return reference, torch.as_tensor(dmu, dtype=dtype, device=device)
@@ -1067,14 +1117,33 @@ def _check_images(images) -> np.ndarray:
         raise TypeError(f"images: expected real pixel values, got dtype {arr.dtype}")
     if arr.ndim != 4:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(arr.shape)}")
+    if arr.shape[1] < 1:
+        raise ValueError(f"images: expected at least one channel, got shape {arr.shape}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         raise ValueError("images: expected finite pixel values, got NaN or infinity")
     if arr.size and arr.min() < 0:
         raise ValueError(f"images: expected non-negative pixels (mass), got {arr.min():g}")
-    if arr.shape[0] and (arr.sum(axis=(2, 3)) <= 0).any():
+    with np.errstate(over="ignore"):
+        mass = arr.sum(axis=(2, 3))
+    if arr.shape[0] and (mass <= 0).any():
         raise ValueError("images: expected positive mass in every channel, got an all-zero one")
+    if not np.isfinite(mass).all():
+        raise ValueError(
+            f"images: expected a finite mass per channel, got one that overflows float64 "
+            f"(largest pixel {arr.max():g})"
+        )
     return arr
+
+
+def _check_logits(logits, n: int) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model: expected logits of shape (N, classes) = ({n}, K), got {got}")
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"model: expected at least 2 classes, got logits of shape {tuple(logits.shape)}"
+        )
 
 
 def _check_labels(labels, n: int, classes: int, prediction: torch.Tensor) -> np.ndarray:

@@ -227,6 +227,10 @@ def load_results(files: Sequence[str | os.PathLike]) -> list[ResultGroup]:
     """
     if isinstance(files, (str, os.PathLike)) or not isinstance(files, Iterable):
         raise TypeError("files: expected a sequence of paths")
+    files = list(files)
+    for f in files:
+        if not isinstance(f, (str, os.PathLike)):
+            raise TypeError(f"files: expected paths, got {f!r} ({type(f).__name__})")
     files = [Path(f) for f in files]
     if not files:
         raise ValueError("files: expected at least one JSONL file")
@@ -1019,12 +1023,30 @@ def write_report(
     ImportError
         If ``plots`` and matplotlib is missing (``pip install flowverify[plot]``).
     """
-    fmts = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in fmts if f not in PLOT_FORMATS]
+    if isinstance(formats, str):
+        fmts = [formats]
+    elif isinstance(formats, (bytes, Mapping)) or not isinstance(formats, Iterable):
+        raise ValueError(f"formats: expected some of {PLOT_FORMATS}, got {formats!r}")
+    else:
+        fmts = list(formats)
+    bad = [f for f in fmts if not isinstance(f, str) or f not in PLOT_FORMATS]
     if bad or not fmts:
         raise ValueError(f"formats: expected some of {PLOT_FORMATS}, got {formats!r}")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ValueError(f"max_images: expected a positive int, got {max_images!r}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+    if str(out_dir) == "":
+        raise ValueError("out_dir: expected a folder path, got an empty string")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir: {str(out_dir)!r} exists and is not a folder")
+    for name, value in (("adversarial", adversarial), ("images", images)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}: expected a path or None, got {type(value).__name__}")
+    if note is not None and not isinstance(note, str):
+        raise TypeError(f"note: expected a string or None, got {type(note).__name__}")
+    if not isinstance(plots, (bool, np.bool_)):
+        raise TypeError(f"plots: expected True or False, got {plots!r}")
     _check_radii(radii)
     if plots:
         _figure_class()  # fail before writing anything

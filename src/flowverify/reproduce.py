@@ -1348,6 +1348,39 @@ def _markdown(res: ClaimResult, env: _Env) -> str:
     return "\n".join(md)
 
 
+def _check_args(*, out, quick, n, data, smoothing_models, seed, threads) -> None:
+    """Validate the arguments of :func:`run_claim` / :func:`reproduce` before any work."""
+
+    def is_int(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+    for name, value in (("out", out), ("smoothing_models", smoothing_models)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}: expected a folder path, got {type(value).__name__}")
+        if str(value) == "":
+            raise ValueError(f"{name}: expected a folder path, got an empty string")
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{name}: {str(value)!r} exists and is not a folder")
+    if data is not None:
+        if not isinstance(data, (str, os.PathLike)):
+            raise TypeError(f"data: expected a path to mnist10k.npz, got {type(data).__name__}")
+        if not Path(data).exists():
+            raise FileNotFoundError(f"data: no such file: {str(data)!r}")
+    if not isinstance(quick, (bool, np.bool_)):
+        raise TypeError(f"quick: expected True or False, got {quick!r}")
+    if n is not None and (not is_int(n) or n < 1):
+        raise ValueError(f"n: expected a positive number of digits, got {n!r}")
+    if not is_int(seed):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {seed}")
+    if threads is not None:
+        if not is_int(threads):
+            raise TypeError(f"threads: expected a positive int or None, got {threads!r}")
+        if threads < 1:
+            raise ValueError(f"threads: expected a positive int or None, got {threads}")
+
+
 def run_claim(
     claim: str,
     *,
@@ -1388,14 +1421,20 @@ def run_claim(
     -------
     ClaimResult
     """
-    if claim not in CLAIMS:
-        raise ValueError(f"claim: expected one of {', '.join(CLAIMS)} or all, got {claim!r}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise ValueError(f"n: expected a positive number of digits, got {n!r}")
+    if not isinstance(claim, str) or claim not in CLAIMS:
+        hint = " (reproduce() runs 'all')" if claim == "all" else ""
+        raise ValueError(f"claim: expected one of {', '.join(CLAIMS)}{hint}, got {claim!r}")
+    _check_args(
+        out=out,
+        quick=quick,
+        n=n,
+        data=data,
+        smoothing_models=smoothing_models,
+        seed=seed,
+        threads=threads,
+    )
     old_threads = torch.get_num_threads()
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads: expected a positive number, got {threads}")
         torch.set_num_threads(int(threads))
     try:
         env = _env or _load_env(out, quick, seed, data, smoothing_models)
@@ -1447,10 +1486,24 @@ def reproduce(
     -------
     list of ClaimResult
     """
-    names = list(CLAIMS) if claims == "all" else [claims] if isinstance(claims, str) else claims
+    if isinstance(claims, str):
+        names = list(CLAIMS) if claims == "all" else [claims]
+    elif isinstance(claims, Sequence) and claims:
+        names = list(claims)
+    else:
+        raise ValueError(f"claims: expected 'all', a claim or a list of claims, got {claims!r}")
     for c in names:
-        if c not in CLAIMS:
-            raise ValueError(f"claim: expected one of {', '.join(CLAIMS)} or all, got {c!r}")
+        if not isinstance(c, str) or c not in CLAIMS:
+            raise ValueError(f"claims: expected some of {', '.join(CLAIMS)} or all, got {c!r}")
+    _check_args(
+        out=out,
+        quick=quick,
+        n=n,
+        data=data,
+        smoothing_models=smoothing_models,
+        seed=seed,
+        threads=threads,
+    )
     env = _load_env(out, quick, seed, data, smoothing_models)
     return [
         run_claim(

@@ -121,6 +121,8 @@ def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
 
 
 def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise TypeError(f"alpha: expected a float in (0, 1), got {type(alpha).__name__}")
     alpha = float(alpha)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha: expected a significance level in (0, 1), got {alpha!r}")
@@ -143,6 +145,8 @@ def _check_images(images: Any) -> torch.Tensor:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
     if images.shape[-1] < 2 or images.shape[-2] < 2:
         raise ValueError(f"images: expected H, W >= 2, got {tuple(images.shape)}")
+    if images.shape[1] < 1:
+        raise ValueError(f"images: expected at least one channel, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(
             f"images: expected floating-point pixels in data units (e.g. [0, 1]), got dtype "
@@ -156,8 +160,14 @@ def _check_images(images: Any) -> torch.Tensor:
                 f"images: expected non-negative pixel values (mass), got minimum "
                 f"{float(images.min()):g}"
             )
-        if bool((images.sum(dim=(-2, -1)) <= 0).any()):
+        mass = images.sum(dim=(-2, -1))
+        if bool((mass <= 0).any()):
             raise ValueError("images: expected positive mass in every channel, got an empty one")
+        if not bool(torch.isfinite(mass).all()):
+            raise ValueError(
+                f"images: expected a finite mass per channel, got one that overflows "
+                f"{images.dtype} (largest pixel {float(images.max()):g})"
+            )
     return images
 
 
@@ -170,6 +180,8 @@ def _check_labels(labels: Any, n: int) -> np.ndarray:
             f"labels: expected {n} integer labels of shape ({n},), got dtype {arr.dtype} and "
             f"shape {arr.shape}"
         )
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"labels: expected classes >= 0, got {int(arr.min())}")
     return arr.astype(np.int64)
 
 
@@ -331,7 +343,46 @@ def add_flow_noise(
     n, c, height, width = images.shape
     eta = _laplace((n, c, flow_dim(height, width)), b, generator, images)
     mass = images.sum(dim=(-2, -1))[..., None]  # (N, C, 1)
-    return apply_flow(images, mass * eta)
+    try:
+        return apply_flow(images, mass * eta)
+    except ValueError as exc:  # finite images: the noise level overflows their dtype
+        if not bool(torch.isfinite(images).all()):
+            raise
+        raise ValueError(
+            f"sigma: noise of level {sigma:g} overflows {images.dtype} on images of mass up "
+            f"to {float(mass.max()):g}; expected a noise level well within the "
+            f"floating-point range"
+        ) from exc
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, checked to be logits ``(len(x), K)``; errors name the model."""
+    try:
+        logits = model(x)
+    except (RuntimeError, TypeError, IndexError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
+            raise
+        raise ValueError(
+            f"model: cannot be applied to images of shape {tuple(x.shape[1:])}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(x):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model: expected logits of shape (N, K) = ({len(x)}, K), got {got}")
+    return logits
+
+
+def _check_fits(x: torch.Tensor, dtype: torch.dtype) -> None:
+    """The images, and their masses, must be finite in the model's dtype."""
+    if x.numel() and dtype.is_floating_point:
+        xd = x.to(dtype)
+        if not bool(torch.isfinite(xd).all()) or not bool(
+            torch.isfinite(xd.sum(dim=(-2, -1))).all()
+        ):
+            raise ValueError(
+                f"images: pixel values (largest {float(x.max()):g}) or masses overflow the "
+                f"model's dtype {dtype}"
+            )
 
 
 def _image_seed(seed: int, index: int, stream: int) -> int:
@@ -341,7 +392,18 @@ def _image_seed(seed: int, index: int, stream: int) -> int:
 def _model_context(model: nn.Module, device: str | torch.device):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if device.type not in ("cpu", "cuda"):  # never move the caller's model to 'meta' & co
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} requested but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {device} requested, this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
     return device, dtype
@@ -364,9 +426,7 @@ def _count_one(
     while remaining > 0:
         m = min(batch_size, remaining)
         batch = image.unsqueeze(0).expand(m, *image.shape)
-        logits = model(add_flow_noise(batch, sigma=sigma, generator=generator))
-        if logits.ndim != 2:
-            raise ValueError(f"model: expected logits of shape (N, K), got {tuple(logits.shape)}")
+        logits = _forward(model, add_flow_noise(batch, sigma=sigma, generator=generator))
         if counts is None:
             counts = np.zeros(logits.shape[1], np.int64)
         pred = logits.argmax(dim=1)
@@ -474,6 +534,7 @@ def smoothed_counts(
     x = _check_images(images)
     idx = _check_indices(indices, x.shape[0])
     device, dtype = _model_context(model, device)
+    _check_fits(x, dtype)
     with _EvalOn(model, device) as m:
         return _counts(
             m,
@@ -716,6 +777,7 @@ def smoothed_certify(
     y = None if labels is None else _check_labels(labels, x.shape[0])
     idx = _check_indices(indices, x.shape[0])
     device, dtype = _model_context(model, device)
+    _check_fits(x, dtype)
     b = laplace_scale(sigma)
     config = {
         "sigma": sigma,
@@ -738,6 +800,12 @@ def smoothed_certify(
         iterator = tqdm(iterator, desc=f"smoothing sigma={sigma:g}", unit="img")
     common = dict(batch_size=batch_size, seed=seed, device=device, dtype=dtype, sigma=sigma)
     with _EvalOn(model, device) as m:
+        with torch.no_grad():  # the model must fit the images (even an empty batch)
+            k = _forward(m, x[:1].to(device=device, dtype=dtype)).shape[1]
+        if y is not None and y.size and y.max() >= k:  # labels must be classes of the model
+            raise ValueError(
+                f"labels: expected classes in [0, {k}) (the model's logits), got {int(y.max())}"
+            )
         for i in iterator:
             t0 = time.perf_counter()
             xi, ii = x[i : i + 1], idx[i : i + 1]

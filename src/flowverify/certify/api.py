@@ -58,7 +58,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..flowmodel import INPUT_SCALES, FlowModel, _infer_flat, _modules_in_order
+from ..flowmodel import (
+    INPUT_SCALES,
+    FlowModel,
+    _infer_flat,
+    _modules_in_order,
+    first_affine_layer,
+)
 from ..flows import apply_flow, inverse_flow, w1_distance
 from ..references import Reference, parse_references
 from ..results import Status, jsonable
@@ -217,12 +223,21 @@ def _check_images(images) -> np.ndarray:
         )
     if x.shape[-1] < 2 or x.shape[-2] < 2:
         raise ValueError(f"images: expected at least 2x2 pixels, got {images.shape}")
+    if x.shape[1] < 1:
+        raise ValueError(f"images: expected at least one channel, got shape {images.shape}")
     if not np.isfinite(x).all():
         raise ValueError("images: expected finite pixel values, got NaN or infinity")
     if (x < 0).any():
         raise ValueError(f"images: expected non-negative pixels (mass), got minimum {x.min():g}")
-    if x.shape[0] and (x.sum(axis=(-2, -1)) <= 0).any():
+    with np.errstate(over="ignore"):
+        mass = x.sum(axis=(-2, -1))
+    if x.shape[0] and (mass <= 0).any():
         raise ValueError("images: every channel of every image needs positive mass")
+    if not np.isfinite(mass).all() or not np.isfinite(_e_max(x)).all():
+        raise ValueError(
+            f"images: expected a finite mass per channel (times the grid diameter), got one "
+            f"that overflows float64 (largest pixel {x.max():g})"
+        )
     return x
 
 
@@ -257,8 +272,14 @@ def _check_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     return dev
 
 
@@ -268,6 +289,62 @@ def _resolve_model(model) -> nn.Module:
     from ..models import load_model
 
     return load_model(model)
+
+
+def _check_architecture(model: nn.Module) -> None:
+    """Refuse, before any work, a model the certifiers cannot handle (naming its layer):
+    an affine first operation, then only Linear/Conv2d/Flatten/ReLU, logits last."""
+    try:
+        pos, _, _ = first_affine_layer(model)
+    except ValueError as exc:
+        detail = str(exc).split("; use fuse=False")[0]
+        raise ValueError(detail.replace("fuse=True needs", "certify needs")) from None
+    pending_relu = False
+    for name, mod in _modules_in_order(model)[pos + 1 :]:
+        if isinstance(mod, nn.ReLU):
+            if pending_relu:
+                raise ValueError(f"model: two ReLUs in a row at layer {name!r}")
+            pending_relu = True
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
+            pending_relu = False
+        elif not isinstance(mod, (nn.Flatten, nn.Identity)):
+            raise ValueError(
+                f"model: certifiers support Linear, Conv2d, Flatten and ReLU layers, got "
+                f"layer {name!r} of type {type(mod).__name__}"
+            )
+    if pending_relu:
+        raise ValueError("model: the network ends with a ReLU; expected logits")
+
+
+def _probe_model(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) -> int:
+    """Run ``model`` on the first image (on none for an empty batch): it must accept the
+    images and return logits ``(N, classes)`` with at least two classes.  Returns the
+    number of classes."""
+    param = next(iter(model.parameters()), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    xin = torch.as_tensor(x[:1])
+    scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
+    inp = _model_input(xin, scale, flat).to(dtype=_model_dtype(model), device=dev)
+    try:
+        with torch.no_grad():
+            out = model(inp)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
+            raise
+        raise ValueError(
+            f"model: cannot be applied to images of shape {tuple(x.shape[1:])} (model input "
+            f"{tuple(inp.shape)}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != inp.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model: expected logits of shape (N, classes) = ({inp.shape[0]}, K), got {got}"
+        )
+    if out.shape[1] < 2:
+        raise ValueError(
+            f"model: expected at least 2 classes, got logits of shape {tuple(out.shape)}"
+        )
+    return int(out.shape[1])
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -340,7 +417,9 @@ def _mass(x: np.ndarray) -> np.ndarray:
     return x.sum(axis=(-2, -1)).max(axis=-1)
 
 
-def _predict(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) -> np.ndarray:
+def _predict(
+    model: nn.Module, x: np.ndarray, flat: bool, input_scale: str, check: bool = False
+) -> np.ndarray:
     """The model's classes on images ``x`` in data units (divided by their mass per
     channel when ``input_scale="normalised"``)."""
     param = next(iter(model.parameters()), None)
@@ -352,7 +431,15 @@ def _predict(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) -> n
             xb = torch.as_tensor(x[s : s + 256], dtype=torch.float64)
             scale = xb.sum(dim=(-2, -1)) if input_scale == "normalised" else None
             inp = _model_input(xb, scale, flat).to(dtype=dtype, device=dev)
-            out.append(model(inp).argmax(1).cpu().numpy())
+            logits = model(inp)
+            bad = ~torch.isfinite(logits).all(dim=1)
+            if check and bool(bad.any()):
+                which = (s + torch.nonzero(bad).flatten().cpu()).tolist()[:5]
+                raise ValueError(
+                    f"images: the model's logits are not finite on image(s) {which} (pixel "
+                    f"values too large for the model's dtype {dtype}?)"
+                )
+            out.append(logits.argmax(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -666,13 +753,10 @@ def _iter_certify_modes(
             raise ValueError(f"data: expected images of shape {x.shape[1:]}, got {data.shape[1:]}")
     idx = _check_indices(indices, n)
     net_model = _resolve_model(model)
+    _check_architecture(net_model)
     flat = _infer_flat(net_model)
-    pred = _predict(net_model, x, flat, input_scale)
-    with torch.no_grad():
-        xin = torch.as_tensor(x[:1])
-        scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
-        probe = net_model(_model_input(xin, scale, flat).to(_model_dtype(net_model)))
-    num_classes = int(probe.shape[1])
+    num_classes = _probe_model(net_model, x, flat, input_scale)
+    pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = _check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
     ref_sets = (
@@ -1105,7 +1189,7 @@ def _smoothing(
         raise ValueError("eps: fixed-radius decisions are not available for 'smoothing'")
     if input_scale != "raw":
         raise ValueError("input_scale: 'smoothing' base nets consume raw images ('raw')")
-    if timeout is not None:
+    if _check_positive(timeout, "timeout") is not None:
         warnings.warn("timeout is ignored by method='smoothing'", stacklevel=3)
     refs = [references] if isinstance(references, str) else list(references)
     if refs != ["uniform"]:
