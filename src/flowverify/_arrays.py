@@ -101,3 +101,25 @@ def like(values: np.ndarray, template: Array) -> Array:
         return torch.as_tensor(values, dtype=dtype, device=template.device)
     dtype = template.dtype if np.issubdtype(template.dtype, np.floating) else np.float64
     return values.astype(dtype, copy=False)
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``: ``cpu``, ``cuda`` or ``cuda:N`` present here.
+
+    Anything else (``"bogus"``, ``"meta"``, ``"mps"``, a missing GPU) is a ValueError
+    naming ``name``, before any model or tensor is moved.
+    """
+    expected = "expected 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: {expected}, got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: {expected}, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {str(device)!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"{name}: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return dev

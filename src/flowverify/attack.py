@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._arrays import check_device
 from ._projection import (
     _pgd_step_torch,
     best_moves,
@@ -523,24 +524,6 @@ def _check_eps(eps) -> tuple[float, ...] | None:
     return tuple(out)
 
 
-def _check_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-        ) from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"device: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return dev
-
-
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -672,7 +655,7 @@ class WassersteinPGD:
         self.seed = _check_int(seed, "seed", 0)
         if self.seed >= 2**64:
             raise ValueError(f"seed: expected an int < 2**64, got {self.seed}")
-        self.device = None if device is None else _check_device(device)
+        self.device = None if device is None else check_device(device)
 
     # ------------------------------------------------------------------ description
 

@@ -70,6 +70,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest
 from torch import nn
 
+from ._arrays import check_device
 from .flows import apply_flow, flow_dim
 from .results import Status, jsonable
 
@@ -392,18 +393,7 @@ def _image_seed(seed: int, index: int, stream: int) -> int:
 def _model_context(model: nn.Module, device: str | torch.device):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if device.type not in ("cpu", "cuda"):  # never move the caller's model to 'meta' & co
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {str(device)!r} requested but CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"device: {device} requested, this machine has {torch.cuda.device_count()} GPU(s)"
-        )
+    device = check_device(device)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float32
     return device, dtype
@@ -926,7 +916,7 @@ def train_smoothed_model(
     if not (math.isfinite(float(lr)) and float(lr) > 0):
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
     x, y = _check_data(data)
-    device = torch.device(device)
+    device = check_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_architecture(architecture) if model is None else model

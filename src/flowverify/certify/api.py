@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._arrays import check_device
 from ..flowmodel import (
     INPUT_SCALES,
     FlowModel,
@@ -265,22 +266,6 @@ def _check_indices(indices, n: int) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer) or arr.shape != (n,):
         raise ValueError(f"indices: expected {n} integer indices (one per image), got {arr!r}")
     return arr.astype(np.int64)
-
-
-def _check_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"device: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return dev
 
 
 def _resolve_model(model) -> nn.Module:
@@ -744,7 +729,7 @@ def _iter_certify_modes(
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    dev = _check_device(device)
+    dev = check_device(device)
     x = _check_images(images)
     n = x.shape[0]
     if data is not None:
