@@ -123,3 +123,25 @@ def check_device(device: Any, name: str = "device") -> torch.device:
             f"{name}: {dev} requested, this machine has {torch.cuda.device_count()} GPU(s)"
         )
     return dev
+
+
+def check_labels(labels: Any, n: int, num_classes: int, default: Array) -> np.ndarray:
+    """Class labels ``(n,)`` as int64, each in ``[0, num_classes)``; ``default`` (e.g. the
+    model's predictions) when ``labels`` is None.  Errors name ``labels``."""
+    if labels is None:
+        d = default.detach().cpu().numpy() if is_torch(default) else np.asarray(default)
+        return d.astype(np.int64)
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels: expected integer class labels, got dtype {arr.dtype}")
+    if arr.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},) to match the images, got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise ValueError(
+            f"labels: expected classes in [0, {num_classes}), got values {arr.min()}..{arr.max()}"
+        )
+    return arr.astype(np.int64)

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._arrays import check_device
+from ._arrays import check_device, check_labels
 from ._projection import (
     _pgd_step_torch,
     best_moves,
@@ -816,7 +816,7 @@ class WassersteinPGD:
                 f"the model's dtype {dtype}?)"
             )
         prediction = clean_logits.argmax(1)
-        y = _check_labels(labels, n, clean_logits.shape[1], prediction)
+        y = check_labels(labels, n, clean_logits.shape[1], prediction)
         ctx = _Ctx(
             objective=objective,
             mu=mu,
@@ -1127,25 +1127,6 @@ def _check_logits(logits, n: int) -> None:
         raise ValueError(
             f"model: expected at least 2 classes, got logits of shape {tuple(logits.shape)}"
         )
-
-
-def _check_labels(labels, n: int, classes: int, prediction: torch.Tensor) -> np.ndarray:
-    if labels is None:
-        return prediction.cpu().numpy().astype(np.int64)
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"labels: expected integer class labels, got dtype {arr.dtype}")
-    if arr.shape != (n,):
-        raise ValueError(f"labels: expected shape ({n},) to match the images, got {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= classes):
-        raise ValueError(
-            f"labels: expected classes in [0, {classes}), got values {arr.min()}..{arr.max()}"
-        )
-    return arr.astype(np.int64)
 
 
 @torch.no_grad()

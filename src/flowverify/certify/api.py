@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._arrays import check_device
+from .._arrays import check_device, check_labels
 from ..flowmodel import (
     INPUT_SCALES,
     FlowModel,
@@ -240,23 +240,6 @@ def _check_images(images) -> np.ndarray:
             f"that overflows float64 (largest pixel {x.max():g})"
         )
     return x
-
-
-def _check_labels(labels, n: int, num_classes: int, prediction: np.ndarray) -> np.ndarray:
-    if labels is None:
-        return prediction.copy()
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"labels: expected integer class labels, got dtype {arr.dtype}")
-    if arr.shape != (n,):
-        raise ValueError(f"labels: expected shape ({n},), got {arr.shape}")
-    if (arr < 0).any() or (arr >= num_classes).any():
-        raise ValueError(f"labels: expected classes in [0, {num_classes}), got {arr.tolist()}")
-    return arr.astype(np.int64)
 
 
 def _check_indices(indices, n: int) -> np.ndarray:
@@ -742,7 +725,7 @@ def _iter_certify_modes(
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
     pred = _predict(net_model, x, flat, input_scale, check=True)
-    lab = _check_labels(labels, n, num_classes, pred)
+    lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
     ref_sets = (
         [
