@@ -291,6 +291,18 @@ def test_cli_report(files, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "nope.jsonl" in err
     assert main(["report", str(cert), "--radii", "a,b", "--no-plots", "--out", str(out)]) == 2
     assert "--radii" in capsys.readouterr().err
+    # an .npz among the files is the adversarial file; a binary "JSONL" is one clear line
+    out2 = tmp_path / "cli2"
+    assert (
+        main(["report", str(cert), str(att), str(npz), "--format", "png", "--out", str(out2)]) == 0
+    )
+    assert (out2 / "adversarials.png").exists()
+    capsys.readouterr()
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(npz.read_bytes()[:200])
+    assert main(["report", str(binary), "--no-plots", "--out", str(out2)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "binary.jsonl" in err and "UTF-8" in err
 
 
 def test_cli_report_help_mentions_units(capsys):

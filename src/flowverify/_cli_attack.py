@@ -97,7 +97,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "by a forward pass on the returned image. " + _UNITS,
     )
     p.add_argument("--model", required=True, help="bundled name (linear, fc, cnn), .onnx or .pt")
-    p.add_argument("--data", required=True, help="images: .npz (x, y), MNIST IDX/folder, PNG")
+    p.add_argument(
+        "--data",
+        default="bundled",
+        help="images: 'bundled' (500 bundled digits), .npz (x, optional y), MNIST IDX file or "
+        "folder, or a PNG (default %(default)s)",
+    )
     p.add_argument("--indices", default=None, help="which images, e.g. 0:100 or 1,5,9 (all)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument(

@@ -62,7 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="summary tables and plots from certify/attack JSONL files",
         description=DESCRIPTION,
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="certify and/or attack JSONL files")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="certify and/or attack JSONL files; one .npz among them is taken as --adversarial",
+    )
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -116,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
     formats = _formats(args.format)
     if args.max_images < 1:
         raise ValueError(f"--max-images: expected a positive number, got {args.max_images}")
+    files = [f for f in args.files if not str(f).lower().endswith(".npz")]
+    npz = [f for f in args.files if str(f).lower().endswith(".npz")]
+    if len(npz) > 1 or (npz and args.adversarial is not None):
+        raise ValueError(
+            f"FILE: at most one adversarial .npz (or --adversarial), got {', '.join(npz)}"
+        )
+    if npz:
+        args.adversarial = npz[0]
+    if not files:
+        raise ValueError("FILE: expected at least one certify or attack JSONL file")
+    args.files = files
     if args.images is not None and args.adversarial is None:
         raise ValueError("--images: only used together with --adversarial")
     if not args.no_plots and not plots_available():

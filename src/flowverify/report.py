@@ -139,6 +139,16 @@ def _clean_attack(rec: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     out = []
+    try:
+        return _read_lines_utf8(path, out)
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"files: {str(path)!r} is not a text JSONL file (not UTF-8); expected the output "
+            "of flowverify certify/attack"
+        ) from None
+
+
+def _read_lines_utf8(path: Path, out: list) -> list[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.endswith("\n"):
