@@ -352,3 +352,28 @@ def test_w1_ball_oracle_matches_lp():
         np.testing.assert_allclose(
             ball.min_linear(np.eye(4)), -radius * np.abs(c).max(1), rtol=1e-9
         )
+
+
+@pytest.mark.parametrize(
+    "sizes, feasible, algorithm",
+    [([3], True, "bab"), ([3], False, "bab"), ([6, 3], True, "milp")],
+    ids=["lemma8", "lemma7", "milp"],
+)
+def test_unverified_witnesses_never_claim_no_adversarial(monkeypatch, sizes, feasible, algorithm):
+    """If no witness passes the exact check, the result is a bound, not "infeasible"."""
+    from flowverify.certify import _milp, complete
+
+    _, chain, dmu, ref, label, _ = _setup(3, sizes)
+    truth = exact_radius(
+        chain, dmu, ref, label, height=H, width=W, feasible=feasible, algorithm=algorithm
+    )
+    assert truth.status == "optimal"
+    never = lambda *a, **k: (False, None)  # noqa: E731 - every witness check fails
+    monkeypatch.setattr(complete, "verify_witness", never)
+    monkeypatch.setattr(_milp, "verify_witness", never)
+    monkeypatch.setattr(_milp, "_region_witness", lambda *a, **k: None)
+    res = exact_radius(
+        chain, dmu, ref, label, height=H, width=W, feasible=feasible, algorithm=algorithm
+    )
+    assert res.status == "timeout" and res.witness_flow is None
+    assert res.lower <= truth.upper * (1 + 1e-9)  # still a proven lower bound
