@@ -778,16 +778,21 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
-#: Torch runs single-threaded while certifying models whose layers all have fewer
-#: entries than this: their small matrix products lose more to waking BLAS threads than
-#: they gain (the heavy kernels are numba's, with their own threads).
+#: Torch runs single-threaded while certifying fewer than ``SMALL_BATCH`` images (the
+#: complete methods: one image per chunk) of a model whose layers all have fewer entries
+#: than ``SMALL_LAYER``: such small matrix products lose more to waking BLAS threads than
+#: they gain (the heavy kernels are numba's, with their own threads).  Batches keep every
+#: thread (measured: fc vanilla 178 -> 207 images/s, cnn vanilla 0.30 -> 0.18 s/image).
 SMALL_LAYER = 1_000_000
+SMALL_BATCH = 8
 
 
 @contextlib.contextmanager
-def _torch_threads(ctx: _Ctx):
+def _torch_threads(ctx: _Ctx, n_images: int):
     params = [p.numel() for p in ctx.model64.parameters()]
-    small = ctx.device.type == "cpu" and max(params, default=0) < SMALL_LAYER
+    small = (
+        ctx.device.type == "cpu" and n_images < SMALL_BATCH and max(params, default=0) < SMALL_LAYER
+    )
     prev = torch.get_num_threads()
     if small and prev > 1:
         torch.set_num_threads(1)
@@ -799,7 +804,7 @@ def _torch_threads(ctx: _Ctx):
 
 
 def _certify_chunk(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit) -> Iterator[CertifyResult]:
-    with _torch_threads(ctx):
+    with _torch_threads(ctx, len(sel)):
         out = _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit)
     yield from out
 

@@ -1040,6 +1040,9 @@ def layer_bounds_batch(
         split_k = None if splits is None else splits[k]
         ibp_lo, ibp_up = _ibp(*bounds[-1], weight, bias)
         need = (ibp_lo < 0) & (ibp_up > 0)
+        if not need.any():  # interval arithmetic proves every neuron stable (e.g. at ε = 0)
+            bounds.append(_clamp_split(ibp_lo, ibp_up, split_k))
+            continue
         if split_k is not None:
             need = need & (split_k == 0)
         eye = torch.eye(nk, dtype=torch.float64, device=net.device)
