@@ -7,6 +7,8 @@ accepted for one image and the output is given back in the caller's rank.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -145,3 +147,33 @@ def check_labels(labels: Any, n: int, num_classes: int, default: Array) -> np.nd
             f"labels: expected classes in [0, {num_classes}), got values {arr.min()}..{arr.max()}"
         )
     return arr.astype(np.int64)
+
+
+@contextlib.contextmanager
+def model_errors(shape: tuple, detail: str = "") -> Iterator[None]:
+    """Turn an exception raised while running the user's model on images of ``shape``
+    (C, H, W) into a ValueError naming ``model``.  CUDA out-of-memory passes through: it
+    is not the input's fault."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        raise ValueError(
+            f"model: cannot be applied to images of shape {tuple(shape)}{detail}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def check_logits(logits: Any, n: int, *, min_classes: int = 2) -> int:
+    """``logits`` must be a tensor ``(n, K)`` with ``K >= min_classes``; returns ``K``.
+    Errors name ``model``."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model: expected logits of shape (N, classes) = ({n}, K), got {got}")
+    if logits.shape[1] < min_classes:
+        raise ValueError(
+            f"model: expected at least {min_classes} classes, got logits of shape "
+            f"{tuple(logits.shape)}"
+        )
+    return int(logits.shape[1])

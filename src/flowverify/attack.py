@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._arrays import check_device, check_labels
+from ._arrays import check_device, check_labels, check_logits, model_errors
 from ._projection import (
     _pgd_step_torch,
     best_moves,
@@ -798,16 +798,9 @@ class WassersteinPGD:
         )
         with torch.no_grad():
             zero = torch.zeros(n, c, flow_dim(height, width), dtype=dtype, device=device)
-            try:
+            with model_errors((c, height, width)):
                 clean_logits = objective(mu, zero, torch.arange(n, device=device))
-            except (RuntimeError, TypeError, IndexError) as exc:
-                if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
-                    raise
-                raise ValueError(
-                    f"model: cannot be applied to images of shape {(c, height, width)}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-        _check_logits(clean_logits, n)
+        check_logits(clean_logits, n)
         bad = ~torch.isfinite(clean_logits).all(dim=1)
         if bool(bad.any()):
             raise ValueError(
@@ -1117,16 +1110,6 @@ def _check_images(images) -> np.ndarray:
             f"(largest pixel {arr.max():g})"
         )
     return arr
-
-
-def _check_logits(logits, n: int) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model: expected logits of shape (N, classes) = ({n}, K), got {got}")
-    if logits.shape[1] < 2:
-        raise ValueError(
-            f"model: expected at least 2 classes, got logits of shape {tuple(logits.shape)}"
-        )
 
 
 @torch.no_grad()

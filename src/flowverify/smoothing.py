@@ -70,7 +70,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest
 from torch import nn
 
-from ._arrays import check_device
+from ._arrays import check_device, check_logits, model_errors
 from .flows import apply_flow, flow_dim
 from .results import Status, jsonable
 
@@ -358,18 +358,9 @@ def add_flow_noise(
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)``, checked to be logits ``(len(x), K)``; errors name the model."""
-    try:
+    with model_errors(x.shape[1:]):
         logits = model(x)
-    except (RuntimeError, TypeError, IndexError) as exc:
-        if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
-            raise
-        raise ValueError(
-            f"model: cannot be applied to images of shape {tuple(x.shape[1:])}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(x):
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model: expected logits of shape (N, K) = ({len(x)}, K), got {got}")
+    check_logits(logits, len(x), min_classes=1)  # one class: certified everywhere
     return logits
 
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._arrays import check_device, check_labels
+from .._arrays import check_device, check_labels, check_logits, model_errors
 from ..flowmodel import (
     INPUT_SCALES,
     FlowModel,
@@ -293,26 +293,9 @@ def _probe_model(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) 
     xin = torch.as_tensor(x[:1])
     scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
     inp = _model_input(xin, scale, flat).to(dtype=_model_dtype(model), device=dev)
-    try:
-        with torch.no_grad():
-            out = model(inp)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        if isinstance(exc, torch.cuda.OutOfMemoryError):  # not the input's fault
-            raise
-        raise ValueError(
-            f"model: cannot be applied to images of shape {tuple(x.shape[1:])} (model input "
-            f"{tuple(inp.shape)}): {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != inp.shape[0]:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"model: expected logits of shape (N, classes) = ({inp.shape[0]}, K), got {got}"
-        )
-    if out.shape[1] < 2:
-        raise ValueError(
-            f"model: expected at least 2 classes, got logits of shape {tuple(out.shape)}"
-        )
-    return int(out.shape[1])
+    with model_errors(x.shape[1:], f" (model input {tuple(inp.shape)})"), torch.no_grad():
+        out = model(inp)
+    return check_logits(out, inp.shape[0])
 
 
 # ------------------------------------------------------------------------------- helpers
