@@ -104,6 +104,27 @@ def verify_witness(prob: Problem, delta: np.ndarray) -> tuple[bool, float]:
     return ok, margin
 
 
+def margin_witness(prob: Problem, lp, kappa: float, tries: int = 6) -> np.ndarray | None:
+    """A verified adversarial flow ``δ`` from ``lp`` (a :class:`RelaxationLP` whose node
+    and radius are set), or None.
+
+    The LP is re-solved with the margin ``f_t - f_y >= κ`` (``κ`` grown 10x per try, at
+    most ``tries`` times) until its solution, repaired to ``R + Aδ >= 0``
+    (:func:`repair_feasibility`), passes :func:`verify_witness`.  The margin is left set.
+    """
+    k = kappa
+    for _ in range(tries):
+        lp.set_margin(k)
+        st, _, x = lp.solve()
+        if st != "optimal":
+            break
+        g = repair_feasibility(prob, lp.flow(x))
+        if g is not None and verify_witness(prob, prob.delta_mu + g)[0]:
+            return prob.delta_mu + g
+        k *= 10.0
+    return None
+
+
 @dataclass(order=True)
 class _Node:
     lb: float

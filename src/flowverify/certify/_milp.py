@@ -24,7 +24,7 @@ import time
 import highspy
 import numpy as np
 
-from ._bab import repair_feasibility, verify_witness
+from ._bab import margin_witness
 from ._highs import new_highs
 from ._propagate import layer_bounds
 from ._relaxlp import Problem, RelaxationLP
@@ -49,18 +49,10 @@ def _region_witness(prob, lp: RelaxationLP, bounds, x, kappa):
         s = np.where(lo >= 0, 1, np.where(hi <= 0, -1, s))
         splits.append(s.astype(np.int8))
     lp.set_node(bounds, splits)
-    k = kappa
-    for _ in range(6):
-        lp.set_margin(k)
-        st, _, x2 = lp.solve()
-        if st != "optimal":
-            break
-        g = repair_feasibility(prob, lp.flow(x2))
-        if g is not None and verify_witness(prob, prob.delta_mu + g)[0]:
-            return prob.delta_mu + g
-        k *= 10.0
-    lp.set_margin(0.0)
-    return None
+    witness = margin_witness(prob, lp, kappa)
+    if witness is None:
+        lp.set_margin(0.0)
+    return witness
 
 
 def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):

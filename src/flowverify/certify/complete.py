@@ -57,7 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..flows import flow_dim, incidence_matrix
-from ._bab import branch_and_bound, repair_feasibility, verify_witness
+from ._bab import branch_and_bound, margin_witness, repair_feasibility, verify_witness
 from ._relaxlp import Problem, RelaxationLP
 from ._w1ball import InputDomain
 
@@ -222,25 +222,13 @@ def _linear_exact(
         lower = min(lower, lb)
         if lb >= best:
             continue
-        k = kappa
-        found = False
-        for _ in range(6):
-            lp.set_margin(k)
-            st2, _, x2 = lp.solve()
-            if st2 != "optimal":
-                break
-            g = repair_feasibility(prob, lp.flow(x2))
-            if g is not None:
-                delta = prob.delta_mu + g
-                ok, _ = verify_witness(prob, delta)
-                if ok:
-                    dist = float(np.abs(g).sum())
-                    if dist < best:
-                        best, best_delta = dist, delta
-                    found = True
-                    break
-            k *= 10.0
-        unverified |= not found
+        delta = margin_witness(prob, lp, kappa)
+        if delta is None:
+            unverified = True
+            continue
+        dist = float(np.abs(delta - prob.delta_mu).sum())
+        if dist < best:
+            best, best_delta = dist, delta
     secs = time.perf_counter() - t0
     if best_delta is None:
         if unverified and not timed_out:
