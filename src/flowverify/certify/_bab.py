@@ -31,7 +31,7 @@ import numpy as np
 from ._highs import new_highs
 from ._propagate import effective, layer_bounds
 from ._relaxlp import Problem, RelaxationLP
-from ._w1ball import InputDomain
+from ._w1ball import problem_domain
 
 __all__ = ["BabOutcome", "branch_and_bound", "verify_witness"]
 
@@ -440,19 +440,7 @@ class _Solver:
 
     def run(self, radius, lower_hint):
         prob = self.prob
-        self.domain = InputDomain(
-            prob.weights[0],
-            prob.x0,
-            radius,
-            height=prob.height,
-            width=prob.width,
-            channels=prob.channels,
-            feasible=prob.feasible,
-        )
-        w1max = max(1.0, float(np.abs(prob.weights[0]).max(initial=0.0)))
-        use_image = prob.feasible and (
-            self.domain.resid_inf.size == 0 or float(self.domain.resid_inf.max()) <= 1e-9 * w1max
-        )
+        self.domain, use_image = problem_domain(prob, radius)
         self.v_img = self.domain.v_img if use_image else None
         self.resid = self.domain.resid if use_image else None
         if not math.isfinite(self.best) and prob.hidden:

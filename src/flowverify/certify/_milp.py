@@ -28,7 +28,7 @@ from ._bab import margin_witness
 from ._highs import new_highs
 from ._propagate import layer_bounds
 from ._relaxlp import Problem, RelaxationLP
-from ._w1ball import InputDomain
+from ._w1ball import problem_domain
 
 __all__ = ["milp_exact"]
 
@@ -59,20 +59,8 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
     """Exact radius by one big-M MILP per target (HiGHS); returns an ExactResult."""
     from .complete import ExactResult, _diameter, _witness_target
 
-    dom = InputDomain(
-        prob.weights[0],
-        prob.x0,
-        radius,
-        height=prob.height,
-        width=prob.width,
-        channels=prob.channels,
-        feasible=prob.feasible,
-    )
+    dom, image = problem_domain(prob, radius)
     bounds = layer_bounds(prob.weights, prob.biases, prob.c1, dom)
-    w1max = max(1.0, float(np.abs(prob.weights[0]).max(initial=0.0)))
-    image = prob.feasible and (
-        dom.resid_inf.size == 0 or float(dom.resid_inf.max()) <= 1e-9 * w1max
-    )
     best, best_delta = math.inf, None
     if incumbent is not None:
         best_delta = incumbent

@@ -240,3 +240,23 @@ class InputDomain:
         scale = self.mass * (np.abs(v).max(axis=1) + lam_max * (self.height + self.width))
         scale = scale + best_lam * u + np.abs(val)
         return val - resid - _ROUND * (1.0 + scale)
+
+
+def problem_domain(prob, radius: float) -> tuple[InputDomain, bool]:
+    """The :class:`InputDomain` of a problem (``_relaxlp.Problem``) at ``radius``, and
+    whether its LPs may use the image-space form: a feasible problem whose first layer
+    has a negligible residual (``‖resid‖_∞ <= 1e-9 max(1, ‖W₁‖_max)``)."""
+    dom = InputDomain(
+        prob.weights[0],
+        prob.x0,
+        radius,
+        height=prob.height,
+        width=prob.width,
+        channels=prob.channels,
+        feasible=prob.feasible,
+    )
+    w1max = max(1.0, float(np.abs(prob.weights[0]).max(initial=0.0)))
+    image = prob.feasible and (
+        dom.resid_inf.size == 0 or float(dom.resid_inf.max()) <= 1e-9 * w1max
+    )
+    return dom, bool(image)

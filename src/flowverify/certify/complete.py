@@ -59,7 +59,7 @@ import scipy.sparse as sp
 from ..flows import flow_dim, incidence_matrix
 from ._bab import branch_and_bound, margin_witness, repair_feasibility, verify_witness
 from ._relaxlp import Problem, RelaxationLP
-from ._w1ball import InputDomain
+from ._w1ball import problem_domain
 
 __all__ = ["ALGORITHMS", "ExactResult", "exact_radius"]
 
@@ -178,17 +178,7 @@ def _linear_exact(
     prob: Problem, radius: float, deadline: float, rtol: float, kappa: float, incumbent, t0: float
 ) -> ExactResult:
     """Lemma 8: one LP per target, ``min ‖g‖₁ s.t. x0 + Ag ≥ 0, f_t - f_y ≥ 0``."""
-    dom = InputDomain(
-        prob.weights[0],
-        prob.x0,
-        radius,
-        height=prob.height,
-        width=prob.width,
-        channels=prob.channels,
-        feasible=True,
-    )
-    w1max = max(1.0, float(np.abs(prob.weights[0]).max(initial=0.0)))
-    image = dom.resid_inf.size == 0 or float(dom.resid_inf.max()) <= 1e-9 * w1max
+    dom, image = problem_domain(prob, radius)  # prob.feasible: Lemma 8 is the feasible LP
     best, best_delta = math.inf, None
     if incumbent is not None:
         best_delta = incumbent
