@@ -377,3 +377,64 @@ def test_unverified_witnesses_never_claim_no_adversarial(monkeypatch, sizes, fea
     )
     assert res.status == "timeout" and res.witness_flow is None
     assert res.lower <= truth.upper * (1 + 1e-9)  # still a proven lower bound
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_search_radius_below_the_radius_proves_no_more_than_it(seed):
+    """An upper bound hint below ``r*`` restricts the search to ``P_U``: nodes closed
+    there prove ``r* >= U`` only, even when an adversarial farther out is found."""
+    _, chain, dmu, ref, label, _ = _setup(seed, [6, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    res = exact_radius(
+        chain, dmu, ref, label, height=H, width=W, timeout=60, upper_bound=0.6 * truth
+    )
+    assert res.status == "timeout"  # an adversarial beyond ``U`` is found, not proven
+    assert 0.6 * truth * (1 - 1e-9) <= res.upper < math.inf
+    assert res.lower <= truth + 1e-9, (res.lower, truth)
+
+
+@pytest.mark.parametrize("seed, sizes", [(0, [6, 3]), (1, [6, 3]), (8, [4, 4, 3]), (13, [4, 4, 3])])
+@pytest.mark.parametrize("frac", [0.3, 0.9, 0.999])
+def test_stepped_search_from_a_lower_bound_is_exact(seed, sizes, frac):
+    """Searches over growing radii from a proven lower bound end at the exact radius."""
+    _, chain, dmu, ref, label, _ = _setup(seed, sizes)
+    truth = _brute_force(chain, dmu, ref, label)
+    res = exact_radius(
+        chain, dmu, ref, label, height=H, width=W, timeout=60, lower_bound=frac * truth
+    )
+    assert res.status == "optimal", res.solver_status
+    assert res.lower <= truth + 1e-9 <= res.upper + 2e-9
+    assert res.upper == pytest.approx(truth, rel=1e-5)
+    _check_witness(res, chain, dmu, ref, label)
+
+
+def test_highs_time_limit_is_per_run():
+    """HiGHS counts ``time_limit`` against its cumulative run time; ``set_time_limit``
+    gives every run of a re-used solver its own budget."""
+    import highspy
+
+    from flowverify.certify._highs import new_highs, set_time_limit
+
+    rng = np.random.default_rng(0)
+    n, m = 300, 200
+    h = new_highs()
+    h.addVars(n, np.zeros(n), np.ones(n))
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), -rng.random(n))
+    cols = np.arange(n, dtype=np.int32)
+    for _ in range(m):
+        h.addRow(-highspy.kHighsInf, 5.0 * rng.random(), n, cols, rng.random(n))
+    per_run = 0.0
+    for _ in range(2):
+        h.clearSolver()
+        before = h.getRunTime()
+        h.run()
+        per_run = max(per_run, h.getRunTime() - before, 1e-3)
+    budget = 5 * per_run + 0.02
+    for _ in range(12):  # more run time in total than one run's budget
+        h.clearSolver()
+        set_time_limit(h, budget)
+        h.run()
+        assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    assert h.getRunTime() > budget
+    set_time_limit(h, None)
+    assert h.getOptionValue("time_limit")[1] == highspy.kHighsInf

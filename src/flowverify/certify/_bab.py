@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._highs import new_highs
+from ._highs import new_highs, set_time_limit
 from ._propagate import effective, layer_bounds
 from ._relaxlp import Problem, RelaxationLP
 from ._w1ball import problem_domain
@@ -151,7 +151,11 @@ class _Solver:
         log_every,
         branching="babsr",
         strong=1,
+        stepped=True,
+        step_nodes=64,
     ):
+        self.stepped = stepped
+        self.step_nodes = max(1, int(step_nodes))
         self.branching = branching
         self.strong = max(1, int(strong))
         self.prob = prob
@@ -195,8 +199,7 @@ class _Solver:
             t = t + (t >= self.prob.label)
             logger.debug("incumbent %.9g -> %.9g (%s, target %s)", self.best, dist, source, t)
             self.best, self.best_delta, self.best_target = dist, delta, t
-            for lp in self.lps.values():
-                lp.set_radius(dist)
+            self._sync_radius()
             return True
         return False
 
@@ -217,13 +220,20 @@ class _Solver:
                 logger.warning("bound_fn failed (%s); using the built-in bounds", exc)
         return b
 
+    def _sync_radius(self) -> None:
+        """Every LP's ball row: ``min(U, ε)``, the incumbent and the search radius (the
+        intermediate bounds hold over ``P_ε`` only)."""
+        for lp in self.lps.values():
+            lp.set_radius(min(self.best, self.radius))
+
     def _lp(self, target: int) -> RelaxationLP:
         lp = self.lps.get(target)
         if lp is None:
+            # boxed by the largest radius ever searched, the ball row follows ``ε``
             lp = RelaxationLP(
                 self.prob,
                 target,
-                self.radius,
+                self.cap,
                 self.root_bounds,
                 v_img=self.v_img,
                 resid=self.resid,
@@ -410,15 +420,18 @@ class _Solver:
         return node
 
     def lower(self, heap) -> float:
-        lo = min(self.closed_min, self.best)
+        """Proven lower bound of the current search: nodes closed by the ball row or by
+        bounds over ``P_ε`` prove nothing beyond the search radius ``ε``."""
+        lo = min(self.closed_min, self.best, self.radius)
         if heap:
             lo = min(lo, heap[0].lb)
         return lo
 
     def set_radius(self, radius):
         """(Re)compute the root bounds over ``P_radius`` and tighten the open nodes."""
-        self.radius = radius
-        self.root_bounds = self._bounds(radius)
+        self.radius = min(radius, self.cap)
+        self._sync_radius()
+        self.root_bounds = self._bounds(self.radius)
         logger.debug(
             "root bounds (U=%.6g): unstable per layer %s",
             radius,
@@ -439,19 +452,74 @@ class _Solver:
         return out
 
     def run(self, radius, lower_hint):
+        """Raise a proven lower bound ``L`` towards the incumbent ``U`` by searches over
+        growing radii ``ε`` (:meth:`search`), then close the gap at ``ε = U``.
+
+        Intermediate bounds over ``P_ε`` are much tighter than over ``P_U`` when the
+        incumbent is far from ``r*``: a search that closes every node proves ``r* ≥ ε``;
+        one that finds an adversarial below ``ε`` lowers ``U`` and goes on as the exact
+        search.  A search is cut after a node budget; the step ``ε - L`` then shrinks
+        (and grows again after a success).  The last search (``U - L ≤ 5%`` of ``U``,
+        or ``L`` unknown) runs to the deadline.
+        """
         prob = self.prob
+        self.cap = radius
         self.domain, use_image = problem_domain(prob, radius)
         self.v_img = self.domain.v_img if use_image else None
         self.resid = self.domain.resid if use_image else None
         if not math.isfinite(self.best) and prob.hidden:
+            self.radius = radius
             linearised_attack(self, budget=0.25 * max(self.remaining(), 0.0))
-        radius = min(radius, self.best)
-        self.set_radius(radius)
+        proven = 0.0
+        hint = lower_hint if 0.0 < lower_hint < min(radius, self.best) else 0.0
+        theta, budget = 0.25, self.step_nodes
+        heap: list = []
+        while True:
+            upper = min(radius, self.best)
+            low = max(proven, hint)
+            final = not self.stepped or low <= 0.0 or upper - low <= 0.05 * upper or theta >= 1.0
+            eps = upper if final else low + theta * (upper - low)
+            heap = self.search(eps, None if final else budget)
+            if heap is None:  # deadline during the roots: nothing proven in this search
+                heap = [_Node(0.0, next(self.seq), -1, [], [], None)]
+                break
+            done = not heap or heap[0].lb >= self.best * (1 - self.rtol)
+            proven = max(proven, self.lower(heap))
+            logger.debug(
+                "search eps=%.6g (%s): %s, proven %.6g, upper %.6g, %d nodes",
+                eps,
+                "final" if final else f"theta {theta:.3g}, budget {budget}",
+                "closed" if done else "cut",
+                proven,
+                self.best,
+                self.nodes,
+            )
+            if final or self.remaining() <= 0:
+                break
+            if self.best - proven <= self.rtol * self.best:
+                heap = []
+                break
+            if done:
+                theta = min(1.0, theta * 2.0)
+            else:
+                theta, budget = theta / 4.0, budget * 2
+                if theta < 1e-3:
+                    theta = 1.0  # steps too small to help: search the whole gap
+        return self.finish(heap, lower_hint, proven)
+
+    def search(self, eps, max_nodes):
+        """Best-first search for ``min ‖g‖₁`` over ``P_ε`` (pruning at ``min(U, ε)``).
+
+        Returns the open nodes (empty when closed; the proven bound is
+        :meth:`lower`), or None if the deadline came while evaluating the roots.
+        """
+        self.closed_min = math.inf
+        self.set_radius(min(eps, self.best))
         # root nodes; improve the incumbent from their LP solutions; re-bound if it helps
         for _ in range(4):
             order = self.root()
             if order is None:
-                return self.finish([_Node(0.0, next(self.seq), -1, [], [], None)], lower_hint)
+                return None
             before = self.best
             for node in sorted(order):
                 if node.lb < self.best and self.remaining() > 0:
@@ -461,21 +529,22 @@ class _Solver:
                 continue
             if self.best >= before:
                 break
-        heap = [n for n in order if n.lb < self.best]
+        heap = [n for n in order if n.lb < min(self.best, self.radius)]
         heapq.heapify(heap)
         last_log = time.perf_counter()
+        expanded = 0
         while heap:
             if heap[0].lb >= self.best * (1 - self.rtol):
                 break
-            if self.remaining() <= 0:
+            if self.remaining() <= 0 or (max_nodes is not None and expanded >= max_nodes):
                 break
             node = heapq.heappop(heap)
-            if node.lb >= self.best:
+            if node.lb >= min(self.best, self.radius):
                 continue
             self.nodes += 1
+            expanded += 1
             self.expand(node, heap)
             if self.nodes % 25 == 0 and heap and self.remaining() > 0:
-                before = self.best
                 self.region_search_from_node(heap[0])
                 if self.best < 0.9 * self.radius:
                     self.set_radius(self.best)
@@ -487,14 +556,15 @@ class _Solver:
             if self.log_every and time.perf_counter() - last_log > self.log_every:
                 last_log = time.perf_counter()
                 logger.info(
-                    "bab: %d nodes, %d open, lower %.6g, upper %.6g, %.1fs",
+                    "bab: eps %.6g, %d nodes, %d open, lower %.6g, upper %.6g, %.1fs",
+                    self.radius,
                     self.nodes,
                     len(heap),
                     self.lower(heap),
                     self.best,
                     time.perf_counter() - self.t0,
                 )
-        return self.finish(heap, lower_hint)
+        return heap
 
     def region_search_from_node(self, node: _Node):
         lp = self._lp(node.target)
@@ -502,13 +572,13 @@ class _Solver:
         if st == "optimal":
             self.region_search(node.target, self.prob.delta_mu + lp.flow(x), node.bounds)
 
-    def finish(self, heap, lower_hint) -> BabOutcome:
-        lower = self.lower(heap)
+    def finish(self, heap, lower_hint, proven=0.0) -> BabOutcome:
+        lower = max(self.lower(heap), min(proven, self.best))
         if lower_hint > lower and lower_hint <= self.best:
             lower = lower_hint  # a proven bound from the caller
         stats = {"lp_solves": self.lp_solves, "open": len(heap), "radius": self.radius}
         if self.best_delta is None:
-            if not heap and not math.isfinite(self.closed_min):
+            if not heap and not math.isfinite(self.closed_min) and self.radius >= self.cap:
                 return BabOutcome(
                     "infeasible",
                     math.inf,
@@ -584,9 +654,7 @@ def linearised_attack(solver: _Solver, budget: float, iters: int = 12) -> None:
             nz = np.nonzero(coef)[0].astype(np.int32)
             rhs = scale - c - float(w @ prob.delta_mu)
             h.addRow(rhs, inf, nz.size, nz, coef[nz])
-            h.setOptionValue(
-                "time_limit", max(1e-3, min(stop, solver.deadline) - time.perf_counter())
-            )
+            set_time_limit(h, min(stop, solver.deadline) - time.perf_counter())
             h.run()
             if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
                 break
@@ -628,6 +696,8 @@ def branch_and_bound(
     log_every: float = 0.0,
     branching: str = "babsr",
     strong: int = 1,
+    stepped: bool = True,
+    step_nodes: int = 64,
 ) -> BabOutcome:
     """Exact minimum distance by best-first BaB (module docstring).
 
@@ -645,6 +715,14 @@ def branch_and_bound(
         Witness margin: witnesses satisfy ``f_t - f_y ≥ κ`` in the LP (verified ``> 0``).
     incumbent : ndarray, optional
         A flow already verified adversarial.
+    lower_hint : float
+        A lower bound proven by the caller; reported if better, and (``stepped``) the
+        start of the searches over growing radii.
+    stepped : bool
+        Raise the lower bound by searches over radii between it and the incumbent
+        (:meth:`_Solver.run`); False: one search over ``P_U``.
+    step_nodes : int
+        Node budget of the first such search (doubled after each cut).
     """
     solver = _Solver(
         prob,
@@ -658,6 +736,8 @@ def branch_and_bound(
         log_every=log_every,
         branching=branching,
         strong=strong,
+        stepped=stepped,
+        step_nodes=step_nodes,
     )
     if incumbent is not None:
         solver.consider(np.asarray(incumbent, float), None, "hint")

@@ -4,10 +4,15 @@ HiGHS prints a two-line banner on the process's standard output the first time a
 is created, before any option can switch its output off.  Library code must not print,
 and JSONL may go to stdout, so the first construction runs with file descriptor 1
 pointed at ``/dev/null``.
+
+HiGHS measures ``time_limit`` against the solver's *cumulative* run time
+(``getRunTime()``, summed over every ``run()`` of the object), so a solver that is re-run
+many times needs :func:`set_time_limit` to give each run its own budget.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -31,6 +36,19 @@ def new_highs() -> highspy.Highs:
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     return h
+
+
+def set_time_limit(h: highspy.Highs, seconds: float | None) -> None:
+    """Let the next ``h.run()`` take at most ``seconds`` (None or inf: no limit).
+
+    The limit is set relative to the run time ``h`` has already accumulated; a plain
+    ``time_limit`` of ``seconds`` would stop every run at once after the first
+    ``seconds`` of total solving.
+    """
+    if seconds is None or not math.isfinite(seconds):
+        h.setOptionValue("time_limit", highspy.kHighsInf)
+        return
+    h.setOptionValue("time_limit", float(h.getRunTime()) + max(float(seconds), 1e-3))
 
 
 def _construct_silently() -> highspy.Highs:

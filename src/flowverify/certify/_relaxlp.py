@@ -36,7 +36,7 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
-from ._highs import new_highs
+from ._highs import new_highs, set_time_limit
 
 __all__ = ["Problem", "RelaxationLP"]
 
@@ -338,7 +338,8 @@ class RelaxationLP:
 
     # ------------------------------------------------------------------ state changes
     def set_time_limit(self, seconds: float | None) -> None:
-        self.h.setOptionValue("time_limit", float(seconds) if seconds else INF)
+        """At most ``seconds`` for the next :meth:`solve` (None: no limit)."""
+        set_time_limit(self.h, seconds)
 
     def set_margin(self, kappa: float) -> None:
         """Lower bound ``κ`` of ``f_t - f_y`` (0 for bounds, > 0 for witnesses)."""
@@ -350,9 +351,10 @@ class RelaxationLP:
         self.h.changeRowBounds(self.row_margin, lo, INF)
 
     def set_radius(self, radius: float) -> None:
-        """Shrink the ball row (the box of p, q is kept; it stays valid)."""
-        radius = float(radius)
-        if radius < self.ru[self.row_ball]:
+        """Set the ball row ``1ᵀ(p + q) ≤ radius``, at most the radius the LP was built
+        with (the box ``p, q ≤ U`` of the columns stays valid under any smaller ball)."""
+        radius = min(float(radius), self.radius)
+        if radius != self.ru[self.row_ball]:
             self.ru[self.row_ball] = radius
             self.h.changeRowBounds(self.row_ball, -INF, radius)
 
