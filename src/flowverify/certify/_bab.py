@@ -153,8 +153,10 @@ class _Solver:
         strong=1,
         stepped=True,
         step_nodes=64,
+        step=0.1,
     ):
         self.stepped = stepped
+        self.step = float(step)
         self.step_nodes = max(1, int(step_nodes))
         self.branching = branching
         self.strong = max(1, int(strong))
@@ -458,9 +460,11 @@ class _Solver:
         Intermediate bounds over ``P_ε`` are much tighter than over ``P_U`` when the
         incumbent is far from ``r*``: a search that closes every node proves ``r* ≥ ε``;
         one that finds an adversarial below ``ε`` lowers ``U`` and goes on as the exact
-        search.  A search is cut after a node budget; the step ``ε - L`` then shrinks
-        (and grows again after a success).  The last search (``U - L ≤ 5%`` of ``U``,
-        or ``L`` unknown) runs to the deadline.
+        search.  Radii grow by relative steps, ``ε = L(1 + s)``; after a search cut at its
+        node budget, ``s`` is divided by 3 and the budget doubled (the next search starts
+        again at the roots: continuing the cut tree, whose splits and bounds were made for
+        the larger radius, was measured slower); ``s`` grows 1.5x after a closed search.
+        The last search (``ε ≥ 95%`` of ``U``, or ``L`` unknown) runs to the deadline.
         """
         prob = self.prob
         self.cap = radius
@@ -472,13 +476,15 @@ class _Solver:
             linearised_attack(self, budget=0.25 * max(self.remaining(), 0.0))
         proven = 0.0
         hint = lower_hint if 0.0 < lower_hint < min(radius, self.best) else 0.0
-        theta, budget = 0.25, self.step_nodes
-        heap: list = []
+        step, budget = self.step, self.step_nodes
+        heap: list | None = None
         while True:
             upper = min(radius, self.best)
             low = max(proven, hint)
-            final = not self.stepped or low <= 0.0 or upper - low <= 0.05 * upper or theta >= 1.0
-            eps = upper if final else low + theta * (upper - low)
+            final = not self.stepped or low <= 0.0 or step <= 0.0
+            eps = upper if final else low * (1.0 + step)
+            if eps >= 0.95 * upper:
+                final, eps = True, upper
             heap = self.search(eps, None if final else budget)
             if heap is None:  # deadline during the roots: nothing proven in this search
                 heap = [_Node(0.0, next(self.seq), -1, [], [], None)]
@@ -488,7 +494,7 @@ class _Solver:
             logger.debug(
                 "search eps=%.6g (%s): %s, proven %.6g, upper %.6g, %d nodes",
                 eps,
-                "final" if final else f"theta {theta:.3g}, budget {budget}",
+                "final" if final else f"step {step:.3g}, budget {budget}",
                 "closed" if done else "cut",
                 proven,
                 self.best,
@@ -496,19 +502,20 @@ class _Solver:
             )
             if final or self.remaining() <= 0:
                 break
-            if self.best - proven <= self.rtol * self.best:
+            if math.isfinite(self.best) and self.best - proven <= self.rtol * self.best:
                 heap = []
                 break
             if done:
-                theta = min(1.0, theta * 2.0)
+                step *= 1.5
             else:
-                theta, budget = theta / 4.0, budget * 2
-                if theta < 1e-3:
-                    theta = 1.0  # steps too small to help: search the whole gap
+                step, budget = step / 3.0, budget * 2
+                if step < 1e-3:
+                    step = 0.0  # steps too small to help: search the whole gap
         return self.finish(heap, lower_hint, proven)
 
     def search(self, eps, max_nodes):
-        """Best-first search for ``min ‖g‖₁`` over ``P_ε`` (pruning at ``min(U, ε)``).
+        """Best-first search for ``min ‖g‖₁`` over ``P_ε`` (pruning at ``min(U, ε)``),
+        from the roots, for at most ``max_nodes`` expansions (None: to the deadline).
 
         Returns the open nodes (empty when closed; the proven bound is
         :meth:`lower`), or None if the deadline came while evaluating the roots.
@@ -531,6 +538,17 @@ class _Solver:
                 break
         heap = [n for n in order if n.lb < min(self.best, self.radius)]
         heapq.heapify(heap)
+        return self._expand_loop(heap, max_nodes)
+
+    def _tighten(self, nodes) -> None:
+        """Intersect the nodes' bounds with the root bounds (both hold on ``P_ε``)."""
+        for n in nodes:
+            n.bounds = [
+                (np.maximum(lo, rl), np.minimum(hi, rh))
+                for (lo, hi), (rl, rh) in zip(n.bounds, self.root_bounds, strict=True)
+            ]
+
+    def _expand_loop(self, heap, max_nodes):
         last_log = time.perf_counter()
         expanded = 0
         while heap:
@@ -548,11 +566,7 @@ class _Solver:
                 self.region_search_from_node(heap[0])
                 if self.best < 0.9 * self.radius:
                     self.set_radius(self.best)
-                    for n in heap:
-                        n.bounds = [
-                            (np.maximum(lo, rl), np.minimum(hi, rh))
-                            for (lo, hi), (rl, rh) in zip(n.bounds, self.root_bounds, strict=True)
-                        ]
+                    self._tighten(heap)
             if self.log_every and time.perf_counter() - last_log > self.log_every:
                 last_log = time.perf_counter()
                 logger.info(
@@ -698,6 +712,7 @@ def branch_and_bound(
     strong: int = 1,
     stepped: bool = True,
     step_nodes: int = 64,
+    step: float = 0.1,
 ) -> BabOutcome:
     """Exact minimum distance by best-first BaB (module docstring).
 
@@ -723,6 +738,9 @@ def branch_and_bound(
         (:meth:`_Solver.run`); False: one search over ``P_U``.
     step_nodes : int
         Node budget of the first such search (doubled after each cut).
+    step : float
+        First relative step: ``ε = L(1 + step)``; x1.5 after a closed search, /3 after
+        a cut one.
     """
     solver = _Solver(
         prob,
@@ -738,6 +756,7 @@ def branch_and_bound(
         strong=strong,
         stepped=stepped,
         step_nodes=step_nodes,
+        step=step,
     )
     if incumbent is not None:
         solver.consider(np.asarray(incumbent, float), None, "hint")
