@@ -399,6 +399,26 @@ def test_complete_chain_and_timeout():
         assert q.radius_raw <= c.upper_raw * (1 + 1e-6)  # a proven lower bound, nothing claimed
 
 
+def test_complete_on_bundled_fc_brackets_the_attacks():
+    """Bundled fc digits with a short limit: the proven radius is at least the feasible
+    CROWN radius, and the reported adversarial is no farther than the PGD attack's."""
+    from flowverify.datasets import bundled_digits
+    from flowverify.models import load_model
+
+    x, y = bundled_digits()
+    model = load_model("fc")
+    x, y = x[:2], y[:2]
+    fea = certify(model, x, y, method="feasible")
+    comp = certify(model, x, y, method="complete", timeout=4)
+    pgd = fv.attack(model, x, y)
+    assert pgd.success.all()  # not vacuous
+    for f, c, w1 in zip(fea, comp, np.asarray(pgd.w1), strict=True):
+        assert c.status in (Status.CERTIFIED, Status.UNKNOWN)
+        assert c.radius >= f.radius * (1 - 1e-9)
+        assert c.radius <= c.upper * (1 + 1e-9)
+        assert c.upper <= w1 * (1 + 1e-6)
+
+
 def test_device_and_smoothing_validation():
     x = _images(21, n=1)
     model = _relu_net(22)

@@ -12,9 +12,16 @@ to the solution's linear region with margin ``f_t - f_y ≥ κ``).  Upper bounds
 every LP solution checked by an exact forward pass, and from a local search over linear
 regions (region LP, then flips of the neurons whose sign constraints block it).
 
+Searches over growing radii (:meth:`_Solver.run`): bounds over the ball of the incumbent
+radius ``U`` are loose when ``U`` is far above ``r*`` (the attacks' adversarials often are
+1.5-2x the proven radius), so the radius is raised from a proven lower bound ``L`` (the
+caller's incomplete radius) by searches over ``P_ε``, ``ε = L(1 + s)``, each restricted
+to the ball ``‖g‖₁ ≤ ε``.  A search that closes every node proves ``r* ≥ ε``; nodes closed
+there say nothing beyond ``ε``, so every proven bound is capped by the search radius.
+
 Termination: ``U - L ≤ rtol·U`` with ``L`` the minimum bound over open nodes and over
-leaves closed within tolerance; otherwise, at the deadline, ``L`` is returned as the
-proven lower bound.
+leaves closed within tolerance (and at most the search radius); otherwise, at the
+deadline, the best such ``L`` is returned as the proven lower bound.
 """
 
 from __future__ import annotations

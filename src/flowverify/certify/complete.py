@@ -23,8 +23,10 @@ Algorithms
   image-space form) with intermediate bounds from CROWN-style propagation whose linear
   bounds are minimised *exactly* over the W1 ball ∩ feasibility polytope by Kantorovich
   duality (:mod:`._w1ball`), recomputed under every split and over the ball of the
-  incumbent radius.  Upper bounds: an iterated-linearisation attack, every LP solution,
-  and a local search over linear regions.
+  search radius; that radius grows from ``lower_bound`` by steps (searches over
+  ``P_ε``, each proving ``r* ≥ ε`` when it closes) before the gap to the incumbent is
+  closed.  Upper bounds: the caller's witness, an iterated-linearisation attack, every
+  LP solution, and a local search over linear regions.
 * ``algorithm="milp"``: the big-M MILP solved by HiGHS per target (a cross-check for
   small networks; its dual bound is trusted as HiGHS reports it).
 
