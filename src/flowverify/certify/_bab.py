@@ -141,6 +141,7 @@ class _Node:
     bounds: list = field(compare=False)
     hint: list | None = field(compare=False)  # (z, a, tri_dual) per layer from the LP
     depth: int = field(compare=False, default=0)
+    basis: object = field(compare=False, default=None)  # HiGHS basis of the node's LP
 
 
 class _Solver:
@@ -164,6 +165,8 @@ class _Solver:
     ):
         self.stepped = stepped
         self.step = float(step)
+        self.warm = True  # children start from the parent's LP basis
+        self.root_basis: dict = {}
         self.step_nodes = max(1, int(step_nodes))
         self.branching = branching
         self.strong = max(1, int(strong))
@@ -251,10 +254,12 @@ class _Solver:
             self.lps[target] = lp
         return lp
 
-    def _solve(self, target, bounds, splits, kappa=0.0):
+    def _solve(self, target, bounds, splits, kappa=0.0, basis=None):
         lp = self._lp(target)
         lp.set_node(bounds, splits)
         lp.set_margin(kappa)
+        if basis is not None and self.warm:
+            lp.h.setBasis(basis)  # the parent's optimal basis: one split away
         rem = self.remaining()
         if rem <= 0:
             return "unknown", -math.inf, None, lp
@@ -386,7 +391,9 @@ class _Solver:
                 splits = [s.copy() for s in node.splits]
                 splits[k][j] = sgn
                 bounds = self.child_bounds(node, splits, k)
-                children.append(self.evaluate(node.target, bounds, splits, node.lb, node.depth + 1))
+                children.append(
+                    self.evaluate(node.target, bounds, splits, node.lb, node.depth + 1, node.basis)
+                )
             lbs = sorted(math.inf if c is None else c.lb for c in children)
             key = (lbs[0], lbs[1])
             if best_key is None or key > best_key:
@@ -397,17 +404,18 @@ class _Solver:
             if child is not None and child.lb < self.best:
                 heapq.heappush(heap, child)
 
-    def evaluate(self, target, bounds, splits, parent_lb, depth):
+    def evaluate(self, target, bounds, splits, parent_lb, depth, basis=None):
         """Solve a node's LP; returns the node to keep open, or None if closed."""
         for k, (lo, hi) in enumerate(bounds):
             lo_e, hi_e = effective(lo, hi, splits[k])
             if np.any(lo_e > hi_e):
                 return None  # empty sub-domain (sound bounds)
-        st, lb, x, lp = self._solve(target, bounds, splits)
+        st, lb, x, lp = self._solve(target, bounds, splits, basis=basis)
         if st == "infeasible":
             return None
         if st != "optimal":
-            return _Node(parent_lb, next(self.seq), target, splits, bounds, None, depth)
+            return _Node(parent_lb, next(self.seq), target, splits, bounds, None, depth, basis)
+        own_basis = lp.h.getBasis() if self.warm else None
         lb = max(lb, parent_lb)
         g = lp.flow(x)
         self.consider(self.prob.delta_mu + g, target, "lp")
@@ -420,7 +428,7 @@ class _Solver:
             if np.any(np.abs(a - np.maximum(z, 0.0)) > 1e-9 * (1 + np.abs(z))):
                 tight = False
                 break
-        node = _Node(lb, next(self.seq), target, splits, bounds, hint, depth)
+        node = _Node(lb, next(self.seq), target, splits, bounds, hint, depth, own_basis)
         if tight:
             self.region_search(target, self.prob.delta_mu + g, bounds)
             if self.best <= lb + self.rtol * self.best:
@@ -455,9 +463,13 @@ class _Solver:
         for t in self.targets:
             if self.remaining() <= 0:
                 return None
-            node = self.evaluate(t, self.root_bounds, [s.copy() for s in zero], 0.0, 0)
+            node = self.evaluate(
+                t, self.root_bounds, [s.copy() for s in zero], 0.0, 0, self.root_basis.get(t)
+            )
             if node is not None:
                 out.append(node)
+                if node.basis is not None:
+                    self.root_basis[t] = node.basis  # the next search's root starts here
         return out
 
     def run(self, radius, lower_hint):
