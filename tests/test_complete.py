@@ -438,3 +438,25 @@ def test_highs_time_limit_is_per_run():
     assert h.getRunTime() > budget
     set_time_limit(h, None)
     assert h.getOptionValue("time_limit")[1] == highspy.kHighsInf
+
+
+@pytest.mark.parametrize(
+    "opts", [dict(stepped=False), dict(step=0.5, step_nodes=1)], ids=["one-search", "tiny-budget"]
+)
+def test_branch_and_bound_search_options_stay_exact(monkeypatch, opts):
+    """One search over ``P_U``, or steps cut after every node: the same exact radius."""
+    import functools
+
+    from flowverify.certify import _bab, complete
+
+    monkeypatch.setattr(
+        complete, "branch_and_bound", functools.partial(_bab.branch_and_bound, **opts)
+    )
+    _, chain, dmu, ref, label, _ = _setup(8, [4, 4, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    res = exact_radius(
+        chain, dmu, ref, label, height=H, width=W, timeout=60, lower_bound=0.5 * truth
+    )
+    assert res.status == "optimal", res.solver_status
+    assert res.lower <= truth + 1e-9 <= res.upper + 2e-9
+    assert res.upper == pytest.approx(truth, rel=1e-5)

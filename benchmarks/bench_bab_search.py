@@ -1,0 +1,131 @@
+"""Cost of one branch-and-bound search over ``P_ε`` as ``ε`` grows (complete certifier).
+
+For one bundled digit and the bundled ``fc`` model, runs the searches of
+:mod:`flowverify.certify._bab` at fixed radii ``ε = k · r_feasible`` (``r_feasible`` the
+feasible CROWN radius) and prints, per radius, whether the search closed (a proof of
+``r* ≥ ε``) within the node budget, the nodes expanded, the LPs solved, the simplex
+iterations, and the seconds, once with children warm-started from their parent's LP basis
+and once from whatever basis the solver last had.  Also prints the closest adversarial
+found by the default minimal-radius PGD attack, as a multiple of ``r_feasible``.
+
+Examples
+--------
+::
+
+    python benchmarks/bench_bab_search.py                    # digit 1, k = 1.1 ... 1.37
+    python benchmarks/bench_bab_search.py --index 0 --factors 1.2,1.4 --budget 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import numpy as np
+import torch
+
+import flowverify
+from flowverify.certify import _bab, _relaxlp
+from flowverify.certify import bounds as _b
+from flowverify.certify._chain import affine_chain
+from flowverify.certify.api import INVERSE_METHOD
+from flowverify.certify.complete import _block_incidence
+from flowverify.datasets import bundled_digits
+from flowverify.flowmodel import FlowModel
+from flowverify.flows import inverse_flow
+from flowverify.models import load_model
+from flowverify.references import make_reference
+
+ITERATIONS = {"simplex": 0}
+
+
+def _counting_solve(solve):
+    @functools.wraps(solve)
+    def wrapper(self):
+        out = solve(self)
+        ITERATIONS["simplex"] += int(self.h.getInfo().simplex_iteration_count)
+        return out
+
+    return wrapper
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--index", type=int, default=1, help="bundled digit (default 1)")
+    p.add_argument("--factors", default="1.1,1.29,1.35,1.37", help="ε / feasible radius")
+    p.add_argument("--budget", type=int, default=256, help="node budget per search")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _relaxlp.RelaxationLP.solve = _counting_solve(_relaxlp.RelaxationLP.solve)
+
+    model = load_model("fc")
+    x, y = bundled_digits()
+    i = args.index
+    img = x[i].astype(np.float64)
+    mass = float(img.sum())
+    feas = flowverify.certify(model, x[i : i + 1], y[i : i + 1], method="feasible")[0]
+    pgd = flowverify.attack(model, x[i : i + 1], y[i : i + 1])
+    r_f = feas.radius * mass  # raw units: flow L1
+    print(f"# digit {i} (label {int(y[i])}), feasible radius {feas.radius:.5f} (normalised)")
+    if bool(np.asarray(pgd.success)[0]):
+        w1 = float(np.asarray(pgd.w1)[0])
+        print(f"# closest PGD adversarial {w1:.5f} = {w1 / feas.radius:.2f}x feasible")
+
+    m64 = model.double()
+    ref = make_reference("uniform", img)
+    chain = affine_chain(FlowModel(m64, torch.as_tensor(ref), fuse=True), 0)
+    dmu = np.asarray(inverse_flow(ref, img, method=INVERSE_METHOD), dtype=np.float64)
+    prob = _relaxlp.Problem(
+        [np.asarray(w, dtype=np.float64) for w in chain.weights],
+        [np.asarray(b, dtype=np.float64) for b in chain.biases],
+        dmu.reshape(-1),
+        ref.reshape(-1),
+        int(y[i]),
+        height=28,
+        width=28,
+        channels=1,
+        feasible=True,
+        amat=_block_incidence(28, 28, 1),
+    )
+    bound_fn = functools.partial(_b.relu_bounds, height=28, width=28, device="cpu")
+    factors = [float(f) for f in args.factors.split(",")]
+    cap = max(factors) * r_f
+    print("| eps / feasible | warm start | result | nodes | LPs | simplex iterations | s |")
+    print("|---|---|---|---|---|---|---|")
+    for warm in (True, False):
+        for k in factors:
+            solver = _bab._Solver(
+                prob,
+                deadline=time.perf_counter() + 600,
+                rtol=1e-6,
+                kappa=1e-9,
+                bound_fn=bound_fn,
+                chain=chain,
+                refresh=True,
+                max_region_flips=20,
+                log_every=0,
+            )
+            solver.warm = warm
+            solver.cap = cap
+            solver.domain, use_image = _bab.problem_domain(prob, cap)
+            solver.v_img = solver.domain.v_img if use_image else None
+            solver.resid = solver.domain.resid if use_image else None
+            ITERATIONS["simplex"] = 0
+            t0 = time.perf_counter()
+            heap = solver.search(k * r_f, args.budget)
+            secs = time.perf_counter() - t0
+            closed = heap is not None and not heap
+            print(
+                f"| {k:.3g} | {'yes' if warm else 'no'} | "
+                f"{'closed' if closed else 'cut'} | {solver.nodes} | {solver.lp_solves} | "
+                f"{ITERATIONS['simplex']} | {secs:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
