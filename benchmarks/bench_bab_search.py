@@ -12,7 +12,7 @@ Examples
 --------
 ::
 
-    python benchmarks/bench_bab_search.py                    # digit 1, k = 1.1 ... 1.37
+    python benchmarks/bench_bab_search.py --cold             # digit 1, k = 1.1 ... 1.37
     python benchmarks/bench_bab_search.py --index 0 --factors 1.2,1.4 --budget 500
 """
 
@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--factors", default="1.1,1.29,1.35,1.37", help="ε / feasible radius")
     p.add_argument("--budget", type=int, default=256, help="node budget per search")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--branching", default="babsr", help="babsr, gap or product")
+    p.add_argument("--strong", type=int, default=1, help="branching candidates tried per node")
+    p.add_argument("--cold", action="store_true", help="also without warm starts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     _relaxlp.RelaxationLP.solve = _counting_solve(_relaxlp.RelaxationLP.solve)
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     cap = max(factors) * r_f
     print("| eps / feasible | warm start | result | nodes | LPs | simplex iterations | s |")
     print("|---|---|---|---|---|---|---|")
-    for warm in (True, False):
+    for warm in (True, False) if args.cold else (True,):
         for k in factors:
             solver = _bab._Solver(
                 prob,
@@ -107,6 +110,8 @@ def main(argv=None) -> int:
                 refresh=True,
                 max_region_flips=20,
                 log_every=0,
+                branching=args.branching,
+                strong=args.strong,
             )
             solver.warm = warm
             solver.cap = cap
