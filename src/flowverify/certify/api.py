@@ -565,15 +565,15 @@ def _pgd_min_radius(ctx: _Ctx, x: np.ndarray, label: int):
         res = WassersteinPGD(input_scale=ctx.input_scale, seed=ctx.seed, device=ctx.device)(
             ctx.model, x[None], np.array([label])
         )
+        if not bool(np.asarray(res.success)[0]):
+            return math.inf, None
+        img = np.asarray(res.adversarial[0], dtype=np.float64).reshape(x.shape)
+        if _predict(ctx.model, img[None], ctx.flat, ctx.input_scale)[0] == label:
+            return math.inf, None
+        return float(w1_distance(img, x, unit="raw")), img  # ValueError: mass differs
     except (RuntimeError, ValueError) as exc:  # an upper bound is optional
-        logger.debug("PGD attack failed (%s); the Frank-Wolfe bound is used", exc)
+        logger.debug("PGD attack gave no usable adversarial (%s)", exc)
         return math.inf, None
-    if not bool(np.asarray(res.success)[0]):
-        return math.inf, None
-    img = np.asarray(res.adversarial[0], dtype=np.float64).reshape(x.shape)
-    if _predict(ctx.model, img[None], ctx.flat, ctx.input_scale)[0] == label:
-        return math.inf, None
-    return float(w1_distance(img, x, unit="raw")), img
 
 
 # ----------------------------------------------------------------------------- complete
