@@ -114,10 +114,7 @@ def main(argv=None) -> int:
                 strong=args.strong,
             )
             solver.warm = warm
-            solver.cap = cap
-            solver.domain, use_image = _bab.problem_domain(prob, cap)
-            solver.v_img = solver.domain.v_img if use_image else None
-            solver.resid = solver.domain.resid if use_image else None
+            solver.prepare(cap)
             ITERATIONS["simplex"] = 0
             t0 = time.perf_counter()
             heap = solver.search(k * r_f, args.budget)

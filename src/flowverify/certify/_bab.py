@@ -472,6 +472,14 @@ class _Solver:
                     self.root_basis[t] = node.basis  # the next search's root starts here
         return out
 
+    def prepare(self, radius) -> None:
+        """Fix the largest radius ever searched (``cap``, the box of every LP) and the
+        input domain over it; :meth:`search` may then run at any ``ε <= cap``."""
+        self.cap = self.radius = radius
+        self.domain, use_image = problem_domain(self.prob, radius)
+        self.v_img = self.domain.v_img if use_image else None
+        self.resid = self.domain.resid if use_image else None
+
     def run(self, radius, lower_hint):
         """Raise a proven lower bound ``L`` towards the incumbent ``U`` by searches over
         growing radii ``ε`` (:meth:`search`), then close the gap at ``ε = U``.
@@ -485,13 +493,8 @@ class _Solver:
         the larger radius, was measured slower); ``s`` grows 1.5x after a closed search.
         The last search (``ε ≥ 95%`` of ``U``, or ``L`` unknown) runs to the deadline.
         """
-        prob = self.prob
-        self.cap = radius
-        self.domain, use_image = problem_domain(prob, radius)
-        self.v_img = self.domain.v_img if use_image else None
-        self.resid = self.domain.resid if use_image else None
-        if not math.isfinite(self.best) and prob.hidden:
-            self.radius = radius
+        self.prepare(radius)
+        if not math.isfinite(self.best) and self.prob.hidden:
             linearised_attack(self, budget=0.25 * max(self.remaining(), 0.0))
         proven = 0.0
         hint = lower_hint if 0.0 < lower_hint < min(radius, self.best) else 0.0

@@ -25,7 +25,7 @@ import highspy
 import numpy as np
 
 from ._bab import margin_witness
-from ._highs import new_highs
+from ._highs import new_highs, set_time_limit
 from ._propagate import layer_bounds
 from ._relaxlp import Problem, RelaxationLP
 from ._w1ball import problem_domain
@@ -102,7 +102,7 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", 1)
         h.passModel(lp.h.getLp())
-        h.setOptionValue("time_limit", float(rem) if math.isfinite(rem) else highspy.kHighsInf)
+        set_time_limit(h, rem)
         h.setOptionValue("mip_rel_gap", rtol / 10)
         h.setOptionValue("mip_abs_gap", 1e-12)
         h.setOptionValue("mip_feasibility_tolerance", 1e-9)

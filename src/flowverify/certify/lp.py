@@ -37,7 +37,7 @@ import torch
 
 from ..flows import incidence_matrix
 from . import bounds as _b
-from ._highs import new_highs
+from ._highs import new_highs, set_time_limit
 
 __all__ = ["LPOracle", "lp_margin_bounds"]
 
@@ -48,8 +48,7 @@ def _highs(time_limit: float | None) -> highspy.Highs:
     h = new_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
-    if time_limit is not None:
-        h.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
+    set_time_limit(h, time_limit)  # one budget for every target of the call
     return h
 
 
