@@ -283,3 +283,67 @@ def test_killed_cli_run_resumes_to_the_serial_records(killed_cli_runs, variant):
             np.testing.assert_array_equal(a["index"], list(range(N_CLI)))
             for key in ("adversarial", "index", "eps", "success", "w1"):
                 np.testing.assert_array_equal(a[key], b[key])
+
+
+# ----------------------------------------------------------------------------- wrapped
+# A SIGTERM that arrives while a numba kernel calls back into Python (seen: the runner's
+# handler raised KeyboardInterrupt inside numba's constant unpickling during the complete
+# certifier's bound propagation) reaches Python code as a SystemError whose cause is the
+# KeyboardInterrupt.  It must stop the run, not become the image's "error" record (which a
+# resume would keep as a result).
+
+
+def _wrapped_interrupt(*args, **kwargs):
+    try:
+        raise KeyboardInterrupt("SIGTERM")
+    except KeyboardInterrupt as ki:
+        raise SystemError(
+            "CPUDispatcher(<function _maximise_dual>) returned a result with an exception set"
+        ) from ki
+
+
+def test_raise_if_interrupted_finds_an_interrupt_in_the_chain():
+    from flowverify._interrupt import raise_if_interrupted
+
+    with pytest.raises(SystemError) as info:
+        _wrapped_interrupt()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        raise_if_interrupted(info.value)
+    raise_if_interrupted(ValueError("an ordinary failure"))  # no-op
+    a, b = ValueError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle ends the walk
+    raise_if_interrupted(a)
+
+
+def test_wrapped_interrupt_in_certify_stops_it(monkeypatch):
+    import flowverify
+    from flowverify.certify import api
+    from flowverify.datasets import bundled_digits
+    from flowverify.models import load_model
+
+    x, y = bundled_digits()
+    model = load_model("linear")
+    monkeypatch.setattr(api, "_complete_one", _wrapped_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        flowverify.certify(model, x[:1], y[:1], method="complete")
+
+    def plain_failure(*args, **kwargs):
+        raise SystemError("not an interrupt")
+
+    monkeypatch.setattr(api, "_complete_one", plain_failure)
+    res = flowverify.certify(model, x[:1], y[:1], method="complete")[0]
+    assert res.status.value == "error" and "not an interrupt" in res.message
+
+
+def test_wrapped_interrupt_in_work_stops_the_run_unrecorded(tmp_path):
+    out = tmp_path / "r.jsonl"
+
+    def work(batch):
+        if 2 in batch:
+            _wrapped_interrupt()
+        return [{"index": i, "value": i} for i in batch]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(range(4), work, out=out, config={"t": 1}, progress=False)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1]  # image 2 left for a resume, no error record

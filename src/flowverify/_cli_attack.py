@@ -50,6 +50,7 @@ from ._cli_certify import (
     _save_array,
     _summary_float,
 )
+from ._interrupt import raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def _attack_work(batch: list[int], *, model: str, data: str, attack: dict, devic
         net = _cached_model(model).to(dev)
         res = atk(net, x_all[idx], None if y_all is None else np.asarray(y_all)[idx])
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        raise_if_interrupted(exc)
         if len(batch) > 1:
             kw = {"model": model, "data": data, "attack": attack, "device": device, "save": save}
             return [rec for i in batch for rec in _attack_work([i], **kw)]

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._interrupt import raise_if_interrupted
+
 logger = logging.getLogger(__name__)
 
 _UNITS = (
@@ -471,6 +473,7 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
                 )
             )
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        raise_if_interrupted(exc)
         if len(batch) > 1:
             return [rec for i in batch for rec in _certify_work([i], **kw)]
         label = -1 if y_all is None else int(np.asarray(y_all)[batch[0]])

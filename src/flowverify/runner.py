@@ -86,6 +86,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._interrupt import raise_if_interrupted
 from .results import Status, jsonable
 
 try:  # POSIX advisory locks; absent on Windows
@@ -307,6 +308,7 @@ def _run_batch(work: Callable, batch: list[int], config: dict) -> _Result:
             per_image[idx].append(_dumps(rec) + "\n")
             attached.setdefault(idx, []).append(payload)
     except Exception as exc:  # noqa: BLE001 - reported as error records, the run goes on
+        raise_if_interrupted(exc)
         return _error_lines(batch, _error_text(exc), config), {}
     out = {}
     for i, lines in per_image.items():

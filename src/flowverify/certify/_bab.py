@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._interrupt import raise_if_interrupted
 from ._highs import new_highs, set_time_limit
 from ._propagate import effective, layer_bounds
 from ._relaxlp import Problem, RelaxationLP
@@ -229,6 +230,7 @@ class _Solver:
                     for (lo, hi), (el, eh) in zip(b, extra, strict=True)
                 ]
             except Exception as exc:  # noqa: BLE001 - optional helper, never fatal
+                raise_if_interrupted(exc)
                 logger.warning("bound_fn failed (%s); using the built-in bounds", exc)
         return b
 

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .._arrays import check_device, check_labels, check_logits, model_errors
+from .._interrupt import raise_if_interrupted
 from ..flowmodel import (
     INPUT_SCALES,
     FlowModel,
@@ -850,6 +851,7 @@ def _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit):
         except (KeyboardInterrupt, NotImplementedError):
             raise
         except Exception as exc:  # one failing batch must not stop the run
+            raise_if_interrupted(exc)
             logger.exception("certify: batch %s failed", idx[ok].tolist())
             for i in ok:
                 names = [r.name for r in ref_sets[i]]

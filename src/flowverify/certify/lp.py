@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._interrupt import raise_if_interrupted
 from ..flows import incidence_matrix
 from . import bounds as _b
 from ._highs import new_highs, set_time_limit
@@ -278,7 +279,8 @@ class LPOracle:
                 continue
             try:
                 res = lp_margin_bounds(net, sub, b, bounds, e, todo, time_limit=self.time_limit)
-            except Exception:  # a solver failure never invalidates the CROWN radius
+            except Exception as exc:  # a solver failure never invalidates the CROWN radius
+                raise_if_interrupted(exc)
                 logger.exception("lp: the LP relaxation failed; keeping the CROWN radius")
                 continue
             for t, (beta, slope) in res.items():
