@@ -14,6 +14,14 @@ Examples
 
     python benchmarks/bench_bab_search.py --cold             # digit 1, k = 1.1 ... 1.37
     python benchmarks/bench_bab_search.py --index 0 --factors 1.2,1.4 --budget 500
+    python benchmarks/bench_bab_search.py --factors 1.35 --tighten --milp 600
+
+``--tighten`` repeats each search with the unstable neurons' intermediate bounds at the
+root tightened by LP (min/max of each pre-activation over the triangle relaxation over
+``P_ε``, layer by layer): the best single-neuron intermediate bounds, against the
+CROWN/Kantorovich ones the certifier uses.  ``--milp SECONDS`` decides the same radius
+with HiGHS's own branch and cut on the big-M MILP (:mod:`flowverify.certify._milp`,
+bounds over ``P_ε``).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import functools
 import sys
 import time
 
+import highspy
 import numpy as np
 import torch
 
@@ -30,6 +39,7 @@ import flowverify
 from flowverify.certify import _bab, _relaxlp
 from flowverify.certify import bounds as _b
 from flowverify.certify._chain import affine_chain
+from flowverify.certify._milp import milp_exact
 from flowverify.certify.api import INVERSE_METHOD
 from flowverify.certify.complete import _block_incidence
 from flowverify.datasets import bundled_digits
@@ -60,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--branching", default="babsr", help="babsr, gap or product")
     p.add_argument("--strong", type=int, default=1, help="branching candidates tried per node")
     p.add_argument("--cold", action="store_true", help="also without warm starts")
+    p.add_argument("--tighten", action="store_true", help="also with LP-tightened root bounds")
+    p.add_argument("--milp", type=float, default=0.0, help="also HiGHS's MILP, seconds limit")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     _relaxlp.RelaxationLP.solve = _counting_solve(_relaxlp.RelaxationLP.solve)
@@ -96,9 +108,17 @@ def main(argv=None) -> int:
     bound_fn = functools.partial(_b.relu_bounds, height=28, width=28, device="cpu")
     factors = [float(f) for f in args.factors.split(",")]
     cap = max(factors) * r_f
-    print("| eps / feasible | warm start | result | nodes | LPs | simplex iterations | s |")
-    print("|---|---|---|---|---|---|---|")
-    for warm in (True, False) if args.cold else (True,):
+    print(
+        "| eps / feasible | warm start | root bounds | unstable (layers) | result | nodes "
+        "| LPs | simplex iterations | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    modes = [(True, False)]
+    if args.cold:
+        modes.append((False, False))
+    if args.tighten:
+        modes.append((True, True))
+    for warm, tighten in modes:
         for k in factors:
             solver = _bab._Solver(
                 prob,
@@ -115,18 +135,84 @@ def main(argv=None) -> int:
             )
             solver.warm = warm
             solver.prepare(cap)
+            unstable = []
+            crown = solver._bounds
+
+            def root_bounds(radius, solver=solver, crown=crown, tighten=tighten, out=unstable):
+                b = crown(radius)
+                if tighten:
+                    b = _lp_tightened(prob, solver, b, radius)
+                out[:] = [int(((lo < 0) & (hi > 0)).sum()) for lo, hi in b]
+                return b
+
+            solver._bounds = root_bounds
             ITERATIONS["simplex"] = 0
             t0 = time.perf_counter()
             heap = solver.search(k * r_f, args.budget)
             secs = time.perf_counter() - t0
             closed = heap is not None and not heap
             print(
-                f"| {k:.3g} | {'yes' if warm else 'no'} | "
+                f"| {k:.3g} | {'yes' if warm else 'no'} | {'LP' if tighten else 'CROWN'} | "
+                f"{'/'.join(map(str, unstable))} | "
                 f"{'closed' if closed else 'cut'} | {solver.nodes} | {solver.lp_solves} | "
                 f"{ITERATIONS['simplex']} | {secs:.1f} |",
                 flush=True,
             )
+    if args.milp > 0:
+        print("\n| eps / feasible | HiGHS MILP | MILP nodes | s |\n|---|---|---|---|")
+        for k in factors:
+            t0 = time.perf_counter()
+            res = milp_exact(
+                prob,
+                radius=k * r_f,
+                deadline=t0 + args.milp,
+                rtol=1e-6,
+                kappa=1e-9,
+                incumbent=None,
+                t0=t0,
+            )
+            secs = time.perf_counter() - t0
+            if res.witness_flow is not None:
+                verdict = f"adversarial at {res.upper / r_f:.3g}x"
+            elif res.solver_status != "milp: time limit":
+                verdict = "closed"
+            else:
+                verdict = f"time limit (lower {res.lower / r_f:.3g}x)"
+            print(f"| {k:.3g} | {verdict} | {res.nodes} | {secs:.1f} |", flush=True)
     return 0
+
+
+def _lp_tightened(prob, solver, bounds, radius):
+    """Root bounds with each unstable neuron's ``l``/``u`` replaced by the LP min/max of
+    its pre-activation over the triangle relaxation over ``P_radius`` (safe dual bounds),
+    layer by layer (a layer's tightened bounds shape the next layer's triangles)."""
+    lp = _relaxlp.RelaxationLP(
+        prob, solver.targets[0], solver.cap, bounds, v_img=solver.v_img, resid=solver.resid
+    )
+    lp.set_radius(radius)
+    h = lp.h
+    h.changeRowBounds(lp.row_margin, -highspy.kHighsInf, highspy.kHighsInf)  # no margin
+    zero = [np.zeros(n, np.int8) for n in prob.hidden]
+    bounds = [(lo.copy(), hi.copy()) for lo, hi in bounds]
+    every = np.arange(lp.ncol, dtype=np.int32)
+    for k in range(len(prob.hidden)):
+        lp.set_node(bounds, zero)
+        lo, hi = bounds[k]
+        for j in np.nonzero((lo < 0) & (hi > 0))[0]:
+            for sgn in (1.0, -1.0):
+                cost = np.zeros(lp.ncol)
+                cost[lp.zoff[k] + j] = sgn
+                h.changeColsCost(lp.ncol, every, cost)
+                h.run()
+                if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                    continue
+                y = np.asarray(h.getSolution().row_dual)
+                v = max(lp.safe_bound(y, cost=cost), lp.safe_bound(-y, cost=cost))
+                if sgn > 0:
+                    lo[j] = max(lo[j], v)
+                else:
+                    hi[j] = min(hi[j], -v)
+    return bounds
 
 
 if __name__ == "__main__":
