@@ -15,6 +15,8 @@ Examples
     python benchmarks/bench_bab_search.py --cold             # digit 1, k = 1.1 ... 1.37
     python benchmarks/bench_bab_search.py --index 0 --factors 1.2,1.4 --budget 500
     python benchmarks/bench_bab_search.py --factors 1.35 --tighten --milp 600
+    python benchmarks/bench_bab_search.py --factors 1.29 \
+        --lp-option simplex_dual_edge_weight_strategy=1       # Devex pricing
 
 ``--tighten`` repeats each search with the unstable neurons' intermediate bounds at the
 root tightened by LP (min/max of each pre-activation over the triangle relaxation over
@@ -61,6 +63,16 @@ def _counting_solve(solve):
     return wrapper
 
 
+def _with_options(init, options):
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for name, value in options:
+            self.h.setOptionValue(name, int(value))
+
+    return wrapper
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--index", type=int, default=1, help="bundled digit (default 1)")
@@ -72,9 +84,21 @@ def main(argv=None) -> int:
     p.add_argument("--cold", action="store_true", help="also without warm starts")
     p.add_argument("--tighten", action="store_true", help="also with LP-tightened root bounds")
     p.add_argument("--milp", type=float, default=0.0, help="also HiGHS's MILP, seconds limit")
+    p.add_argument(
+        "--lp-option",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="a HiGHS option of every node LP, e.g. simplex_dual_edge_weight_strategy=1 "
+        "(Devex pricing); repeatable",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     _relaxlp.RelaxationLP.solve = _counting_solve(_relaxlp.RelaxationLP.solve)
+    if args.lp_option:
+        _relaxlp.RelaxationLP.__init__ = _with_options(
+            _relaxlp.RelaxationLP.__init__, [o.split("=", 1) for o in args.lp_option]
+        )
 
     model = load_model("fc")
     x, y = bundled_digits()
