@@ -76,8 +76,8 @@ def main() -> int:
         return np.array([r.radius for r in res])
 
     ok = None
-    # vanilla takes about 0.5 s for 100 digits: one timing varies by +-5%, so the median of
-    # --repeats timings is reported, with their range
+    # vanilla takes about 0.5 s for 100 digits: one timing varies by about 10% on a shared
+    # machine, so the median of --repeats timings is reported, with their range
     van_times = []
     for _ in range(max(1, args.repeats)):
         van, dt = run("fc/vanilla/crown", "fc", "vanilla")
