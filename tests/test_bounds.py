@@ -17,6 +17,7 @@ from torch import nn
 import flowverify as fv
 from flowverify.certify import bounds as B
 from flowverify.certify._chain import affine_chain
+from flowverify.datasets import load_images
 from flowverify.flows import apply_flow_adjoint, incidence_matrix
 
 
@@ -222,3 +223,65 @@ def test_search_radius_finds_the_fixed_point():
     assert np.all(res.probes <= 12)
     start = B.search_radius(oracle, np.full(3, 100.0), lower_init=e_star * 0.9)
     assert np.all(start.lower >= e_star * 0.9) and np.all(start.converged)
+
+
+def _exact_pair_norms(lam, G, scale, c, h, w):
+    """``‖Aᵀ(Λ_r G) scale‖_∞`` per row in extended precision (the reference)."""
+    q = lam.astype(np.longdouble) @ G.astype(np.longdouble)  # (nb, m, C*H*W)
+    x = q.reshape(*q.shape[:2], c, h, w)
+    dh = np.abs(np.diff(x, axis=-1)).max(axis=(-2, -1))
+    dv = np.abs(np.diff(x, axis=-2)).max(axis=(-2, -1))
+    return (np.maximum(dh, dv) * scale[:, None, :]).max(axis=-1)
+
+
+def _cancelling_pairs(rng, nb=3, half=6, n0=40, c=1, h=7, w=6):
+    """Paired rows (``r``, ``r + half``) over nearly equal rows of ``G``: the sums cancel."""
+    G = 3.0 + 1e-4 * rng.normal(size=(n0, c * h * w))
+    lam = rng.normal(size=(nb, 2 * half, n0)) * 50
+    lam[:, :half] -= lam[:, :half].mean(axis=2, keepdims=True)  # Σ_k a_k = 0
+    lam[:, half:, : n0 // 2] = -lam[:, :half, : n0 // 2]  # the a2 == -a branch
+    lam[:, :, ::7] = 0.0
+    scale = rng.uniform(0.5, 2.0, size=(nb, c))
+    return lam, G, scale
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_norm_is_a_rigorous_upper_bound(seed):
+    rng = np.random.default_rng(seed)
+    c, h, w = (1, 7, 6) if seed % 2 == 0 else (2, 5, 4)
+    lam, G, scale = _cancelling_pairs(rng, c=c, h=h, w=w)
+    rows = np.ones(lam.shape[:2], dtype=np.bool_)
+    rows[0, 1] = rows[0, 1 + lam.shape[1] // 2] = False
+    G32, gmax = G.astype(np.float32), np.abs(G).max(axis=1)
+    got = B._lam_g_lip(lam, G, scale, rows, True, c, h, w, G32=G32, g_absmax=gmax)
+    exact = _exact_pair_norms(lam, G, scale, c, h, w)
+    exact[~rows] = 0.0
+    err = B._f32_dot_error(lam, gmax, scale)
+    assert np.all(got >= exact)
+    assert np.all(got <= exact * (1 + 1e-6) + 2 * err)  # error either way, then + err
+    # the error term is needed: float32 sums alone fall below the exact norm here
+    raw = B._lam_g_lip32_par(lam, G32, np.zeros_like(err), scale, rows, c, h, w)
+    assert np.any(raw < exact)
+
+
+def test_float32_norm_falls_back_to_float64_on_huge_coefficients():
+    rng = np.random.default_rng(5)
+    lam, G, scale = _cancelling_pairs(rng)
+    lam *= 1e35
+    rows = np.ones(lam.shape[:2], dtype=np.bool_)
+    gmax = np.abs(G).max(axis=1)
+    assert B._f32_dot_error(lam, gmax, scale) is None
+    got = B._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax)
+    ref = B._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_vanilla_radii_with_float32_norms_match_float64(monkeypatch):
+    x, y = load_images("bundled", indices="0:8")
+    r32 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
+    monkeypatch.setattr(B, "_F32_SAFE", 0.0)  # every FlowNet built now has no float32 copy
+    B._NET_CACHE.clear()
+    r64 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
+    B._NET_CACHE.clear()
+    assert np.any(r64 > 0)
+    np.testing.assert_allclose(r32, r64, rtol=2e-3)
