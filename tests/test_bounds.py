@@ -260,7 +260,9 @@ def test_float32_norm_is_a_rigorous_upper_bound(seed):
     assert np.all(got >= exact)
     assert np.all(got <= exact * (1 + 1e-6) + 2 * err)  # error either way, then + err
     # the error term is needed: float32 sums alone fall below the exact norm here
-    raw = B._lam_g_lip32_par(lam, G32, np.zeros_like(err), scale, rows, c, h, w)
+    raw = B._lam_g_lip_par(
+        lam.astype(np.float32), G32, np.zeros_like(err), 1.0, scale, rows, True, c, h, w
+    )
     assert np.any(raw < exact)
 
 

@@ -724,12 +724,18 @@ def _acc_lip(acc, scale, C, H, W):
     return out
 
 
-def _lam_g_lip_impl(lam, G, scale, rows, paired, C, H, W):
+def _lam_g_lip_impl(lam, G, err, grow, scale, rows, paired, C, H, W):
     """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` for the rows with ``rows[b, r]`` (0 elsewhere).
 
-    ``lam (B, m, n_0)``.  Zero coefficients are skipped; with ``paired``, rows ``r`` and
-    ``r + m/2`` are computed together and a coefficient with ``Λ_{r+m/2,k} = -Λ_{r,k}``
-    (a stable neuron in a lower/upper pair) costs one product instead of two.
+    ``lam (B, m, n_0)`` and ``G`` of one dtype, in which the sums are computed (float64,
+    or float32 for speed).  Each result is ``grow`` times the computed norm plus
+    ``err[b, r]``: ``1`` and ``0`` in float64; in float32 ``1 + 2u`` and the bound of
+    :func:`_f32_dot_error`, which make it a rigorous upper bound of the exact norm (each
+    sum is off by at most ``err / 2``, so a neighbour difference by ``err``, and its
+    float32 rounding by a factor ``1 + u``).  Zero coefficients are skipped; with
+    ``paired``, rows ``r`` and ``r + m/2`` are computed together and a coefficient with
+    ``Λ_{r+m/2,k} = -Λ_{r,k}`` (a stable neuron in a lower/upper pair) costs one product
+    instead of two.
     """
     nb, m, n0 = lam.shape
     p_all = G.shape[1]
@@ -741,8 +747,8 @@ def _lam_g_lip_impl(lam, G, scale, rows, paired, C, H, W):
         if paired:
             if not (rows[b, r] or rows[b, r + half]):
                 continue
-            acc = np.zeros(p_all)
-            acc2 = np.zeros(p_all)
+            acc = np.zeros(p_all, dtype=G.dtype)
+            acc2 = np.zeros(p_all, dtype=G.dtype)
             for k in range(n0):
                 a = lam[b, r, k]
                 a2 = lam[b, r + half, k]
@@ -759,18 +765,18 @@ def _lam_g_lip_impl(lam, G, scale, rows, paired, C, H, W):
                     if a2 != 0.0:
                         for p in range(p_all):
                             acc2[p] += a2 * G[k, p]
-            out[b, r] = _acc_lip(acc, scale[b], C, H, W)
-            out[b, r + half] = _acc_lip(acc2, scale[b], C, H, W)
+            out[b, r] = _acc_lip(acc, scale[b], C, H, W) * grow + err[b, r]
+            out[b, r + half] = _acc_lip(acc2, scale[b], C, H, W) * grow + err[b, r + half]
         else:
             if not rows[b, r]:
                 continue
-            acc = np.zeros(p_all)
+            acc = np.zeros(p_all, dtype=G.dtype)
             for k in range(n0):
                 a = lam[b, r, k]
                 if a != 0.0:
                     for p in range(p_all):
                         acc[p] += a * G[k, p]
-            out[b, r] = _acc_lip(acc, scale[b], C, H, W)
+            out[b, r] = _acc_lip(acc, scale[b], C, H, W) * grow + err[b, r]
     return out
 
 
@@ -781,53 +787,6 @@ _U32 = 2.0**-24
 #: Above these magnitudes (coefficients, or their dot products with ``|G|``) the float32
 #: kernel could overflow; the float64 one runs instead.
 _F32_SAFE = 1e30
-
-
-def _lam_g_lip32_impl(lam, G32, err, scale, rows, C, H, W):
-    """Paired :func:`_lam_g_lip_impl` with float32 sums: an upper bound of the exact value.
-
-    ``G32``: ``G`` rounded to float32.  Each row's sums are float32 dot products, whose
-    error is at most ``err[b, r] / 2`` per pixel (from :func:`_f32_dot_error`); a
-    neighbour difference is then off by at most ``err`` and its float32 rounding by a
-    factor ``1 + u``, so ``(1 + 2u)·computed + err`` bounds the exact norm from above.
-    """
-    nb, m, n0 = lam.shape
-    p_all = G32.shape[1]
-    out = np.zeros((nb, m))
-    half = m // 2
-    grow = 1.0 + 2.0 * 2.0**-24
-    for t in numba.prange(nb * half):
-        b = t // half
-        r = t % half
-        if not (rows[b, r] or rows[b, r + half]):
-            continue
-        acc = np.zeros(p_all, dtype=np.float32)
-        acc2 = np.zeros(p_all, dtype=np.float32)
-        for k in range(n0):
-            a = lam[b, r, k]
-            a2 = lam[b, r + half, k]
-            if a2 == -a:
-                if a != 0.0:
-                    af = np.float32(a)
-                    for p in range(p_all):
-                        v = af * G32[k, p]
-                        acc[p] += v
-                        acc2[p] -= v
-            else:
-                if a != 0.0:
-                    af = np.float32(a)
-                    for p in range(p_all):
-                        acc[p] += af * G32[k, p]
-                if a2 != 0.0:
-                    af = np.float32(a2)
-                    for p in range(p_all):
-                        acc2[p] += af * G32[k, p]
-        out[b, r] = _acc_lip(acc, scale[b], C, H, W) * grow + err[b, r]
-        out[b, r + half] = _acc_lip(acc2, scale[b], C, H, W) * grow + err[b, r + half]
-    return out
-
-
-_lam_g_lip32_par = numba.njit(cache=True, parallel=True)(_lam_g_lip32_impl)
 
 
 def _f32_dot_error(lam: np.ndarray, g_absmax: np.ndarray, scale: np.ndarray):
@@ -859,15 +818,18 @@ def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None)
     """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` per row; paired rows with ``G32`` in float32.
 
     The float32 path (paired rows of intermediate bounds, 1.6x faster) returns a rigorous
-    upper bound of the exact norm (:func:`_lam_g_lip32_impl`), so bounds stay sound; its
+    upper bound of the exact norm (:func:`_lam_g_lip_impl`), so bounds stay sound; its
     excess is about ``1e-5`` of ``Σ|Λ||G|``.
     """
     work = int(rows.sum()) * G.shape[0] * G.shape[1] // 50
+    args = (scale, rows, paired, C, H, W)
     if paired and G32 is not None:
         err = _f32_dot_error(lam, g_absmax, scale)
         if err is not None:
-            return _small_serial(_lam_g_lip32_par, work, lam, G32, err, scale, rows, C, H, W)
-    return _small_serial(_lam_g_lip_par, work, lam, G, scale, rows, paired, C, H, W)
+            lam32 = lam.astype(np.float32)
+            grow = 1.0 + 2.0 * _U32
+            return _small_serial(_lam_g_lip_par, work, lam32, G32, err, grow, *args)
+    return _small_serial(_lam_g_lip_par, work, lam, G, np.zeros(lam.shape[:2]), 1.0, *args)
 
 
 @numba.njit(cache=True, parallel=True)
