@@ -819,7 +819,8 @@ def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None)
 
     The float32 path (paired rows of intermediate bounds, 1.6x faster) returns a rigorous
     upper bound of the exact norm (:func:`_lam_g_lip_impl`), so bounds stay sound; its
-    excess is about ``1e-5`` of ``Σ|Λ||G|``.
+    excess is at most about ``4 (n_0 + 2) u Σ_k |Λ_k| max|G_k|`` (``u = 2^-24``; 2.4e-5 of
+    that sum for 100 neurons).
     """
     work = int(rows.sum()) * G.shape[0] * G.shape[1] // 50
     args = (scale, rows, paired, C, H, W)
