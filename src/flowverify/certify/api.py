@@ -927,6 +927,13 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
             status = Status.CERTIFIED if r_raw > 0 and not timed_out else Status.UNKNOWN
             if timed_out:
                 kw["message"] = "time limit reached: radius is the proven lower bound so far"
+            elif not kw["converged"]:
+                kw["message"] = (
+                    f"radius search stopped at its probe limit before reaching rtol={ctx.rtol}:"
+                    " radius is the largest radius certified so far"
+                )
+            elif r_raw <= 0:
+                kw["message"] = "the relaxation certifies no positive radius"
         else:
             kw.update(eps=float(eps_raw[k] / mass[k]), eps_raw=float(eps_raw[k]))
             if r_raw >= eps_raw[k]:

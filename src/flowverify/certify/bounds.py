@@ -1588,7 +1588,25 @@ def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
     t = est * (1 + rtol / 3)
     if math.isfinite(hi):
         t = min(t, hi / (1 + rtol / 8))
+        if phi2 < 0:
+            t = min(t, _bisection_cap(pts, lo, hi))
     t = max(t, lo * (1 + rtol / 4))
     if math.isfinite(hi) and not (lo < t < hi):
         t = 0.5 * (lo + hi)
     return float(min(t, e_max))
+
+
+def _bisection_cap(pts, lo, hi) -> float:
+    """Largest next probe after a failing one: the bracket must shrink geometrically.
+
+    A relaxation that fails at ``ε`` reports ``F(ε) = 0`` (no information), so regula
+    falsi anchored at a far failing point creeps towards the fixed point by tiny steps
+    (on deep or wide outside networks it ran out of probes at ``lower = 0``).  With no
+    certified radius yet the next probe is at most ``hi / 4``; after two failures in a
+    row it is at most the bracket's midpoint (an Illinois-type safeguard).
+    """
+    if lo <= 0.0:
+        return hi / 4
+    if len(pts) >= 2 and pts[-2][1] < pts[-2][0]:
+        return 0.5 * (lo + hi)
+    return math.inf
