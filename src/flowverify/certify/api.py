@@ -333,6 +333,9 @@ class _Ctx:
     flat: bool
     num_classes: int
     seed: int
+    #: The model as a graph for the bound-propagation engine, when it is not a plain
+    #: chain of Linear/Conv2d/ReLU layers (None: the fused-chain certifiers run).
+    graph: Any = None
 
 
 def _problem(ctx: _Ctx, x: np.ndarray, refs: np.ndarray, labels: np.ndarray):
@@ -466,6 +469,45 @@ def _incomplete_radii(ctx: _Ctx, x, refs, labels, eps_raw, method, certifier, pr
     return lower, conv, (net, batch)
 
 
+def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
+    """Raw radii ``(n,)`` and convergence flags from the bound-propagation engine.
+
+    Vanilla: the W1 ball (Theorem 3); feasible: the ball's search first, then the W1
+    polytope (Theorem 6) from its radius, so feasible is never below vanilla.  ``eps``
+    mode: ``min(ε, F(ε))`` maximised over the stages.
+    """
+    from .engine import EngineProblem, make_domain
+
+    n = len(x)
+    inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
+    domains = ["w1-ball"] + (["w1-polytope"] if ctx.method == "feasible" else [])
+    e_max = _e_max(x)
+    best, conv = np.zeros(n), np.ones(n, dtype=bool)
+    deadline = None if eps_raw is not None else _deadline(ctx, n)
+    for k, name in enumerate(domains):
+        prob = EngineProblem(
+            ctx.graph, x, labels, make_domain(name, x), inv_scale=inv, device=ctx.device
+        )
+        if eps_raw is not None:
+            todo = np.flatnonzero(best < eps_raw)
+            if todo.size:
+                f_val = prob(todo, eps_raw[todo])
+                val = np.minimum(np.maximum(np.minimum(f_val, eps_raw[todo]), 0.0), e_max[todo])
+                best[todo] = np.maximum(best[todo], val)
+            continue
+        res = _b.search_radius(
+            prob,
+            e_max,
+            rtol=ctx.rtol,
+            deadline=deadline,
+            lower_init=best if k else None,
+        )
+        better = res.lower >= best
+        conv = np.where(better, res.converged, conv) if k else res.converged
+        best = np.maximum(best, res.lower)
+    return best, conv
+
+
 # ------------------------------------------------------------------ Frank-Wolfe attack
 
 
@@ -485,7 +527,27 @@ def _dense_margins(net: _b.FlowNet, batch: _b.Batch, nu: torch.Tensor) -> torch.
     return marg.min(dim=1).values
 
 
-def _fw_attack(ctx: _Ctx, net, batch, x: np.ndarray, labels, eps_raw, steps: int = 25):
+def _chain_margins(net, batch):
+    """Margin function ``(rows, ν) -> min_t f_y - f_t`` of a fused chain."""
+    return lambda rows, nu: _dense_margins(net, batch.subset(rows), nu)
+
+
+def _model_margins(ctx: _Ctx, labels):
+    """Margin function ``(rows, ν) -> min_t f_y - f_t`` of the float64 model."""
+    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+    def margins(rows, nu):
+        scale = nu.sum(dim=(-2, -1)) if ctx.input_scale == "normalised" else None
+        logits = ctx.model64(_model_input(nu, scale, ctx.flat))
+        y = lab[torch.as_tensor(rows)].to(logits.device)
+        own = logits.gather(1, y[:, None])
+        other = logits.scatter(1, y[:, None], -math.inf)
+        return own[:, 0] - other.amax(dim=1)
+
+    return margins
+
+
+def _fw_attack(ctx: _Ctx, margin_fn, x: np.ndarray, labels, eps_raw, steps: int = 25):
     r"""Frank-Wolfe on ``{ν >= 0, W1(µ, ν) <= ε}`` minimising the smallest margin.
 
     The linear minimisation oracle is exact (:func:`bounds.polytope_plan`) and the set is
@@ -493,7 +555,7 @@ def _fw_attack(ctx: _Ctx, net, batch, x: np.ndarray, labels, eps_raw, steps: int
     ``(success (n,), images (n, C, H, W))``; a success is re-checked on the given model.
     """
     n = x.shape[0]
-    mu = torch.as_tensor(x, dtype=torch.float64, device=net.device)
+    mu = torch.as_tensor(x, dtype=torch.float64, device=ctx.device)
     nu = mu.clone()
     found = np.zeros(n, dtype=bool)
     gammas = (1.0, 0.5, 0.25, 0.1)
@@ -501,20 +563,20 @@ def _fw_attack(ctx: _Ctx, net, batch, x: np.ndarray, labels, eps_raw, steps: int
         act = np.flatnonzero(~found)
         if act.size == 0:
             break
-        sub = batch.subset(act)
         cur = nu[act].clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_dense_margins(net, sub, cur).sum(), cur)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(margin_fn(act, cur).sum(), cur)
         g_np = grad.detach().cpu().numpy().reshape(act.size, -1)
         vert = np.stack(
             [_b.polytope_plan(g_np[j], x[i], float(eps_raw[i]))[0] for j, i in enumerate(act)]
         )
-        vert_t = torch.as_tensor(vert, device=net.device)
-        best_m = torch.full((act.size,), math.inf, dtype=torch.float64, device=net.device)
+        vert_t = torch.as_tensor(vert, device=ctx.device)
+        best_m = torch.full((act.size,), math.inf, dtype=torch.float64, device=ctx.device)
         best_nu = nu[act].clone()
         with torch.no_grad():
             for gam in gammas if k else (1.0,):
                 cand = nu[act] + gam * (vert_t - nu[act])
-                m = _dense_margins(net, sub, cand)
+                m = margin_fn(act, cand)
                 better = m < best_m
                 best_m = torch.where(better, m, best_m)
                 best_nu[better] = cand[better]
@@ -537,7 +599,7 @@ def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max
     last_fail = start_raw
     hit = None
     while e <= e_max * 1.000001:
-        ok, adv = _fw_attack(ctx, net, batch, x[None], lab, np.array([e]))
+        ok, adv = _fw_attack(ctx, _chain_margins(net, batch), x[None], lab, np.array([e]))
         if ok[0]:
             hit = (e, adv[0])
             break
@@ -547,7 +609,7 @@ def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max
     lo, hi = last_fail, hit[0]
     for _ in range(6):
         mid = 0.5 * (lo + hi)
-        ok, adv = _fw_attack(ctx, net, batch, x[None], lab, np.array([mid]))
+        ok, adv = _fw_attack(ctx, _chain_margins(net, batch), x[None], lab, np.array([mid]))
         if ok[0]:
             hi, hit = mid, (mid, adv[0])
         else:
@@ -729,9 +791,16 @@ def _iter_certify_modes(
             raise ValueError(f"data: expected images of shape {x.shape[1:]}, got {data.shape[1:]}")
     idx = _check_indices(indices, n)
     net_model = _resolve_model(model)
-    _check_architecture(net_model)
+    try:
+        _check_architecture(net_model)
+        chain_error = None
+    except ValueError as exc:
+        chain_error = exc
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
+    graph = None
+    if chain_error is not None:
+        graph = _engine_graph(net_model, x, flat, input_scale, method, certifier, chain_error)
     pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
@@ -763,6 +832,7 @@ def _iter_certify_modes(
         flat,
         num_classes,
         int(seed),
+        graph.to(dev) if graph is not None else None,
     )
     step = 1 if method.startswith("complete") else int(batch_size)
     bar = None
@@ -779,6 +849,22 @@ def _iter_certify_modes(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _engine_graph(model, x, flat, input_scale, method, certifier, chain_error):
+    """The model as a graph for the engine (raises, naming the operator, before any work)."""
+    from .engine import build_graph
+
+    if method not in ("vanilla", "feasible") or certifier != "crown":
+        raise ValueError(
+            f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
+            f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
+            "certifier='crown' certify this model through the bound-propagation engine"
+        )
+    model64 = copy.deepcopy(model).to(torch.float64).eval()
+    xin = torch.as_tensor(x[:1], dtype=torch.float64)
+    scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
+    return build_graph(model64, _model_input(xin, scale, flat))
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -890,6 +976,12 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
     conv = np.ones((n_refs, ok.size), dtype=bool)
     problem = None
     for j in range(n_refs):
+        if ctx.graph is not None:  # the engine works on images: no reference enters
+            if j == 0:
+                radii[0], conv[0] = _engine_radii(ctx, x[ok], lab[ok], eps_raw)
+            else:
+                radii[j], conv[j] = radii[0], conv[0]
+            continue
         refs = np.stack([_build_ref(ref_sets[i][j], x[i]) for i in ok])
         radii[j], conv[j], prob = _incomplete_radii(
             ctx, x[ok], refs, lab[ok], eps_raw, ctx.method, ctx.certifier
@@ -903,10 +995,11 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
         cert = radii.max(axis=0) >= eps_raw
         todo = np.flatnonzero(~cert)
         if todo.size:
-            net, batch = problem
-            f_ok, f_img = _fw_attack(
-                ctx, net, batch.subset(todo), x[ok[todo]], lab[ok[todo]], eps_raw[todo]
-            )
+            if problem is None:
+                margin_fn = _model_margins(ctx, lab[ok[todo]])
+            else:
+                margin_fn = _chain_margins(*problem[:1], problem[1].subset(todo))
+            f_ok, f_img = _fw_attack(ctx, margin_fn, x[ok[todo]], lab[ok[todo]], eps_raw[todo])
             fals[todo] = f_ok
             adv = dict(zip(todo.tolist(), f_img, strict=True))
     for k, i in enumerate(ok):

@@ -1,0 +1,131 @@
+r"""Sound linear relaxations of the element-wise activations.
+
+For pre-activation bounds ``l <= z <= u`` each activation ``σ`` gets two lines per
+neuron, ``s_lo z + b_lo <= σ(z) <= s_up z + b_up`` on ``[l, u]`` (the triangle of
+CROWN, Zhang et al. 2018, for ReLU and its leaky variant; for the S-shaped Sigmoid and
+Tanh, tangents and chords on the convex or concave side and otherwise slope
+``min(σ'(l), σ'(u))``, the smallest derivative on ``[l, u]``, through the end points).
+Every line is exact at the values it is built from; the S-shaped ones are widened by
+``RELAX_ATOL`` for the rounding of ``σ`` in float64.
+
+:func:`apply` replaces ``Λ σ(z)`` by the linear lower bound ``Λ⁺ (s_lo z + b_lo) + Λ⁻
+(s_up z + b_up)``: the one place where a relaxation enters a bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Activation", "LeakyReLUOp", "SigmoidOp", "TanhOp", "apply"]
+
+#: Absolute widening of the S-shaped relaxations (float64 rounding of exp and tanh).
+RELAX_ATOL = 1e-12
+
+
+class Activation:
+    """An element-wise non-linearity with a sound relaxation."""
+
+    def to(self, device, dtype):
+        return None
+
+    def interval(self, lo, up):
+        """Monotone: ``[σ(l), σ(u)]``."""
+        return self.forward(lo), self.forward(up)
+
+    def relax(self, lo, up, alpha=None):
+        """``(s_lo, b_lo, s_up, b_up)``, each of ``lo``'s shape."""
+        raise NotImplementedError
+
+
+class LeakyReLUOp(Activation):
+    """``max(z, a z)`` with ``0 <= a < 1`` (``a = 0``: ReLU).
+
+    Upper line: the chord through ``(l, σ(l))`` and ``(u, σ(u))``; lower line through the
+    origin with slope in ``[a, 1]`` (CROWN's adaptive choice ``1`` if ``u >= -l``, else
+    ``a``; or ``alpha``, projected to ``[a, 1]``).  Stable neurons are exact.
+    """
+
+    def __init__(self, slope: float):
+        if not 0.0 <= slope < 1.0:
+            raise ValueError(f"model: LeakyReLU slope must be in [0, 1), got {slope}")
+        self.a = float(slope)
+
+    def forward(self, z):
+        return torch.where(z >= 0, z, self.a * z)
+
+    def relax(self, lo, up, alpha=None):
+        a = self.a
+        active = lo >= 0
+        inactive = up <= 0
+        unstable = ~(active | inactive)
+        fixed = torch.where(active, torch.ones_like(lo), torch.full_like(lo, a))
+        denom = torch.where(unstable, up - lo, torch.ones_like(up))
+        s_up = torch.where(unstable, (up - a * lo) / denom, fixed)
+        b_up = torch.where(unstable, lo * (a - s_up), torch.zeros_like(lo))
+        if alpha is None:
+            lo_slope = torch.where(up >= -lo, torch.ones_like(lo), torch.full_like(lo, a))
+        else:
+            lo_slope = alpha.clamp(a, 1.0)
+        s_lo = torch.where(unstable, lo_slope, fixed)
+        return s_lo, torch.zeros_like(lo), s_up, b_up
+
+
+class _SShaped(Activation):
+    """Monotone, convex for ``z <= 0`` and concave for ``z >= 0``, ``σ'`` largest at 0."""
+
+    def deriv(self, z):
+        raise NotImplementedError
+
+    def relax(self, lo, up, alpha=None):
+        up = torch.maximum(up, lo)
+        f_lo, f_up = self.forward(lo), self.forward(up)
+        width = up - lo
+        flat = width <= 1e-12 * (1.0 + lo.abs())
+        chord = torch.where(flat, self.deriv(lo), (f_up - f_lo) / torch.where(flat, 1.0, width))
+        mid = (lo + up) / 2
+        tan_s = self.deriv(mid)
+        tan_b = self.forward(mid) - tan_s * mid
+        # mixed signs: slope k = min σ' on [l, u]; σ(z) - k z is non-decreasing there
+        k = torch.minimum(self.deriv(lo), self.deriv(up))
+        convex = up <= 0  # tangent below, chord above
+        concave = lo >= 0  # chord below, tangent above
+        s_lo = torch.where(convex, tan_s, torch.where(concave, chord, k))
+        b_lo = torch.where(convex, tan_b, torch.where(concave, f_lo - chord * lo, f_lo - k * lo))
+        s_up = torch.where(concave, tan_s, torch.where(convex, chord, k))
+        b_up = torch.where(concave, tan_b, torch.where(convex, f_lo - chord * lo, f_up - k * up))
+        tol = RELAX_ATOL * (1.0 + lo.abs() * s_lo.abs() + up.abs() * s_up.abs())
+        return s_lo, b_lo - tol, s_up, b_up + tol
+
+
+class SigmoidOp(_SShaped):
+    """``1 / (1 + exp(-z))``."""
+
+    def forward(self, z):
+        return torch.sigmoid(z)
+
+    def deriv(self, z):
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+
+
+class TanhOp(_SShaped):
+    """``tanh(z)``."""
+
+    def forward(self, z):
+        return torch.tanh(z)
+
+    def deriv(self, z):
+        return 1 - torch.tanh(z) ** 2
+
+
+def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower-bound ``Λ σ(z) + β`` by ``Λ' z + β'`` from a relaxation.
+
+    ``lam (B, m, *S)``, ``beta (B, m)``; ``relax`` = ``(s_lo, b_lo, s_up, b_up)``, each
+    ``(B, *S)``.
+    """
+    s_lo, b_lo, s_up, b_up = (t.unsqueeze(1) for t in relax)
+    lp, ln = lam.clamp(min=0), lam.clamp(max=0)
+    bias = lp * b_lo + ln * b_up
+    beta = beta + bias.reshape(bias.shape[0], bias.shape[1], -1).sum(dim=2)
+    return lp * s_lo + ln * s_up, beta
