@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models import Elementwise
+
 __all__ = [
     "BatchNormOp",
     "ConstantOp",
@@ -180,19 +182,19 @@ class ConstantOp(_Affine):
     def __init__(self, op: str, value):
         self.op = op
         c = torch.as_tensor(value).detach()
-        while c.dim() > 0 and c.shape[0] == 1 and c.dim() > 1:
+        while c.dim() > 1 and c.shape[0] == 1:
             c = c[0]  # a leading batch dimension of 1
-        self.c = c
+        self.module = Elementwise(op, c)
+
+    @property
+    def c(self) -> torch.Tensor:
+        return self.module.value
+
+    def to(self, device, dtype):
+        self.module = self.module.to(device=device, dtype=dtype)
 
     def forward(self, x):
-        c = self.c
-        if self.op == "add":
-            return x + c
-        if self.op == "sub":
-            return x - c
-        if self.op == "rsub":
-            return c - x
-        return x * c if self.op == "mul" else x / c
+        return self.module(x)
 
     def _factor(self):
         """The linear part's factor: ``±1``, ``c`` or ``1/c``."""
@@ -223,6 +225,9 @@ class PositiveLinearOp(_Affine):
     def __init__(self, module: nn.Module, in_shape):
         self.module = module
         self.in_shape = tuple(in_shape)
+
+    def to(self, device, dtype):
+        self.module = self.module.to(device=device, dtype=dtype)
 
     def forward(self, x):
         return self.module(x)

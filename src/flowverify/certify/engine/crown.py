@@ -199,25 +199,25 @@ class EngineProblem:
         _, relax = self.layer_bounds(idx, eps)
         return self.linear(idx, self.graph.output, self.spec[idx], relax)
 
+    def _margins_at(self, idx, eps):
+        idx = np.asarray(idx)
+        eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), device=self.device)
+        eps_t = eps_t.reshape(-1).expand(idx.size).clone()
+        return idx, eps_t, self.margins(idx, eps_t)
+
+    @torch.no_grad()
     def __call__(self, idx, eps) -> np.ndarray:
         """``F(ε)`` per image (raw units): the radius certified by the relaxation at ε."""
-        idx = np.asarray(idx)
-        eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), device=self.device)
-        eps_t = eps_t.reshape(-1).expand(idx.size).clone()
-        with torch.no_grad():
-            q, centre = self.margins(idx, eps_t)
-            spread = self.domain.norm(q) * eps_t[:, None]
-            margin = centre - _b.margin_tolerance(centre, spread)
-            rad = self.domain.radius(q, margin, idx)
+        idx, eps_t, (q, centre) = self._margins_at(idx, eps)
+        spread = self.domain.norm(q) * eps_t[:, None]
+        margin = centre - _b.margin_tolerance(centre, spread)
+        rad = self.domain.radius(q, margin, idx)
         return rad.min(dim=1).values.cpu().numpy()
 
+    @torch.no_grad()
     def lower_bounds(self, idx, eps) -> np.ndarray:
         """Sound lower bounds ``(B, m)`` of the margins on ``D_ε`` (for tests and ``eps``)."""
-        idx = np.asarray(idx)
-        eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), device=self.device)
-        eps_t = eps_t.reshape(-1).expand(idx.size).clone()
-        with torch.no_grad():
-            q, centre = self.margins(idx, eps_t)
-            gain = self.domain.gain(q, eps_t, idx)
-            val = centre - gain - _b.margin_tolerance(centre, gain)
+        idx, eps_t, (q, centre) = self._margins_at(idx, eps)
+        gain = self.domain.gain(q, eps_t, idx)
+        val = centre - gain - _b.margin_tolerance(centre, gain)
         return val.cpu().numpy()
