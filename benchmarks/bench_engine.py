@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import time
@@ -33,7 +34,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100, help="digits for fc (default %(default)s)")
-    p.add_argument("--n-conv", type=int, default=20, help="digits for cnn and base")
+    p.add_argument("--n-conv", type=int, default=10, help="digits for cnn and base")
     p.add_argument("--grid-n", type=int, default=100, help="digits for the VNN-COMP grid check")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-epochs", type=int, default=2)
@@ -115,6 +116,9 @@ def _time(fn, repeats=1):
     return float(np.median(ts)), val
 
 
+print = functools.partial(print, flush=True)  # noqa: A001 - rows appear as they come
+
+
 def main() -> int:
     args = _parse()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
@@ -188,7 +192,7 @@ def main() -> int:
     onnx = SHARED / "models" / "mnist-net_256x2.onnx"
     model = load_model(str(onnx))
     xs, ys = correct(model, x[: args.grid_n], y[: args.grid_n])
-    grid = np.round(np.arange(0.005, 0.1001, 0.005), 3)
+    grid = np.round(np.arange(0.01, 0.1001, 0.01), 3)
     print(f"\nmnist-net_256x2.onnx, {len(xs)} correctly classified of the first {args.grid_n}")
     print("| method | s/image | positive radius | radius >= largest certified grid ε | median |")
     print("|---|---|---|---|---|")
