@@ -105,6 +105,22 @@ def _engine_radii(model, x, y, domain, *, rtol=1e-3):
     return out / x.sum(axis=(-2, -1)).max(axis=-1)
 
 
+def _table(rows, args) -> None:
+    import torch
+
+    print(f"\n{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
+    print(
+        "| network, method | digits | engine s/image | chain certifier s/image | "
+        "engine/chain time | median radius engine | median radius chain |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, k, te, to, re_, ro in rows:
+        ratio = f"{te / to:.2f}" if to else "-"
+        tos = f"{to:.4f}" if to else "not timed"
+        ros = f"{ro:.4f}" if ro is not None else "-"
+        print(f"| {name} | {k} | {te:.4f} | {tos} | {ratio} | {re_:.4f} | {ros} |")
+
+
 def _time(fn, repeats=1):
     import numpy as np
 
@@ -161,6 +177,8 @@ def main() -> int:
                     float(np.median(r_old)),
                 )
             )
+    _table(rows, args)
+    rows = []
     net, xc, yc, acc = _base_net(args)
     xs, ys = correct(net, xc[: args.n_conv], yc[: args.n_conv])
     for method, domain in (("vanilla", "w1-ball"), ("feasible", "w1-polytope")):
@@ -176,17 +194,7 @@ def main() -> int:
             )
         )
 
-    print(f"\n{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
-    print(
-        "| network, method | digits | engine s/image | chain certifier s/image | "
-        "engine/chain time | median radius engine | median radius chain |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, k, te, to, re_, ro in rows:
-        ratio = f"{te / to:.2f}" if to else "-"
-        tos = f"{to:.4f}" if to else "(not a chain)"
-        ros = f"{ro:.4f}" if ro is not None else "-"
-        print(f"| {name} | {k} | {te:.4f} | {tos} | {ratio} | {re_:.4f} | {ros} |")
+    _table(rows, args)
 
     # the outside network: positive radii at least every certified grid decision
     onnx = SHARED / "models" / "mnist-net_256x2.onnx"
