@@ -292,3 +292,35 @@ def test_cli_certifies_an_onnx_file_with_a_normalisation_front(tmp_path):
         assert r["status"] == "certified" and r["radius"] > 0
         # the same function (float32 weights): the same radius to the search tolerance
         assert r["radius"] == pytest.approx(f.radius, rel=5e-3)
+
+
+@pytest.mark.parametrize("domain", ["w1-ball", "w1-polytope"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_w1_domain_gain_equals_an_lp(domain, channels):
+    """``max qᵀ(µ - ν)`` over the W1 ball / polytope: the engine's value is an LP's
+    optimum (HiGHS on the flow formulation ``ν = µ + Aγ, ‖γ‖₁ <= ε``), never below it."""
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(channels)
+    c, h, w = channels, 5, 6
+    d = flow_dim(h, w)
+    mu = rng.uniform(0, 1, (c, h, w)) * (rng.random((c, h, w)) < 0.4)
+    # A: image-space image of each flow coordinate (columns), from apply_flow
+    eye = np.eye(c * d).reshape(c * d, c, d)
+    amat = np.stack([np.asarray(apply_flow(np.zeros((c, h, w)), e)).ravel() for e in eye], 1)
+    q = rng.normal(size=(4, c, h, w))
+    dom = make_domain(domain, mu[None])
+    for eps in (0.3, 1.5, 6.0):
+        got = dom.gain(torch.as_tensor(q[None]), torch.tensor([eps]), [0]).numpy()[0]
+        for r in range(len(q)):
+            cost = q[r].ravel() @ amat  # min qᵀAγ with γ = γ⁺ - γ⁻
+            a_ub = [np.ones(2 * c * d)]
+            b_ub = [eps]
+            if domain == "w1-polytope":  # µ + Aγ >= 0
+                a_ub = np.vstack([a_ub, np.hstack([-amat, amat])])
+                b_ub = np.concatenate([b_ub, mu.ravel()])
+            lp = linprog(np.concatenate([cost, -cost]), A_ub=a_ub, b_ub=b_ub, method="highs")
+            assert lp.status == 0
+            exact = -lp.fun
+            assert got[r] >= exact - 1e-9 * (1 + abs(exact)), (eps, r, got[r], exact)
+            assert got[r] <= exact + 1e-6 * (1 + abs(exact)), (eps, r, got[r], exact)

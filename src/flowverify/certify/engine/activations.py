@@ -33,7 +33,7 @@ class Activation:
         return self.forward(lo), self.forward(up)
 
     def relax(self, lo, up, alpha=None):
-        """``(s_lo, b_lo, s_up, b_up)``, each of ``lo``'s shape."""
+        """``(s_lo, b_lo, s_up, b_up)``, each of ``lo``'s shape (``b_lo`` ``None``: 0)."""
         raise NotImplementedError
 
 
@@ -67,7 +67,7 @@ class LeakyReLUOp(Activation):
         else:
             lo_slope = alpha.clamp(a, 1.0)
         s_lo = torch.where(unstable, lo_slope, fixed)
-        return s_lo, torch.zeros_like(lo), s_up, b_up
+        return s_lo, None, s_up, b_up
 
 
 class _SShaped(Activation):
@@ -122,10 +122,16 @@ def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, t
     """Lower-bound ``Λ σ(z) + β`` by ``Λ' z + β'`` from a relaxation.
 
     ``lam (B, m, *S)``, ``beta (B, m)``; ``relax`` = ``(s_lo, b_lo, s_up, b_up)``, each
-    ``(B, *S)``.
+    ``(B, *S)`` (``b_lo`` may be ``None`` for a zero intercept).  Each coefficient takes
+    the lower line where it is non-negative and the upper line where it is negative.
     """
-    s_lo, b_lo, s_up, b_up = (t.unsqueeze(1) for t in relax)
-    lp, ln = lam.clamp(min=0), lam.clamp(max=0)
-    bias = lp * b_lo + ln * b_up
-    beta = beta + bias.reshape(bias.shape[0], bias.shape[1], -1).sum(dim=2)
-    return lp * s_lo + ln * s_up, beta
+    s_lo, b_lo, s_up, b_up = relax
+    b, m = lam.shape[:2]
+    flat = lam.reshape(b, m, -1)
+    neg = flat < 0
+    out = flat * torch.where(neg, s_up.reshape(b, 1, -1), s_lo.reshape(b, 1, -1))
+    lam_neg = torch.where(neg, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    beta = beta + torch.bmm(lam_neg, b_up.reshape(b, -1, 1))[..., 0]
+    if b_lo is not None:
+        beta = beta + torch.bmm(flat - lam_neg, b_lo.reshape(b, -1, 1))[..., 0]
+    return out.reshape(lam.shape), beta

@@ -19,6 +19,8 @@ stays positive on ``D_ε'`` for ``ε' <= min(ε, F(ε))``, since the relaxations
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -31,18 +33,22 @@ from .graph import Graph
 __all__ = ["EngineProblem", "backward"]
 
 
-def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict) -> tuple:
-    """Propagate ``Λ x_start`` to ``Λ' x_0 + β`` (a lower bound on the region).
+def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=()) -> tuple:
+    """Propagate ``Λ x_start`` down to ``Σ_j Λ_j x_j + β`` (a lower bound on the region).
 
     ``lam (B, m, *shape of node start)``; ``relax``: node position -> relaxation
-    ``(s_lo, b_lo, s_up, b_up)`` of every activation below ``start``.
-    Returns ``(lam_in (B, m, *input shape), beta (B, m))``.
+    ``(s_lo, b_lo, s_up, b_up)`` of every activation below ``start``; ``stop``: nodes
+    where the propagation ends (the linear front, whose image-space rows are known).
+    Returns ``({j: Λ_j (B, m, *shape of j)}, β (B, m))`` over ``j`` in ``stop`` or the
+    input 0.
     """
     beta = lam.new_zeros(lam.shape[:2])
     pending: dict[int, torch.Tensor] = {start: lam}
+    ends: dict[int, torch.Tensor] = {}
 
     def push(j, value):
-        pending[j] = pending[j] + value if j in pending else value
+        into = ends if (j in stop or j == 0) else pending
+        into[j] = into[j] + value if j in into else value
 
     for i in range(start, 0, -1):
         lam_i = pending.pop(i, None)
@@ -59,10 +65,7 @@ def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict) -> tuple:
         else:
             beta = beta + op.bias(lam_i)
             push(node.inputs[0], op.backward(lam_i))
-    lam0 = pending.pop(0, None)
-    if lam0 is None:  # the node does not depend on the input
-        lam0 = lam.new_zeros((*lam.shape[:2], *graph.nodes[0].shape))
-    return lam0, beta
+    return ends, beta
 
 
 class EngineProblem:
@@ -94,6 +97,11 @@ class EngineProblem:
         spec = _b.margin_spec(labels, graph.num_classes)
         self.spec = torch.as_tensor(spec, **kw).reshape(n, spec.shape[1], *graph.nodes[-1].shape)
         self.pre = graph.pre_activations()
+        self.front = _linear_front(graph, self.pre)
+        self._ends = sorted(self.front) + (
+            [0] if _reaches_input(graph, self.pre, self.front) else []
+        )
+        self._front_net: _b.FlowNet | None = None
 
     @property
     def size(self) -> int:
@@ -105,18 +113,61 @@ class EngineProblem:
         u = nu * self.inv_scale[idx][:, :, None, None]
         return u.reshape(u.shape[0], *self.graph.nodes[0].shape)
 
-    def _to_image(self, lam0: torch.Tensor, idx) -> torch.Tensor:
-        """Coefficients on the model input -> on the image ``(B, R, C, H, W)``."""
-        b, r = lam0.shape[:2]
-        q = lam0.reshape(b, r, *self.x.shape[1:])
-        return q * self.inv_scale[idx][:, None, :, None, None]
+    def _front(self):
+        """The linear front as one map: a :class:`~..bounds.FlowNet` whose image-space rows
+        ``G`` stack the rows ``Q_j`` of every front node (and the identity for the input
+        when a bound can reach it directly), and the values of those rows at the images."""
+        if self._front_net is None:
+            blocks, vals, offsets, at = [], [], {}, 0
+            node_vals = self.graph.values(self._model_input(self.x, slice(None)))
+            for j in self._ends:
+                if j == 0:
+                    q = torch.eye(self.x[0].numel(), dtype=torch.float64, device=self.device)
+                else:
+                    node = self.graph.nodes[j]
+                    eye = torch.eye(node.size, dtype=torch.float64, device=self.device)
+                    ends, _ = backward(self.graph, j, eye.reshape(1, node.size, *node.shape), {})
+                    q = ends[0].reshape(node.size, -1)
+                blocks.append(q)
+                vals.append(node_vals[j].reshape(self.size, -1))
+                offsets[j] = (at, at + q.shape[0])
+                at += q.shape[0]
+            g = torch.cat(blocks).cpu().numpy()
+            n = g.shape[0]
+            self._front_net = _b.FlowNet(
+                g, np.zeros(n), [], [], tuple(self.x.shape[1:]), device=self.device
+            )
+            self._front_vals = torch.cat(vals, dim=1)
+            self._offsets = offsets
+        return self._front_net
 
-    def linear(self, idx, start: int, lam: torch.Tensor, relax: dict):
-        """``q (B, R, C, H, W)`` and the value ``qᵀµ + β`` of ``Λ x_start``'s lower bound."""
-        lam0, beta = backward(self.graph, start, lam, relax)
-        q = self._to_image(lam0, idx)
-        centre = (q.flatten(2) * self.x[idx].flatten(1)[:, None, :]).sum(dim=2) + beta
-        return q, centre
+    def linear(self, idx, start: int, lam: torch.Tensor, relax: dict) -> _b.Linear:
+        """The lower bound of ``Λ x_start`` as ``Λ' z_front + β`` (a
+        :class:`~..bounds.Linear` on the front's rows, centre = its value at ``µ``)."""
+        net = self._front()
+        ends, beta = backward(self.graph, start, lam, relax, stop=self.front)
+        b, r = lam.shape[:2]
+        if len(ends) == 1 and len(self._ends) == 1:
+            lam_f = next(iter(ends.values())).reshape(b, r, -1)
+        else:
+            lam_f = lam.new_zeros((b, r, net.G.shape[0]))
+            for j, lj in ends.items():
+                lo, hi = self._offsets[j]
+                lam_f[:, :, lo:hi] = lj.reshape(b, r, -1)
+        centre = torch.einsum("bmn,bn->bm", lam_f, self._front_vals[idx]) + beta
+        return _b.Linear(lam_f, centre, torch.zeros_like(centre), self.inv_scale[idx])
+
+    def q(self, lin: _b.Linear) -> torch.Tensor:
+        """Image-space coefficients ``(B, R, C, H, W)`` of a bound."""
+        q = lin.q(self._front_net)
+        return q.reshape(*q.shape[:2], *self.x.shape[1:])
+
+    def norm(self, lin: _b.Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
+        """The domain's dual norm of each bound ``(B, R)`` (``rows``: where needed)."""
+        if self.domain.w1:
+            mask = None if rows is None else rows.detach().cpu().numpy()
+            return _b.ball_norm(self._front_net, lin, mask, paired=paired)
+        return self.domain.norm(self.q(lin))
 
     # ------------------------------------------------------------- bounds and oracle
 
@@ -149,8 +200,37 @@ class EngineProblem:
                 vals[i] = bounds[i]
         return bounds, relax
 
+    def _front_bounds(self, idx, eps, i, lo, up):
+        """Bounds of a node of the linear front: ``z(µ) ± gain`` (exact for the balls)."""
+        net = self._front()
+        a, z = self._offsets[i]
+        b, n = len(idx), z - a
+        inv = self.inv_scale[idx]  # (B, C)
+        centre = self._front_vals[idx][:, a:z]
+        if self.domain.w1:  # per-channel norms of the rows, scaled per image
+            lip = net.G_lip[a:z]  # (n, C)
+            norm = (lip[None] * inv[:, None, :]).amax(dim=2)
+        else:
+            q = net.G[a:z].reshape(n, *self.x.shape[1:])
+            norm = self.domain.norm(q[None] * inv[:, None, :, None, None])
+        gain = norm * eps[:, None]
+        new_lo = torch.maximum(lo.reshape(b, -1), centre - gain - _b._widen(centre, gain))
+        new_up = torch.minimum(up.reshape(b, -1), centre + gain + _b._widen(centre, gain))
+        if self.domain.refines:
+            still = (new_lo < 0) & (new_up > 0)
+            if bool(still.any()):
+                q = net.G[a:z].reshape(n, *self.x.shape[1:])
+                qb = torch.cat([q, -q])[None] * inv[:, None, :, None, None]
+                g2 = self.domain.gain(qb, eps, idx, rows=torch.cat([still, still], dim=1))
+                g_lo, g_up = g2[:, :n], g2[:, n:]
+                new_lo = torch.maximum(new_lo, centre - g_lo - _b._widen(centre, g_lo))
+                new_up = torch.minimum(new_up, centre + g_up + _b._widen(centre, g_up))
+        return new_lo.reshape(lo.shape), torch.maximum(new_up, new_lo).reshape(up.shape)
+
     def _crown_bounds(self, idx, eps, i, lo, up, relax):
         """Tighten the interval bounds of node ``i`` by CROWN where they are unstable."""
+        if i in self.front:
+            return self._front_bounds(idx, eps, i, lo, up)
         node = self.graph.nodes[i]
         b, n = lo.shape[0], node.size
         lo_f, up_f = lo.reshape(b, n), up.reshape(b, n)
@@ -172,7 +252,8 @@ class EngineProblem:
         one = valid.to(lo_f.dtype)
         lam[:, :k].scatter_(2, sel[..., None], one[..., None])
         lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
-        q, centre = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
+        lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
+        centre = lin.centre
         old_lo, old_up = torch.gather(lo_f, 1, sel), torch.gather(up_f, 1, sel)
 
         def tighten(gain):
@@ -182,20 +263,21 @@ class EngineProblem:
             return new_lo, torch.maximum(new_up, new_lo)
 
         # the dual-norm (ball) bound first: cheap, and exact for the balls
-        new_lo, new_up = tighten(self.domain.norm(q) * eps[:, None])
+        rows = torch.cat([valid, valid], dim=1)
+        new_lo, new_up = tighten(self.norm(lin, rows, paired=True) * eps[:, None])
         if self.domain.refines:  # the exact polytope minimum where neurons stay unstable
             still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
             if bool(still.any()):
                 rows = torch.cat([still, still], dim=1)
-                lo2, up2 = tighten(self.domain.gain(q, eps, idx, rows=rows))
+                lo2, up2 = tighten(self.domain.gain(self.q(lin), eps, idx, rows=rows))
                 new_lo, new_up = torch.maximum(new_lo, lo2), torch.minimum(new_up, up2)
                 new_up = torch.maximum(new_up, new_lo)
         lo_f = lo_f.scatter(1, sel, new_lo)
         up_f = up_f.scatter(1, sel, new_up)
         return lo_f.reshape(lo.shape), up_f.reshape(up.shape)
 
-    def margins(self, idx, eps: torch.Tensor):
-        """``q (B, m, C, H, W)`` and centres ``(B, m)`` of the margins' lower bounds."""
+    def margins(self, idx, eps: torch.Tensor) -> _b.Linear:
+        """The margins' lower bounds (a :class:`~..bounds.Linear` on the front's rows)."""
         _, relax = self.layer_bounds(idx, eps)
         return self.linear(idx, self.graph.output, self.spec[idx], relax)
 
@@ -208,16 +290,44 @@ class EngineProblem:
     @torch.no_grad()
     def __call__(self, idx, eps) -> np.ndarray:
         """``F(ε)`` per image (raw units): the radius certified by the relaxation at ε."""
-        idx, eps_t, (q, centre) = self._margins_at(idx, eps)
-        spread = self.domain.norm(q) * eps_t[:, None]
-        margin = centre - _b.margin_tolerance(centre, spread)
-        rad = self.domain.radius(q, margin, idx)
+        idx, eps_t, lin = self._margins_at(idx, eps)
+        norm = self.norm(lin)
+        margin = lin.centre - _b.margin_tolerance(lin.centre, norm * eps_t[:, None])
+        if self.domain.refines:
+            rad = self.domain.radius(self.q(lin), margin, idx)
+        else:
+            rad = torch.where(norm > 0, margin / norm.clamp(min=1e-300), math.inf)
+            rad = torch.where(margin > 0, rad, torch.zeros_like(rad))
         return rad.min(dim=1).values.cpu().numpy()
 
     @torch.no_grad()
     def lower_bounds(self, idx, eps) -> np.ndarray:
         """Sound lower bounds ``(B, m)`` of the margins on ``D_ε`` (for tests and ``eps``)."""
-        idx, eps_t, (q, centre) = self._margins_at(idx, eps)
-        gain = self.domain.gain(q, eps_t, idx)
-        val = centre - gain - _b.margin_tolerance(centre, gain)
+        idx, eps_t, lin = self._margins_at(idx, eps)
+        gain = self.domain.gain(self.q(lin), eps_t, idx)
+        val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
+
+
+def _linear_front(graph: Graph, pre) -> set[int]:
+    """Pre-activation nodes reached from the input through affine operators only."""
+    affine = {0}
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        if not isinstance(node.op, act.Activation) and all(j in affine for j in node.inputs):
+            affine.add(i)
+    return {i for i in pre if i in affine}
+
+
+def _reaches_input(graph: Graph, pre, front) -> bool:
+    """Whether a bound can reach the input without passing the linear front."""
+    todo = [graph.output] + [p for p in pre if p not in front]
+    seen = set()
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if i == 0:
+            return True
+        todo.extend(j for j in graph.nodes[i].inputs if j not in front)
+    return False

@@ -80,13 +80,16 @@ class Graph:
         """Positions whose bounds the relaxations need (inputs of activations), in order."""
         return sorted({self.nodes[i].inputs[0] for i in self.activations()})
 
+    def values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every node's output on the input ``x``."""
+        vals: list[torch.Tensor] = [x]
+        for node in self.nodes[1:]:
+            vals.append(node.op.forward(*[vals[j] for j in node.inputs]))
+        return vals
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output from the graph (checks the conversion)."""
-        vals: list[torch.Tensor | None] = [None] * len(self.nodes)
-        vals[0] = x
-        for i, node in enumerate(self.nodes[1:], start=1):
-            vals[i] = node.op.forward(*[vals[j] for j in node.inputs])
-        return vals[-1]
+        return self.values(x)[-1]
 
     def to(self, device, dtype=torch.float64) -> Graph:
         for node in self.nodes:
