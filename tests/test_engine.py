@@ -63,7 +63,21 @@ def _conv_bn_tanh_leaky():
     )
 
 
+def _conv_maxpool():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 10),
+    )
+
+
 NETS = {
+    "maxpool": _conv_maxpool,
     "residual": Residual,
     "norm-bn-sigmoid": _norm_bn_sigmoid,
     "bn-leaky-tanh": _conv_bn_tanh_leaky,

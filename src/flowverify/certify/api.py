@@ -82,6 +82,11 @@ logger = logging.getLogger(__name__)
 #: Wasserstein smoothing (section 3.3, :mod:`flowverify.smoothing`) as a baseline.
 METHODS = ("vanilla", "feasible", "complete", "complete-ball", "smoothing")
 
+#: Methods whose ``crown`` certifier runs on the bound-propagation engine
+#: (:mod:`flowverify.certify.engine`) for every architecture; the other certifiers and
+#: methods work on chains of Linear/Conv2d/ReLU layers.
+ENGINE_METHODS = ("vanilla", "feasible")
+
 #: Valid certifiers per method; the first is the default.
 CERTIFIERS: dict[str, tuple[str, ...]] = {
     "vanilla": ("crown", "alpha-crown"),
@@ -484,6 +489,7 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
     e_max = _e_max(x)
     best, conv = np.zeros(n), np.ones(n, dtype=bool)
     deadline = None if eps_raw is not None else _deadline(ctx, n)
+    linear = not ctx.graph.activations()  # F(ε) does not depend on ε (Lemmas 7, 8)
     for k, name in enumerate(domains):
         prob = EngineProblem(
             ctx.graph, x, labels, make_domain(name, x), inv_scale=inv, device=ctx.device
@@ -498,6 +504,7 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
         res = _b.search_radius(
             prob,
             e_max,
+            linear=linear,
             rtol=ctx.rtol,
             deadline=deadline,
             lower_init=best if k else None,
@@ -799,8 +806,14 @@ def _iter_certify_modes(
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
     graph = None
-    if chain_error is not None:
-        graph = _engine_graph(net_model, x, flat, input_scale, method, certifier, chain_error)
+    if method in ENGINE_METHODS and certifier == "crown":
+        graph = _engine_graph(net_model, x, flat, input_scale)
+    elif chain_error is not None:
+        raise ValueError(
+            f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
+            f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
+            "certifier='crown' certify this model through the bound-propagation engine"
+        )
     pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
@@ -851,16 +864,10 @@ def _iter_certify_modes(
             bar.close()
 
 
-def _engine_graph(model, x, flat, input_scale, method, certifier, chain_error):
+def _engine_graph(model, x, flat, input_scale):
     """The model as a graph for the engine (raises, naming the operator, before any work)."""
     from .engine import build_graph
 
-    if method not in ("vanilla", "feasible") or certifier != "crown":
-        raise ValueError(
-            f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
-            f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
-            "certifier='crown' certify this model through the bound-propagation engine"
-        )
     model64 = copy.deepcopy(model).to(torch.float64).eval()
     xin = torch.as_tensor(x[:1], dtype=torch.float64)
     scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None

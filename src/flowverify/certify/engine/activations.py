@@ -14,9 +14,11 @@ Every line is exact at the values it is built from; the S-shaped ones are widene
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["Activation", "LeakyReLUOp", "SigmoidOp", "TanhOp", "apply"]
+__all__ = ["Activation", "LeakyReLUOp", "MaxPoolOp", "SigmoidOp", "TanhOp", "apply"]
 
 #: Absolute widening of the S-shaped relaxations (float64 rounding of exp and tanh).
 RELAX_ATOL = 1e-12
@@ -135,3 +137,70 @@ def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, t
     if b_lo is not None:
         beta = beta + torch.bmm(flat - lam_neg, b_lo.reshape(b, -1, 1))[..., 0]
     return out.reshape(lam.shape), beta
+
+
+class MaxPoolOp(Activation):
+    """``nn.MaxPool2d``: each output is the largest input of its window.
+
+    Relaxation (per output ``o`` with window ``W_o``): below by the input ``x_j*`` of the
+    window with the largest lower bound; above by the same input when its lower bound
+    reaches every other upper bound of the window (the max is then ``x_j*``), else by the
+    constant ``max_{i ∈ W_o} u_i``.  :meth:`apply` carries ``Λ`` back to the input.
+    """
+
+    def __init__(self, pool, in_shape):
+        if pool.return_indices:
+            raise ValueError("model: MaxPool2d with return_indices=True is not supported")
+        self.pool = pool
+        self.in_shape = tuple(in_shape)
+        self.kw = dict(
+            kernel_size=pool.kernel_size,
+            dilation=pool.dilation,
+            padding=pool.padding,
+            stride=pool.stride,
+        )
+
+    def forward(self, z):
+        return self.pool(z)
+
+    def _windows(self, t, fill):
+        """``(B, C, K, L)``: the ``K`` entries of each of the ``L`` windows of ``t``."""
+        b, c = t.shape[:2]
+        pad = self.kw["padding"]
+        pad = (pad, pad) if isinstance(pad, int) else pad
+        t = torch.nn.functional.pad(t, (pad[1], pad[1], pad[0], pad[0]), value=fill)
+        cols = torch.nn.functional.unfold(
+            t.reshape(b * c, 1, *t.shape[2:]),
+            self.kw["kernel_size"],
+            dilation=self.kw["dilation"],
+            stride=self.kw["stride"],
+        )
+        return cols.reshape(b, c, cols.shape[1], cols.shape[2])
+
+    def relax(self, lo, up, alpha=None):
+        b, c, h, w = lo.shape
+        index = torch.arange(h * w, dtype=lo.dtype, device=lo.device).reshape(1, 1, h, w)
+        idx_w = self._windows(index.expand(b, c, h, w).contiguous(), -1.0).long()
+        lo_w = self._windows(lo, -math.inf)
+        up_w = self._windows(up, -math.inf)
+        best = lo_w.argmax(dim=2, keepdim=True)  # (B, C, 1, L)
+        jstar = idx_w.gather(2, best)[:, :, 0]  # (B, C, L) flat index in the channel
+        l_star = lo_w.gather(2, best)[:, :, 0]
+        others = up_w.scatter(2, best, -math.inf).amax(dim=2)
+        exact = l_star >= others
+        ub = up_w.amax(dim=2)
+        return jstar, exact, ub
+
+    def apply(self, lam, beta, relax):
+        """``Λ maxpool(x) + β`` -> ``Λ' x + β'`` (``lam (B, m, C, Ho, Wo)``)."""
+        jstar, exact, ub = relax
+        b, m = lam.shape[:2]
+        c, h, w = self.in_shape
+        flat = lam.reshape(b, m, c, -1)
+        use = (flat >= 0) | exact[:, None]
+        const = torch.where(use, torch.zeros_like(flat), flat)
+        beta = beta + (const * ub[:, None]).flatten(2).sum(dim=2)
+        out = flat.new_zeros((b, m, c, h * w))
+        idx = jstar[:, None].expand(b, m, c, jstar.shape[-1])
+        out.scatter_add_(3, idx, torch.where(use, flat, torch.zeros_like(flat)))
+        return out.reshape(b, m, c, h, w), beta

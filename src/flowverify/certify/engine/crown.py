@@ -56,7 +56,10 @@ def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=()) 
             continue
         node = graph.nodes[i]
         op = node.op
-        if isinstance(op, act.Activation):
+        if isinstance(op, act.MaxPoolOp):
+            lam_i, beta = op.apply(lam_i, beta, relax[i])
+            push(node.inputs[0], lam_i)
+        elif isinstance(op, act.Activation):
             lam_i, beta = act.apply(lam_i, beta, relax[i])
             push(node.inputs[0], lam_i)
         elif isinstance(op, Merge):
@@ -154,7 +157,8 @@ class EngineProblem:
             for j, lj in ends.items():
                 lo, hi = self._offsets[j]
                 lam_f[:, :, lo:hi] = lj.reshape(b, r, -1)
-        centre = torch.einsum("bmn,bn->bm", lam_f, self._front_vals[idx]) + beta
+        # an element-wise product and a row sum: the same value whatever the batch
+        centre = (lam_f * self._front_vals[idx][:, None, :]).sum(dim=2) + beta
         return _b.Linear(lam_f, centre, torch.zeros_like(centre), self.inv_scale[idx])
 
     def q(self, lin: _b.Linear) -> torch.Tensor:

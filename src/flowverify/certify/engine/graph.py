@@ -146,6 +146,12 @@ def _module_op(mod: nn.Module, name: str, in_shape, out_shape):
         return act.SigmoidOp()
     if isinstance(mod, nn.Tanh):
         return act.TanhOp()
+    if isinstance(mod, nn.MaxPool2d):
+        if mod.ceil_mode:
+            raise ValueError(
+                f"model: layer {name!r}: MaxPool2d with ceil_mode=True is not supported"
+            )
+        return act.MaxPoolOp(mod, in_shape)
     raise ValueError(
         f"model: layer {name!r} of type {type(mod).__name__} has no sound relaxation in "
         f"the certifiers; supported: {', '.join(SUPPORTED)}"
@@ -167,6 +173,7 @@ SUPPORTED = (
     "LeakyReLU",
     "Sigmoid",
     "Tanh",
+    "MaxPool2d",
     "Identity/Dropout",
 )
 
