@@ -218,21 +218,33 @@ def _gain_one(g, src, mus, C, H, W, eps, iters, h, arg):
     return best
 
 
-def _gain_rows_impl(q, src, mus, C, H, W, eps, iters):
+def _gain_rows_impl(q, src, mus, ptr, img, C, H, W, eps, iters):
+    """Row ``r`` of ``q`` on image ``img[r]``, whose sources are ``src[ptr[i]:ptr[i+1]]``."""
     m = q.shape[0]
     out = np.empty(m)
     for r in numba.prange(m):
         h = np.empty(q.shape[1])
         arg = np.empty(q.shape[1], dtype=np.int64)
-        out[r] = _gain_one(q[r], src, mus, C, H, W, eps[r], iters, h, arg)
+        i = img[r]
+        s0, s1 = ptr[i], ptr[i + 1]
+        out[r] = _gain_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, eps[r], iters, h, arg)
     return out
 
 
 _gain_rows_par = numba.njit(cache=True, parallel=True)(_gain_rows_impl)
 
 
-def _gain_rows(q, src, mus, C, H, W, eps, iters):
-    return _small_serial(_gain_rows_par, q.shape[0] * q.shape[1], q, src, mus, C, H, W, eps, iters)
+def _one_image(src, m):
+    """``ptr`` and ``img`` for rows that all belong to one image."""
+    return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
+
+
+def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None):
+    if ptr is None:
+        ptr, img = _one_image(src, q.shape[0])
+    return _small_serial(
+        _gain_rows_par, q.shape[0] * q.shape[1], q, src, mus, ptr, img, C, H, W, eps, iters
+    )
 
 
 @numba.njit(cache=True)
@@ -268,23 +280,76 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     return best
 
 
-def _radius_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
+def _radius_rows_impl(q, src, mus, ptr, img, C, H, W, margin, extra, iters):
     m = q.shape[0]
     out = np.empty(m)
     for r in numba.prange(m):
         h = np.empty(q.shape[1])
         arg = np.empty(q.shape[1], dtype=np.int64)
-        out[r] = _radius_one(q[r], src, mus, C, H, W, margin[r], extra[r], iters, h, arg)
+        i = img[r]
+        s0, s1 = ptr[i], ptr[i + 1]
+        out[r] = _radius_one(
+            q[r], src[s0:s1], mus[s0:s1], C, H, W, margin[r], extra[r], iters, h, arg
+        )
     return out
 
 
 _radius_rows_par = numba.njit(cache=True, parallel=True)(_radius_rows_impl)
 
 
-def _radius_rows(q, src, mus, C, H, W, margin, extra, iters):
+def _radius_rows(q, src, mus, C, H, W, margin, extra, iters, ptr=None, img=None):
+    if ptr is None:
+        ptr, img = _one_image(src, q.shape[0])
     return _small_serial(
-        _radius_rows_par, q.shape[0] * q.shape[1], q, src, mus, C, H, W, margin, extra, iters
+        _radius_rows_par,
+        q.shape[0] * q.shape[1],
+        q,
+        src,
+        mus,
+        ptr,
+        img,
+        C,
+        H,
+        W,
+        margin,
+        extra,
+        iters,
     )
+
+
+def _sources_batch(mu: np.ndarray):
+    """Sources of every image ``mu (B, P)`` as one array: ``src, mus, ptr``."""
+    srcs = [_sources(row) for row in mu]
+    ptr = np.zeros(len(srcs) + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([s.size for s, _ in srcs])
+    src = np.concatenate([s for s, _ in srcs]) if srcs else np.zeros(0, np.int64)
+    mus = np.concatenate([v for _, v in srcs]) if srcs else np.zeros(0)
+    return src.astype(np.int64), np.ascontiguousarray(mus, dtype=np.float64), ptr
+
+
+def polytope_gain_rows(q, mu, img, eps, *, iters: int = THETA_ITERS) -> np.ndarray:
+    """:func:`polytope_gain` for rows of several images at once (one parallel kernel).
+
+    ``q (m, C*H*W)``, ``mu (B, C, H, W)``, ``img (m,)``: the image of each row,
+    ``eps (m,)``.  Returns ``(m,)``.
+    """
+    b, c, h, w = mu.shape
+    q = _rows(q, c * h * w, "q")
+    src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
+    e = _per_row(eps, q.shape[0], "eps")
+    img = np.ascontiguousarray(img, dtype=np.int64)
+    return _gain_rows(q, src, mus, c, h, w, e, iters, ptr, img)
+
+
+def polytope_radius_rows(q, mu, img, margin, *, iters: int = THETA_ITERS) -> np.ndarray:
+    """:func:`polytope_radius` for rows of several images at once (``extra = 0``)."""
+    b, c, h, w = mu.shape
+    q = _rows(q, c * h * w, "q")
+    src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
+    m = q.shape[0]
+    marg = np.ascontiguousarray(np.broadcast_to(np.asarray(margin, np.float64), (m,)))
+    img = np.ascontiguousarray(img, dtype=np.int64)
+    return _radius_rows(q, src, mus, c, h, w, marg, np.zeros(m), iters, ptr, img)
 
 
 @numba.njit(cache=True)

@@ -53,7 +53,7 @@ class Domain:
 
     def gain(self, q: torch.Tensor, eps: torch.Tensor, idx, rows=None) -> torch.Tensor:
         """``max_{ν ∈ D_ε} qᵀ(µ - ν)`` (an upper bound), ``(B, R)``; ``idx``: image rows;
-        ``rows (B, R)`` bool: where to compute it exactly (elsewhere ``ε · norm``)."""
+        ``rows (B, R)`` bool: where it is needed (a domain may return ``inf`` elsewhere)."""
         return self.norm(q) * eps[:, None]
 
     def radius(self, q: torch.Tensor, margin: torch.Tensor, idx) -> torch.Tensor:
@@ -88,28 +88,27 @@ class W1Polytope(W1Ball):
     refines = True
 
     def gain(self, q, eps, idx, rows=None):
-        out = super().gain(q, eps, idx).detach().cpu().numpy()
+        """As :meth:`Domain.gain`; rows outside ``rows`` get ``inf`` (no information: the
+        caller keeps its ball bound there)."""
         b, r = q.shape[:2]
+        out = np.full((b, r), np.inf)
         mask = np.ones((b, r), dtype=bool) if rows is None else rows.detach().cpu().numpy()
-        e = eps.detach().cpu().numpy()
-        for k, i in enumerate(idx):
-            sel = np.flatnonzero(mask[k])
-            if sel.size:
-                qk = q[k, torch.as_tensor(sel, device=q.device)].detach().cpu().numpy()
-                out[k, sel] = _b.polytope_gain(qk.reshape(sel.size, -1), self.mu[i], float(e[k]))
+        kk, rr = np.nonzero(mask)
+        if kk.size:
+            sel_q = q[torch.as_tensor(kk), torch.as_tensor(rr)].detach().cpu().numpy()
+            e = eps.detach().cpu().numpy()[kk]
+            out[kk, rr] = _b.polytope_gain_rows(
+                sel_q.reshape(kk.size, -1), self.mu[np.asarray(idx)], kk, e
+            )
         return torch.as_tensor(out, dtype=q.dtype, device=q.device)
 
     def radius(self, q, margin, idx):
         b, r = q.shape[:2]
-        q_np = q.detach().cpu().numpy().reshape(b, r, -1)
-        m = margin.detach().cpu().numpy()
-        out = np.stack(
-            [
-                _b.polytope_radius(q_np[k], self.mu[i], np.maximum(m[k], 0.0))
-                for k, i in enumerate(idx)
-            ]
-        )
-        out = np.where(m > 0, out, 0.0)
+        q_np = q.detach().cpu().numpy().reshape(b * r, -1)
+        m = np.maximum(margin.detach().cpu().numpy().reshape(-1), 0.0)
+        img = np.repeat(np.arange(b), r)
+        out = _b.polytope_radius_rows(q_np, self.mu[np.asarray(idx)], img, m).reshape(b, r)
+        out = np.where(m.reshape(b, r) > 0, out, 0.0)
         return torch.as_tensor(out, dtype=q.dtype, device=q.device)
 
     def box(self, idx, eps, like):
