@@ -86,6 +86,8 @@ METHODS = ("vanilla", "feasible", "complete", "complete-ball", "smoothing")
 #: (:mod:`flowverify.certify.engine`) for every architecture; the other certifiers and
 #: methods work on chains of Linear/Conv2d/ReLU layers.
 ENGINE_METHODS = ("vanilla", "feasible")
+#: Certifiers of :data:`ENGINE_METHODS` that run on the engine (``lp`` reads the chain).
+ENGINE_CERTIFIERS = ("crown", "alpha-crown")
 
 #: Valid certifiers per method; the first is the default.
 CERTIFIERS: dict[str, tuple[str, ...]] = {
@@ -478,8 +480,9 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
     """Raw radii ``(n,)`` and convergence flags from the bound-propagation engine.
 
     Vanilla: the W1 ball (Theorem 3); feasible: the ball's search first, then the W1
-    polytope (Theorem 6) from its radius, so feasible is never below vanilla.  ``eps``
-    mode: ``min(ε, F(ε))`` maximised over the stages.
+    polytope (Theorem 6) from its radius, so feasible is never below vanilla;
+    ``alpha-crown`` adds a last stage with optimised slopes.  ``eps`` mode:
+    ``min(ε, F(ε))`` maximised over the stages.
     """
     from .engine import EngineProblem, make_domain
 
@@ -490,9 +493,18 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
     best, conv = np.zeros(n), np.ones(n, dtype=bool)
     deadline = None if eps_raw is not None else _deadline(ctx, n)
     linear = not ctx.graph.activations()  # F(ε) does not depend on ε (Lemmas 7, 8)
-    for k, name in enumerate(domains):
+    stages = [(d, False) for d in domains]
+    if ctx.certifier == "alpha-crown" and not linear:
+        stages.append((domains[-1], True))
+    for k, (name, optimise) in enumerate(stages):
         prob = EngineProblem(
-            ctx.graph, x, labels, make_domain(name, x), inv_scale=inv, device=ctx.device
+            ctx.graph,
+            x,
+            labels,
+            make_domain(name, x),
+            inv_scale=inv,
+            device=ctx.device,
+            optimise=optimise,
         )
         if eps_raw is not None:
             todo = np.flatnonzero(best < eps_raw)
@@ -806,7 +818,7 @@ def _iter_certify_modes(
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
     graph = None
-    if method in ENGINE_METHODS and certifier == "crown":
+    if method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS:
         graph = _engine_graph(net_model, x, flat, input_scale)
     elif chain_error is not None:
         raise ValueError(

@@ -124,14 +124,16 @@ def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, t
     """Lower-bound ``Λ σ(z) + β`` by ``Λ' z + β'`` from a relaxation.
 
     ``lam (B, m, *S)``, ``beta (B, m)``; ``relax`` = ``(s_lo, b_lo, s_up, b_up)``, each
-    ``(B, *S)`` (``b_lo`` may be ``None`` for a zero intercept).  Each coefficient takes
+    ``(B, *S)`` (``b_lo`` may be ``None`` for a zero intercept; ``s_lo`` may be
+    ``(B, m, *S)``: one lower slope per row, alpha-CROWN).  Each coefficient takes
     the lower line where it is non-negative and the upper line where it is negative.
     """
     s_lo, b_lo, s_up, b_up = relax
     b, m = lam.shape[:2]
     flat = lam.reshape(b, m, -1)
     neg = flat < 0
-    out = flat * torch.where(neg, s_up.reshape(b, 1, -1), s_lo.reshape(b, 1, -1))
+    s_lo = s_lo.reshape(b, m if s_lo.dim() == lam.dim() else 1, -1)  # per row: alpha
+    out = flat * torch.where(neg, s_up.reshape(b, 1, -1), s_lo)
     lam_neg = torch.where(neg, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
     beta = beta + torch.bmm(lam_neg, b_up.reshape(b, -1, 1))[..., 0]
     if b_lo is not None:
