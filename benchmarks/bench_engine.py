@@ -4,8 +4,7 @@ Rows (median radius normalised; digits are the bundled evaluation digits, indice
 8000+ of ``mnist10k.npz``, never used for training):
 
 * bundled ``fc`` and ``cnn``: vanilla (W1 ball) and feasible (W1 polytope) CROWN through
-  the engine, beside ``certify()``'s chain certifier on the same digits in the same run
-  (ratio of times);
+  ``certify()`` (the engine);
 * the CIFAR-size "base" network of Wong & Kolter (3x32x32, conv 8@4x4/2, conv 16@4x4/2,
   linear 1024-100-10), trained here (seeded, ``--train-epochs``) on the first 8,000
   digits of ``mnist10k.npz`` padded to 32x32 and coloured;
@@ -21,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import os
 import platform
@@ -38,7 +36,6 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--grid-n", type=int, default=100, help="digits for the VNN-COMP grid check")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-epochs", type=int, default=2)
-    p.add_argument("--skip-base-chain", action="store_true", help="no chain-stack base rows")
     return p.parse_args()
 
 
@@ -87,24 +84,6 @@ def _base_net(args):
     return net, xc[8000:], y[8000:], float(acc)
 
 
-def _chain_radii(model, x, y, method):
-    """The fused-chain CROWN stack (``bounds.RadiusOracle``), the engine's predecessor,
-    on the same digits: the reference of the speed ratio (normalised radii)."""
-    import numpy as np
-    import torch
-
-    from flowverify.certify import api
-    from flowverify.references import make_reference
-
-    m64 = copy.deepcopy(model).double().eval()
-    flat = api._infer_flat(model)
-    ctx = api._Ctx(model, m64, method, "crown", "raw", torch.device("cpu"), 1e-3, None, flat, 10, 0)
-    x = np.asarray(x, dtype=np.float64)
-    refs = np.stack([make_reference("uniform", xi) for xi in x])
-    lower, _, _ = api._incomplete_radii(ctx, x, refs, y, None, method, "crown")
-    return lower / x.sum(axis=(-2, -1)).max(axis=-1)
-
-
 def _engine_radii(model, x, y, method):
     """``certify()`` (the engine) on the same digits, normalised radii."""
     import numpy as np
@@ -118,16 +97,10 @@ def _table(rows, args) -> None:
     import torch
 
     print(f"\n{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
-    print(
-        "| network, method | digits | engine (certify) s/image | chain stack s/image | "
-        "engine/chain time | median radius engine | median radius chain |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, k, te, to, re_, ro in rows:
-        ratio = f"{te / to:.2f}" if to else "-"
-        tos = f"{to:.4f}" if to else "not timed"
-        ros = f"{ro:.4f}" if ro is not None else "-"
-        print(f"| {name} | {k} | {te:.4f} | {tos} | {ratio} | {re_:.4f} | {ros} |")
+    print("| network, method | digits | s/image | median radius |")
+    print("|---|---|---|---|")
+    for name, k, t, r in rows:
+        print(f"| {name} | {k} | {t:.4f} | {r:.4f} |")
 
 
 def _time(fn, repeats=1):
@@ -171,38 +144,17 @@ def main() -> int:
         xs, ys = correct(model, x[:n], y[:n])
         for method in ("vanilla", "feasible"):
             _engine_radii(model, xs[:2], ys[:2], method)  # warm-up (numba cache)
-            _chain_radii(model, xs[:2], ys[:2], method)
             reps = 3 if method == "vanilla" else 1
             t_eng, r_eng = _time(lambda: _engine_radii(model, xs, ys, method), reps)  # noqa: B023
-            t_old, r_old = _time(lambda: _chain_radii(model, xs, ys, method), reps)  # noqa: B023
-            rows.append(
-                (
-                    f"{name} {method}",
-                    len(xs),
-                    t_eng / len(xs),
-                    t_old / len(xs),
-                    float(np.median(r_eng)),
-                    float(np.median(r_old)),
-                )
-            )
+            rows.append((f"{name} {method}", len(xs), t_eng / len(xs), float(np.median(r_eng))))
     _table(rows, args)
     rows = []
     net, xc, yc, acc = _base_net(args)
     xs, ys = correct(net, xc[: args.n_conv], yc[: args.n_conv])
     for method in ("vanilla", "feasible"):
         t_eng, r_eng = _time(lambda: _engine_radii(net, xs, ys, method))  # noqa: B023
-        t_old, r_old = (None, None)
-        if not args.skip_base_chain:
-            t_old, r_old = _time(lambda: _chain_radii(net, xs, ys, method))  # noqa: B023
         rows.append(
-            (
-                f"base (acc {acc:.3f}) {method}",
-                len(xs),
-                t_eng / len(xs),
-                None if t_old is None else t_old / len(xs),
-                float(np.median(r_eng)),
-                None if r_old is None else float(np.median(r_old)),
-            )
+            (f"base (acc {acc:.3f}) {method}", len(xs), t_eng / len(xs), float(np.median(r_eng)))
         )
 
     _table(rows, args)

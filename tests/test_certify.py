@@ -122,12 +122,8 @@ def _attack_w1(model, x, labels, radii, m64=None):
     )
     out = []
     for i in range(len(x)):
-        ref = fv.make_reference("uniform", x[i : i + 1])
-        net, batch = _api._problem(ctx, x[i : i + 1], ref, np.array([labels[i]]))
         e_max = float(_api._e_max(x[i : i + 1])[0])
-        w1, img = _api._fw_min_radius(
-            ctx, net, batch, x[i], int(labels[i]), max(radii[i], 1e-3), e_max
-        )
+        w1, img = _api._fw_min_radius(ctx, x[i], int(labels[i]), max(radii[i], 1e-3), e_max)
         out.append(w1)
         if img is not None:  # the witness is a valid image within the reported W1
             assert img.min() >= -1e-12

@@ -412,71 +412,32 @@ def _deadline(ctx: _Ctx, n: int) -> float | None:
 # ---------------------------------------------------------------- incomplete (batched)
 
 
-def _oracle(ctx: _Ctx, net, batch, *, feasible: bool, certifier: str):
-    if certifier == "lp":
-        from .lp import LPOracle
+def _lp_radii(ctx: _Ctx, x, refs, labels, eps_raw, lower):
+    """Raw radii ``(n,)`` and convergence flags of the ``lp`` certifier (one reference
+    slot): the LP relaxation over the polytope on the fused chain, searched from the
+    engine's radius ``lower`` (radius mode) or evaluated at ``ε`` (``eps`` mode)."""
+    from .lp import LPOracle
 
-        return LPOracle(net, batch)
-    return _b.RadiusOracle(net, batch, feasible=feasible, optimise=certifier == "alpha-crown")
-
-
-def _stages(method: str, certifier: str) -> list[tuple[bool, str]]:
-    """Certifiers run in turn, each starting from the radius of the previous ones, so that
-    the reported radius is never below a cheaper one: vanilla CROWN, then (feasible)
-    polytope CROWN, then alpha-CROWN or the LP."""
-    stages = [(False, "crown")]
-    if method == "feasible":
-        stages.append((True, "crown"))
-    if certifier != "crown":
-        stages.append((method == "feasible", certifier))
-    return stages
-
-
-def _incomplete_radii(ctx: _Ctx, x, refs, labels, eps_raw, method, certifier, problem=None):
-    """Raw radii ``(n,)`` of one reference slot, convergence flags and the problem.
-
-    Radius mode (``eps_raw is None``): the searches of :func:`_stages`; ``eps`` mode:
-    ``min(ε, F(ε))`` maximised over the stages (stopping once certified).
-    """
-    net, batch = _problem(ctx, x, refs, labels) if problem is None else problem
+    net, batch = _problem(ctx, x, refs, labels)
     n = len(x)
-    linear = net.num_relu == 0
     e_max = _e_max(x)
-    stages = _stages(method, certifier)
-    if linear:
-        stages = stages[:2]  # polytope CROWN is already exact (Lemma 8) on a linear model
     if eps_raw is not None:
-        best = np.zeros(n)
-        for feasible, cert in stages:
-            todo = np.flatnonzero(best < eps_raw)
-            if todo.size == 0:
-                break
-            oracle = _oracle(ctx, net, batch.subset(todo), feasible=feasible, certifier=cert)
-            f_val = oracle(np.arange(todo.size), eps_raw[todo])
-            val = f_val if linear else np.minimum(f_val, eps_raw[todo])
-            best[todo] = np.maximum(best[todo], np.minimum(np.maximum(val, 0.0), e_max[todo]))
-        return best, np.ones(n, dtype=bool), (net, batch)
-    deadline = _deadline(ctx, n)
-    lower, conv = None, np.ones(n, dtype=bool)
-    for feasible, cert in stages:
-        res = _b.search_radius(
-            _oracle(ctx, net, batch, feasible=feasible, certifier=cert),
-            e_max,
-            linear=linear,
-            rtol=ctx.rtol,
-            deadline=deadline,
-            lower_init=lower if cert != "crown" else None,
-        )
-        if lower is None:
-            lower, conv = res.lower, res.converged
-        else:
-            better = res.lower >= lower
-            conv = np.where(better, res.converged, conv)
-            lower = np.maximum(lower, res.lower)
-    return lower, conv, (net, batch)
+        best = lower.copy()
+        todo = np.flatnonzero(best < eps_raw)
+        if todo.size:
+            f_val = LPOracle(net, batch.subset(todo))(np.arange(todo.size), eps_raw[todo])
+            val = np.minimum(np.maximum(np.minimum(f_val, eps_raw[todo]), 0.0), e_max[todo])
+            best[todo] = np.maximum(best[todo], val)
+        return best, np.ones(n, dtype=bool)
+    if net.num_relu == 0:  # polytope CROWN is already exact (Lemma 8) on a linear model
+        return lower, np.ones(n, dtype=bool)
+    res = _b.search_radius(
+        LPOracle(net, batch), e_max, rtol=ctx.rtol, deadline=_deadline(ctx, n), lower_init=lower
+    )
+    return np.maximum(res.lower, lower), res.converged
 
 
-def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
+def _engine_radii(ctx: _Ctx, x, labels, eps_raw, *, method=None, certifier=None):
     """Raw radii ``(n,)`` and convergence flags from the bound-propagation engine.
 
     Vanilla: the W1 ball (Theorem 3); feasible: the ball's search first, then the W1
@@ -486,15 +447,17 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
     """
     from .engine import EngineProblem, make_domain
 
+    method = ctx.method if method is None else method
+    certifier = ctx.certifier if certifier is None else certifier
     n = len(x)
     inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
-    domains = ["w1-ball"] + (["w1-polytope"] if ctx.method == "feasible" else [])
+    domains = ["w1-ball"] + (["w1-polytope"] if method == "feasible" else [])
     e_max = _e_max(x)
     best, conv = np.zeros(n), np.ones(n, dtype=bool)
     deadline = None if eps_raw is not None else _deadline(ctx, n)
     linear = not ctx.graph.activations()  # F(ε) does not depend on ε (Lemmas 7, 8)
     stages = [(d, False) for d in domains]
-    if ctx.certifier == "alpha-crown" and not linear:
+    if certifier == "alpha-crown" and not linear:
         stages.append((domains[-1], True))
     for k, (name, optimise) in enumerate(stages):
         prob = EngineProblem(
@@ -528,27 +491,6 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw):
 
 
 # ------------------------------------------------------------------ Frank-Wolfe attack
-
-
-def _dense_margins(net: _b.FlowNet, batch: _b.Batch, nu: torch.Tensor) -> torch.Tensor:
-    """Smallest margin ``min_t f_y - f_t`` at images ``nu (n, C, H, W)`` (the chain in
-    image space: ``z_0 = b̃ + G(ν - µ)/s``, then the dense layers)."""
-    n = nu.shape[0]
-    c = net.shape[0]
-    mu = torch.as_tensor(batch.mu, device=net.device)
-    diff = (nu.reshape(n, c, -1) - mu.reshape(n, c, -1)) * batch.inv_scale[:, :, None]
-    z = batch.centre + diff.reshape(n, -1) @ net.G.T
-    if net.num_relu:
-        for wk, bk in zip(net.weights[:-1], net.biases[:-1], strict=True):
-            z = torch.relu(z) @ wk.T + bk
-        z = torch.relu(z)
-    marg = torch.einsum("bmn,bn->bm", batch.spec_w, z) + batch.spec_b
-    return marg.min(dim=1).values
-
-
-def _chain_margins(net, batch):
-    """Margin function ``(rows, ν) -> min_t f_y - f_t`` of a fused chain."""
-    return lambda rows, nu: _dense_margins(net, batch.subset(rows), nu)
 
 
 def _model_margins(ctx: _Ctx, labels):
@@ -608,17 +550,18 @@ def _fw_attack(ctx: _Ctx, margin_fn, x: np.ndarray, labels, eps_raw, steps: int 
     return found, out
 
 
-def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max: float):
+def _fw_min_radius(ctx: _Ctx, x, label: int, start_raw: float, e_max: float):
     """Smallest budget (raw) where the FW attack succeeds, grown then bisected (one image).
 
     Returns the exact W1 (raw) of the adversarial image found and the image, or
     ``(inf, None)``."""
     lab = np.array([label])
+    margin_fn = _model_margins(ctx, lab)
     e = max(start_raw * 1.25, 1e-6 * e_max)
     last_fail = start_raw
     hit = None
     while e <= e_max * 1.000001:
-        ok, adv = _fw_attack(ctx, _chain_margins(net, batch), x[None], lab, np.array([e]))
+        ok, adv = _fw_attack(ctx, margin_fn, x[None], lab, np.array([e]))
         if ok[0]:
             hit = (e, adv[0])
             break
@@ -628,7 +571,7 @@ def _fw_min_radius(ctx: _Ctx, net, batch, x, label: int, start_raw: float, e_max
     lo, hi = last_fail, hit[0]
     for _ in range(6):
         mid = 0.5 * (lo + hi)
-        ok, adv = _fw_attack(ctx, _chain_margins(net, batch), x[None], lab, np.array([mid]))
+        ok, adv = _fw_attack(ctx, margin_fn, x[None], lab, np.array([mid]))
         if ok[0]:
             hi, hit = mid, (mid, adv[0])
         else:
@@ -668,18 +611,17 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
     c, h, w = x.shape
     e_max = float(_e_max(x[None])[0])
     # lower bound: the incomplete radius of the same region
-    lower, _, (net, batch) = _incomplete_radii(
+    lower, _ = _engine_radii(
         ctx,
         x[None],
-        ref[None],
         np.array([label]),
         None,
-        "feasible" if feasible else "vanilla",
-        "crown",
+        method="feasible" if feasible else "vanilla",
+        certifier="crown",
     )
     lower = float(lower[0])
     # upper bound: Frank-Wolfe and PGD attacks (valid for the ball too: feasible ⊂ ball)
-    upper, adv = _fw_min_radius(ctx, net, batch, x, label, lower, e_max)
+    upper, adv = _fw_min_radius(ctx, x, label, lower, e_max)
     p_upper, p_adv = _pgd_min_radius(ctx, x, label)
     if p_upper < upper:
         upper, adv = p_upper, p_adv
@@ -817,15 +759,15 @@ def _iter_certify_modes(
         chain_error = exc
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
-    graph = None
-    if method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS:
-        graph = _engine_graph(net_model, x, flat, input_scale)
-    elif chain_error is not None:
+    if chain_error is not None and not (
+        method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS
+    ):
         raise ValueError(
             f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
             f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
             "certifier='crown' certify this model through the bound-propagation engine"
         )
+    graph = _engine_graph(net_model, x, flat, input_scale)
     pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
@@ -857,7 +799,7 @@ def _iter_certify_modes(
         flat,
         num_classes,
         int(seed),
-        graph.to(dev) if graph is not None else None,
+        graph.to(dev),
     )
     step = 1 if method.startswith("complete") else int(batch_size)
     bar = None
@@ -993,19 +935,14 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
     n_refs = len(ref_sets[ok[0]])
     radii = np.zeros((n_refs, ok.size))
     conv = np.ones((n_refs, ok.size), dtype=bool)
-    problem = None
-    for j in range(n_refs):
-        if ctx.graph is not None:  # the engine works on images: no reference enters
-            if j == 0:
-                radii[0], conv[0] = _engine_radii(ctx, x[ok], lab[ok], eps_raw)
-            else:
-                radii[j], conv[j] = radii[0], conv[0]
-            continue
+    # the engine works on images: no reference enters (one computation for all slots)
+    lp = ctx.certifier == "lp"
+    radii[:], conv[:] = _engine_radii(
+        ctx, x[ok], lab[ok], eps_raw, certifier="crown" if lp else ctx.certifier
+    )
+    for j in range(n_refs if lp else 0):  # the LP reads the fused chain of each reference
         refs = np.stack([_build_ref(ref_sets[i][j], x[i]) for i in ok])
-        radii[j], conv[j], prob = _incomplete_radii(
-            ctx, x[ok], refs, lab[ok], eps_raw, ctx.method, ctx.certifier
-        )
-        problem = prob if problem is None else problem
+        radii[j], conv[j] = _lp_radii(ctx, x[ok], refs, lab[ok], eps_raw, radii[j].copy())
     best = radii.argmax(axis=0)
     out = {}
     fals = np.zeros(ok.size, dtype=bool)
@@ -1014,10 +951,7 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
         cert = radii.max(axis=0) >= eps_raw
         todo = np.flatnonzero(~cert)
         if todo.size:
-            if problem is None:
-                margin_fn = _model_margins(ctx, lab[ok[todo]])
-            else:
-                margin_fn = _chain_margins(*problem[:1], problem[1].subset(todo))
+            margin_fn = _model_margins(ctx, lab[ok[todo]])
             f_ok, f_img = _fw_attack(ctx, margin_fn, x[ok[todo]], lab[ok[todo]], eps_raw[todo])
             fals[todo] = f_ok
             adv = dict(zip(todo.tolist(), f_img, strict=True))

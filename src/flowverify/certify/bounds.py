@@ -930,46 +930,44 @@ def _grad_absmax_t(q: torch.Tensor, shape, *, per_channel: bool = False) -> torc
     return out if per_channel else out.amax(dim=-1)
 
 
-def _relax(lam, beta, lower, upper, alpha=None, split=None):
+class _ReLU:
+    """The engine's ReLU, created on first use (the engine imports this module)."""
+
+    op = None
+
+    def relax(self, lower, upper):
+        if _ReLU.op is None:
+            from .engine.activations import LeakyReLUOp
+
+            _ReLU.op = LeakyReLUOp(0.0)
+        return _ReLU.op.relax(lower, upper)
+
+
+_RELU = _ReLU()
+
+
+def _relax(lam, beta, lower, upper, split=None):
     """Replace ``Λ relu(z)`` by a lower bound ``Λ' z + β'`` valid on ``l <= z <= u``.
 
-    ``lam (N, m, n)``, ``lower/upper (N, n)``; ``alpha (N, m, n)`` or ``None`` (CROWN's
-    adaptive lower slope ``1[u >= -l]``); ``split (N, n)`` in {-1, 0, +1} fixes phases.
+    ``lam (N, m, n)``, ``lower/upper (N, n)``; ``split (N, n)`` in {-1, 0, +1} fixes
+    phases.  The triangle relaxation is the engine's
+    (:class:`~flowverify.certify.engine.activations.LeakyReLUOp` with slope 0).
     """
-    active = lower >= 0
-    inactive = upper <= 0
+    from .engine import activations as act
+
     if split is not None:
-        active = (active | (split > 0)) & ~(split < 0)
-        inactive = (inactive | (split < 0)) & ~(split > 0)
-    unstable = ~(active | inactive)
-    act = active.to(lam.dtype)
-    denom = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    s_up = torch.where(unstable, upper / denom, act)
-    b_up = torch.where(unstable, -s_up * lower, torch.zeros_like(lower))
-    if alpha is None:
-        a_lo = (upper >= -lower).to(lam.dtype)[:, None, :]
-    else:
-        a_lo = alpha
-    s_lo = torch.where(unstable[:, None, :], a_lo, act[:, None, :])
-    lp = lam.clamp(min=0)
-    ln = lam.clamp(max=0)
-    beta = beta + torch.einsum("bmn,bn->bm", ln, b_up)
-    lam = lp * s_lo + ln * s_up[:, None, :]
-    return lam, beta
+        lower = torch.where(split > 0, lower.clamp(min=0), lower)
+        upper = torch.where(split < 0, upper.clamp(max=0), upper)
+        upper = torch.where(split > 0, torch.maximum(upper, lower), upper)
+        lower = torch.where(split < 0, torch.minimum(lower, upper), lower)
+    return act.apply(lam, beta, _RELU.relax(lower, upper))
 
 
-def _backward(net: FlowNet, lam, beta, top: int, bounds, alphas=None, splits=None):
+def _backward(net: FlowNet, lam, beta, top: int, bounds, splits=None):
     """Propagate ``Λ relu(z_top) + β`` down to a linear function ``Λ z_0 + β``."""
     for j in range(top, -1, -1):
         lo, up = bounds[j]
-        lam, beta = _relax(
-            lam,
-            beta,
-            lo,
-            up,
-            None if alphas is None else alphas[j],
-            None if splits is None else splits[j],
-        )
+        lam, beta = _relax(lam, beta, lo, up, None if splits is None else splits[j])
         if j > 0:
             beta = beta + lam @ net.biases[j - 1]
             lam = lam @ net.weights[j - 1]
@@ -1140,16 +1138,14 @@ def layer_bounds_batch(
     eps,
     *,
     feasible: bool,
-    alphas=None,
     splits=None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Pre-activation bounds of every ReLU layer for a batch, ``[(lower, upper)]``.
 
     CROWN layer by layer; neurons that interval arithmetic already proves stable keep
     their interval bounds (their relaxation is exact either way).  ``feasible`` tightens
-    every unstable neuron over the polytope.  ``alphas`` (optional, alpha-CROWN): a list
-    over ReLU layers ``k >= 1`` of lists of lower slopes ``(N, 2 n_k, n_j)``, ``j < k``;
-    ``splits``: a list over ReLU layers of ``(N, n_j)`` tensors in {-1, 0, 1}.
+    every unstable neuron over the polytope.  ``splits``: a list over ReLU layers of
+    ``(N, n_j)`` tensors in {-1, 0, 1} (branch and bound).
     """
     eps_t = _as_eps(eps, batch, net.device)
     lip0 = (net.G_lip[None] * batch.inv_scale[:, None, :]).amax(dim=2)
@@ -1176,9 +1172,7 @@ def layer_bounds_batch(
         lam = torch.cat([eye, -eye])[None].expand(batch.size, -1, -1)
         beta = lam @ bias
         lam = lam @ weight
-        lam, beta = _backward(
-            net, lam, beta, k - 1, bounds, None if alphas is None else alphas[k - 1], splits
-        )
+        lam, beta = _backward(net, lam, beta, k - 1, bounds, splits)
         lin = _linearise(net, batch, lam, beta)
         rows = torch.cat([need, need], dim=1).detach().cpu().numpy()
         norm = ball_norm(net, lin, rows, paired=True)
@@ -1194,12 +1188,12 @@ def layer_bounds_batch(
     return bounds
 
 
-def final_linear(net: FlowNet, batch: Batch, bounds, *, alphas=None, splits=None) -> Linear:
+def final_linear(net: FlowNet, batch: Batch, bounds, *, splits=None) -> Linear:
     """Margins ``f_y - f_t >= Λ z_0 + β`` (CROWN through every ReLU layer)."""
     lam = batch.spec_w
     beta = batch.spec_b
     if net.num_relu:
-        lam, beta = _backward(net, lam, beta, net.num_relu - 1, bounds, alphas, splits)
+        lam, beta = _backward(net, lam, beta, net.num_relu - 1, bounds, splits)
     return _linearise(net, batch, lam, beta)
 
 
@@ -1406,138 +1400,6 @@ class _PolytopeRadius(torch.autograd.Function):
         return grad[:, None] * gq, grad * gm, grad * gx, None, None
 
 
-def _margin_radius(net: FlowNet, batch: Batch, lin: Linear, eps_t, feasible: bool, *, grad=False):
-    """Per-margin radii ``(N, m)`` of a relaxation valid up to ``eps_t``."""
-    if not feasible:
-        return ball_radius(net, lin, eps_t)
-    if not grad:
-        return polytope_radius_batch(net, batch, lin, eps_t.detach().cpu().numpy())
-    q = lin.q(net)
-    lip = _grad_absmax_t(q.detach(), net.shape)
-    tol = margin_tolerance(lin.centre.detach(), (lip + lin.extra.detach()) * eps_t[:, None])
-    rows = []
-    for b in range(batch.size):
-        rows.append(
-            _PolytopeRadius.apply(
-                q[b], lin.centre[b] - tol[b], lin.extra[b], batch.mu[b], net.shape
-            )
-        )
-    return torch.stack(rows)
-
-
-class RadiusOracle:
-    r"""``F(ε)``: the radius certified by a relaxation computed at ``ε`` (one per image).
-
-    Intermediate bounds computed for the region of radius ``ε`` remain valid for every
-    ``ε' <= ε``, so the final linear bounds certify every ``ε' <= min(ε, F(ε))`` where
-    ``F(ε) = min_t r_t`` (ball: ``(c_t - τ)/‖a_t‖_∞``; polytope: the dual radius).
-    ``F(ε) >= ε`` means "certified at ε".
-
-    Parameters
-    ----------
-    net, batch
-        The problems (``batch.size`` images).
-    feasible : bool
-        Polytope (Theorem 6) instead of the ball (Theorem 3).
-    optimise : bool
-        alpha-CROWN: lower ReLU slopes optimised by Adam for ``iterations`` steps
-        (vanilla: every layer's slopes; feasible: the final layer's, intermediate bounds
-        from CROWN tightened over the polytope), warm-started across calls.
-    """
-
-    def __init__(
-        self,
-        net: FlowNet,
-        batch: Batch,
-        *,
-        feasible: bool,
-        optimise: bool = False,
-        iterations: int = 20,
-        lr: float = 0.25,
-    ):
-        self.net, self.batch = net, batch
-        self.feasible, self.optimise = feasible, optimise
-        self.iterations, self.lr = iterations, lr
-        self._alpha: dict[int, list] = {}
-
-    def __call__(self, idx: np.ndarray, eps: np.ndarray) -> np.ndarray:
-        sub = self.batch.subset(idx)
-        eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), device=self.net.device)
-        with torch.no_grad():
-            bounds = layer_bounds_batch(self.net, sub, eps_t, feasible=self.feasible)
-            lin = final_linear(self.net, sub, bounds)
-            rad = _margin_radius(self.net, sub, lin, eps_t, self.feasible)
-        best = rad.min(dim=1).values.cpu().numpy()
-        if self.optimise and self.net.num_relu:
-            best = np.maximum(best, self._optimise(idx, sub, eps_t, bounds))
-        return best
-
-    def _init_alpha(self, idx, sub, bounds):
-        """Lower slopes: final (per layer ``(n, m, n_j)``) and, for vanilla, intermediate."""
-        net = self.net
-        m = sub.spec_w.shape[1]
-        final, inter = [], []
-        for j, (lo, up) in enumerate(bounds):
-            a0 = (up >= -lo).to(torch.float64)[:, None, :]
-            final.append(a0.expand(-1, m, -1).clone())
-            if j == 0:
-                continue
-        if not self.feasible:
-            for k in range(1, net.num_relu):
-                nk = net.weights[k - 1].shape[0]
-                inter.append(
-                    [
-                        (bounds[j][1] >= -bounds[j][0])
-                        .to(torch.float64)[:, None, :]
-                        .expand(-1, 2 * nk, -1)
-                        .clone()
-                        for j in range(k)
-                    ]
-                )
-        for pos, i in enumerate(idx):  # warm start
-            saved = self._alpha.get(int(i))
-            if saved is None:
-                continue
-            for a, sv in zip(final + [x for row in inter for x in row], saved, strict=False):
-                a[pos] = sv
-        params = final + [x for row in inter for x in row]
-        for p in params:
-            p.requires_grad_(True)
-        return final, inter, params
-
-    def _optimise(self, idx, sub, eps_t, bounds) -> np.ndarray:
-        net = self.net
-        final, inter, params = self._init_alpha(idx, sub, bounds)
-        opt = torch.optim.Adam(params, lr=self.lr)
-        best = np.zeros(len(idx))
-        best_params = [p.detach().clone() for p in params]
-        for _ in range(self.iterations):
-            opt.zero_grad()
-            if self.feasible:
-                bnds = bounds
-            else:
-                bnds = layer_bounds_batch(net, sub, eps_t, feasible=False, alphas=inter)
-            lin = final_linear(net, sub, bnds, alphas=final)
-            rad = _margin_radius(net, sub, lin, eps_t, self.feasible, grad=True)
-            f_val = rad.detach().min(dim=1).values.cpu().numpy()
-            improved = f_val > best
-            if improved.any():
-                best = np.where(improved, f_val, best)
-                imp = torch.as_tensor(improved)
-                for bp, p in zip(best_params, params, strict=True):
-                    bp[imp] = p.detach()[imp]
-            cap = eps_t[:, None] * 1.05
-            obj = torch.minimum(torch.where(torch.isfinite(rad), rad, cap), cap)
-            (-obj.sum()).backward()
-            opt.step()
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(0.0, 1.0)
-        for pos, i in enumerate(idx):
-            self._alpha[int(i)] = [bp[pos] for bp in best_params]
-        return best
-
-
 @dataclass
 class SearchResult:
     """Outcome of :func:`search_radius` (per image, raw units).
@@ -1567,7 +1429,8 @@ def search_radius(
 ) -> SearchResult:
     r"""The largest certified radius of each image, to a relative tolerance ``rtol``.
 
-    A bracketing search on ``ε`` driven by ``F`` (:class:`RadiusOracle`): after each
+    A bracketing search on ``ε`` driven by ``F`` (a radius oracle such as
+    :class:`~flowverify.certify.engine.EngineProblem`): after each
     probe, ``lower = max(lower, min(ε, F(ε)))`` (sound: the relaxation at ``ε`` certifies
     every smaller radius up to ``F(ε)``) and ``upper = ε`` if ``F(ε) < ε``.  The first
     probe is ``ε = 0`` (the network's linearisation), the next ``κ F(0)``; then the
