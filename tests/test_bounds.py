@@ -203,10 +203,12 @@ def test_linear_ball_radius_is_lemma_7():
     d_t = chain.biases[0][label] - chain.biases[0]
     others = [t for t in range(4) if t != label]
     lemma7 = min((w_t[t] @ dmu + d_t[t]) / np.abs(w_t[t]).max() for t in others)
-    net = B.FlowNet.from_chain(chain, (1, 5, 5))
-    batch = B.Batch.build(net, chain.weights[0] @ dmu + chain.biases[0], 1.0, x[None], [label])
-    lin = B.final_linear(net, batch, [])
-    got = float(B.ball_radius(net, lin).min())
+    from flowverify.certify.engine import EngineProblem, build_graph, make_domain
+
+    m64 = model.double().eval()
+    graph = build_graph(m64, torch.as_tensor(x[None]))
+    prob = EngineProblem(graph, x[None], [label], make_domain("w1-ball", x[None]))
+    got = float(prob(np.array([0]), np.array([1.0]))[0])  # F(ε) does not depend on ε
     np.testing.assert_allclose(got, lemma7, rtol=1e-8)
 
 

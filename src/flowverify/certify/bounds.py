@@ -1202,23 +1202,8 @@ def margin_tolerance(centre, spread) -> torch.Tensor:
     return MARGIN_RTOL * (1.0 + centre.abs() + spread.abs())
 
 
-def ball_radius(net: FlowNet, lin: Linear, eps=None) -> torch.Tensor:
-    """Per-margin radii ``(c_t - τ_t)/‖a_t‖_∞`` (Lemma 7 for a linear model), ``(N, m)``.
-
-    Valid for the radii where the relaxation behind ``lin`` is (``<= eps``); ``eps``
-    (``(N,)``) only enters the tolerance ``τ``.  ``inf`` for a constant positive margin,
-    0 when ``c_t <= τ_t``.
-    """
-    norm = ball_norm(net, lin)
-    spread = norm * (0.0 if eps is None else eps[:, None])
-    tol = margin_tolerance(lin.centre, spread)
-    num = lin.centre - tol
-    rad = torch.where(norm > 0, num / norm.clamp(min=1e-300), torch.full_like(num, math.inf))
-    return torch.where(num > 0, rad, torch.zeros_like(rad))
-
-
 def polytope_radius_batch(net: FlowNet, batch: Batch, lin: Linear, eps) -> torch.Tensor:
-    """Per-margin polytope radii ``(N, m)`` (sound; never below :func:`ball_radius`)."""
+    """Per-margin polytope radii ``(N, m)`` (sound; never below the ball's)."""
     n, m, _ = lin.lam.shape
     c, h, w = net.shape
     eps_np = np.broadcast_to(np.asarray(eps, dtype=np.float64).reshape(-1), (n,))
