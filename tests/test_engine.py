@@ -168,6 +168,9 @@ def test_sampled_points_never_leave_the_bounds(name, domain, digits):
         marg = _margins(net64, pts, np.full(len(pts), labels[b]))
         loosest = min(loosest, marg.min() - bound[b].min())
         assert marg.min() >= bound[b].min() - 1e-9, (b, marg.min(), bound[b].min())
+        # the float32 model as given: the same up to its own rounding
+        m32 = _margins(net, pts.astype(np.float32), np.full(len(pts), labels[b]))
+        assert m32.min() >= bound[b].min() - 1e-4 * (1 + abs(bound[b].min()))
     assert np.isfinite(loosest)
     # the bounds are not vacuous: at eps -> 0 they equal the margins at the image
     tiny = prob.lower_bounds(np.arange(len(digits)), np.full(len(digits), 1e-9))
@@ -340,3 +343,23 @@ def test_w1_domain_gain_equals_an_lp(domain, channels):
             exact = -lp.fun
             assert got[r] >= exact - 1e-9 * (1 + abs(exact)), (eps, r, got[r], exact)
             assert got[r] <= exact + 1e-6 * (1 + abs(exact)), (eps, r, got[r], exact)
+
+
+def test_normalised_input_scale_bounds_hold(digits):
+    """``input_scale="normalised"``: the model reads ``ν / mass``; bounds hold on samples."""
+    net = _seeded("residual")
+    net64 = copy.deepcopy(net).double()
+    mass = digits.sum(axis=(-2, -1))  # (B, C)
+    scaled = digits / mass[:, :, None, None]
+    labels = _labels(net, scaled)
+    g = build_graph(net64, torch.as_tensor(scaled[:1]))
+    for domain in ("w1-ball", "w1-polytope"):
+        prob = EngineProblem(g, digits, labels, make_domain(domain, digits), inv_scale=1 / mass)
+        bound = prob.lower_bounds(np.arange(len(digits)), np.full(len(digits), 4.0))
+        rng = np.random.default_rng(1)
+        for b in range(len(digits)):
+            pts = _samples(domain, digits[b], 4.0, rng)
+            marg = _margins(net64, pts / mass[b][None, :, None, None], np.full(len(pts), labels[b]))
+            assert marg.min() >= bound[b].min() - 1e-9
+    res = fv.certify(net, digits.astype(np.float32), labels, input_scale="normalised")
+    assert all(r.status == Status.CERTIFIED and r.radius > 0 for r in res)
