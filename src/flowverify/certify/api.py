@@ -8,25 +8,28 @@ Table 1):
 
 ``"vanilla"``
     The L1 ball ``B_ε(δµ)`` (Theorem 3), certified by CROWN (``certifier="crown"``) or
-    alpha-CROWN (``"alpha-crown"``) with the dual-norm concretisation
-    ``min cᵀδ = cᵀδµ - ε‖c‖_∞``; for a linear model the radius is Lemma 7's closed form
-    ``min_t (w_tᵀδµ + d_t)/‖w_t‖_∞``, computed directly.
+    alpha-CROWN (``"alpha-crown"``) on the bound-propagation engine
+    (:mod:`flowverify.certify.engine`): every bound ends as ``qᵀν + β`` in the image,
+    minimised over the ball as ``qᵀµ - ε‖Aᵀq‖_∞`` (the dual-norm concretisation
+    ``cᵀδµ - ε‖c‖_∞`` with ``c = Aᵀq``); for a linear model this is Lemma 7's closed form.
+    Any traced feed-forward model whose first operation is affine (Corollary 2.1).
 ``"feasible"``
-    The polytope ``B_ε(δµ) ∩ {R + Aδ >= 0}`` (Lemma 5, Theorem 6): CROWN / alpha-CROWN
-    whose intermediate and final linear bounds are minimised exactly over the polytope
-    (:mod:`flowverify.certify.bounds`), or the LP relaxation solved by HiGHS
-    (``"lp"``, :mod:`flowverify.certify.lp`).  Never below ``"vanilla"`` (the reported
-    radius is at least the vanilla CROWN radius); exact (Lemma 8) for a linear model.
+    The polytope ``B_ε(δµ) ∩ {R + Aδ >= 0}`` (Lemma 5, Theorem 6): the same engine with
+    every intermediate and final bound minimised exactly over the polytope (Kantorovich
+    dual, :func:`~flowverify.certify.bounds.polytope_gain`), or the LP relaxation solved
+    by HiGHS (``"lp"``, :mod:`flowverify.certify.lp`, chains of Linear/Conv2d/ReLU).
+    Never below ``"vanilla"`` (its search starts from the vanilla radius); exact
+    (Lemma 8) for a linear model.
 ``"complete"`` / ``"complete-ball"``
     The exact radius over the polytope (resp. the ball) by
     :func:`flowverify.certify.complete.exact_radius`, pruned by the feasible (resp.
     vanilla) radius from below and by a Frank-Wolfe attack from above.
 
 References (section 3.2.2): the reported radius is the maximum over references; every
-per-reference radius is kept.  (For CROWN-type certifiers the certificate is, up to
-rounding, independent of ``R``: ``W̃δµ + b̃ = Wµ + b`` and the region's image set
-``{µ + Aγ}`` do not depend on it.  Complete methods use the first reference only: their
-radius does not depend on it, Table 1.)
+per-reference radius is kept.  (The engine's certificate does not depend on ``R``:
+``W̃δµ + b̃ = Wµ + b`` and the region's image set ``{µ + Aγ}`` do not, so it is computed
+once for every reference.  Complete methods use the first reference only: their radius
+does not depend on it, Table 1.)
 
 Radii of incomplete methods come from a search on ``ε`` to a relative tolerance
 ``rtol`` (:func:`~flowverify.certify.bounds.search_radius`); the reported value is the
@@ -268,8 +271,9 @@ def _resolve_model(model) -> nn.Module:
 
 
 def _check_architecture(model: nn.Module) -> None:
-    """Refuse, before any work, a model the certifiers cannot handle (naming its layer):
-    an affine first operation, then only Linear/Conv2d/Flatten/ReLU, logits last."""
+    """Refuse, naming its layer, a model that is not a fused chain (an affine first
+    operation, then only Linear/Conv2d/Flatten/ReLU, logits last): what the LP and the
+    complete search read.  The engine (vanilla, feasible) takes any traced model."""
     try:
         pos, _, _ = first_affine_layer(model)
     except ValueError as exc:
