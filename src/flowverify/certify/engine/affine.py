@@ -82,6 +82,12 @@ class LinearOp(_Affine):
             return lam.new_zeros(lam.shape[:2])
         return _sum_rows(lam @ self.b[:, None])
 
+    def unit_rows(self, sel: torch.Tensor, weight: torch.Tensor):
+        """``Σ_r w_r e_{sel_r}`` carried back: ``(w_r W_{sel_r}, w_r b_{sel_r})``."""
+        lam = self.weight[sel] * weight[..., None]
+        beta = weight * self.b[sel] if self.b is not None else torch.zeros_like(weight)
+        return lam, beta
+
 
 class ConvOp(_Affine):
     """``nn.Conv2d`` (any stride, padding, dilation, groups; zero padding)."""
@@ -120,6 +126,41 @@ class ConvOp(_Affine):
         if self.b is None:
             return lam.new_zeros(lam.shape[:2])
         return (lam.sum(dim=(-2, -1)) * self.b).sum(dim=-1)
+
+    def unit_rows(self, sel: torch.Tensor, weight: torch.Tensor):
+        """``Σ_r w_r e_{sel_r}`` carried back: rows ``w_r M_{sel_r}`` and ``w_r d_{sel_r}``.
+
+        ``sel (B, K)`` flat output neurons, ``weight (B, K)``.  Each row is the neuron's
+        kernel placed at its window (a scatter of ``C_in/groups · kh · kw`` entries
+        instead of a transposed convolution of a one-hot map).  Returns
+        ``(lam (B, K, *in_shape), beta (B, K))``.
+        """
+        b, k = sel.shape
+        c_out, c_in_g, kh, kw = self.weight.shape
+        c_in, h, w = self.in_shape
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        ho_wo = out_h * out_w
+        s = sel.reshape(-1)
+        wt = weight.reshape(-1).to(self.weight.dtype)
+        ch, pos = s // ho_wo, s % ho_wo
+        oy, ox = pos // out_w, pos % out_w
+        group = ch // (c_out // self.groups)
+        chans = group[:, None] * c_in_g + torch.arange(c_in_g, device=s.device)[None]  # (R, Cg)
+        out = torch.zeros((s.numel(), c_in, h, w), dtype=self.weight.dtype, device=s.device)
+        rows = torch.arange(s.numel(), device=s.device)
+        kern = self.weight[ch] * wt[:, None, None, None]  # (R, Cg, kh, kw)
+        for di in range(kh):
+            y = oy * self.stride[0] - self.padding[0] + di * self.dilation[0]
+            for dj in range(kw):
+                x = ox * self.stride[1] - self.padding[1] + dj * self.dilation[1]
+                ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+                if not bool(ok.any()):
+                    continue
+                r = rows[ok]
+                out[r[:, None], chans[ok], y[ok][:, None], x[ok][:, None]] = kern[ok, :, di, dj]
+        beta = wt * self.b[ch] if self.b is not None else torch.zeros_like(wt)
+        return out.reshape(b, k, c_in, h, w), beta.reshape(b, k)
 
 
 class BatchNormOp(_Affine):

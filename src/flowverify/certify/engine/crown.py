@@ -26,14 +26,14 @@ import torch
 
 from .. import bounds as _b
 from . import activations as act
-from .affine import Merge
+from .affine import ConvOp, LinearOp, Merge
 from .domains import Domain
 from .graph import Graph
 
 __all__ = ["EngineProblem", "backward"]
 
 
-def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=()) -> tuple:
+def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=(), beta=None) -> tuple:
     """Propagate ``Λ x_start`` down to ``Σ_j Λ_j x_j + β`` (a lower bound on the region).
 
     ``lam (B, m, *shape of node start)``; ``relax``: node position -> relaxation
@@ -42,9 +42,11 @@ def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=()) 
     Returns ``({j: Λ_j (B, m, *shape of j)}, β (B, m))`` over ``j`` in ``stop`` or the
     input 0.
     """
-    beta = lam.new_zeros(lam.shape[:2])
-    pending: dict[int, torch.Tensor] = {start: lam}
+    beta = lam.new_zeros(lam.shape[:2]) if beta is None else beta
     ends: dict[int, torch.Tensor] = {}
+    if start in stop or start == 0:
+        return {start: lam}, beta
+    pending: dict[int, torch.Tensor] = {start: lam}
 
     def push(j, value):
         into = ends if (j in stop or j == 0) else pending
@@ -158,11 +160,11 @@ class EngineProblem:
             self._offsets = offsets
         return self._front_net
 
-    def linear(self, idx, start: int, lam: torch.Tensor, relax: dict) -> _b.Linear:
-        """The lower bound of ``Λ x_start`` as ``Λ' z_front + β`` (a
+    def linear(self, idx, start: int, lam: torch.Tensor, relax: dict, beta=None) -> _b.Linear:
+        """The lower bound of ``Λ x_start + β`` as ``Λ' z_front + β'`` (a
         :class:`~..bounds.Linear` on the front's rows, centre = its value at ``µ``)."""
         net = self._front()
-        ends, beta = backward(self.graph, start, lam, relax, stop=self.front)
+        ends, beta = backward(self.graph, start, lam, relax, stop=self.front, beta=beta)
         b, r = lam.shape[:2]
         if len(ends) == 1 and len(self._ends) == 1:
             lam_f = next(iter(ends.values())).reshape(b, r, -1)
@@ -266,11 +268,16 @@ class EngineProblem:
             return lo, up
         order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True)
         sel, valid = order.indices[:, :k], order.values[:, :k].bool()
-        lam = lo_f.new_zeros((b, 2 * k, n))
         one = valid.to(lo_f.dtype)
-        lam[:, :k].scatter_(2, sel[..., None], one[..., None])
-        lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
-        lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
+        if isinstance(node.op, ConvOp) or (isinstance(node.op, LinearOp) and len(node.shape) == 1):
+            # the first step in closed form: the selected neurons' rows
+            lam_in, beta = node.op.unit_rows(torch.cat([sel, sel], 1), torch.cat([one, -one], 1))
+            lin = self.linear(idx, node.inputs[0], lam_in, relax, beta=beta)
+        else:
+            lam = lo_f.new_zeros((b, 2 * k, n))
+            lam[:, :k].scatter_(2, sel[..., None], one[..., None])
+            lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
+            lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
         centre = lin.centre
         old_lo, old_up = torch.gather(lo_f, 1, sel), torch.gather(up_f, 1, sel)
 
