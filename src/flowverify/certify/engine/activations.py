@@ -131,11 +131,32 @@ def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, t
     s_lo, b_lo, s_up, b_up = relax
     b, m = lam.shape[:2]
     flat = lam.reshape(b, m, -1)
+    n = flat.shape[2]
+    per_row = s_lo.dim() == lam.dim()  # alpha-CROWN: one lower slope per row
+    s_lo = s_lo.reshape(b, m if per_row else 1, -1)
+    s_up, b_up = s_up.reshape(b, 1, -1), b_up.reshape(b, -1)
+    if b_lo is None and not per_row:
+        # the lines differ only on unstable neurons: one dense product, then those columns
+        loose = (s_lo != s_up)[:, 0] | (b_up != 0)
+        width = int(loose.sum(dim=1).max()) if loose.numel() else 0
+        if width <= n // 2:
+            out = flat * s_up
+            if width == 0:
+                return out.reshape(lam.shape), beta
+            order = torch.sort(loose.to(torch.int8), dim=1, descending=True, stable=True)
+            cols, used = order.indices[:, :width], order.values[:, :width].to(flat.dtype)
+            idx = cols[:, None, :].expand(b, m, width)
+            part = flat.gather(2, idx)
+            pos = part.clamp(min=0)
+            d = (s_lo[:, 0].gather(1, cols) - s_up[:, 0].gather(1, cols)) * used
+            out.scatter_add_(2, idx, pos * d[:, None, :])
+            bu = b_up.gather(1, cols) * used
+            beta = beta + torch.bmm(part - pos, bu[:, :, None])[..., 0]
+            return out.reshape(lam.shape), beta
     neg = flat < 0
-    s_lo = s_lo.reshape(b, m if s_lo.dim() == lam.dim() else 1, -1)  # per row: alpha
-    out = flat * torch.where(neg, s_up.reshape(b, 1, -1), s_lo)
+    out = flat * torch.where(neg, s_up, s_lo)
     lam_neg = torch.where(neg, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    beta = beta + torch.bmm(lam_neg, b_up.reshape(b, -1, 1))[..., 0]
+    beta = beta + torch.bmm(lam_neg, b_up[:, :, None])[..., 0]
     if b_lo is not None:
         beta = beta + torch.bmm(flat - lam_neg, b_lo.reshape(b, -1, 1))[..., 0]
     return out.reshape(lam.shape), beta
