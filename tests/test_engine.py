@@ -363,3 +363,15 @@ def test_normalised_input_scale_bounds_hold(digits):
             assert marg.min() >= bound[b].min() - 1e-9
     res = fv.certify(net, digits.astype(np.float32), labels, input_scale="normalised")
     assert all(r.status == Status.CERTIFIED and r.radius > 0 for r in res)
+
+
+def test_alpha_crown_on_the_outside_network(outside_net):
+    """alpha-CROWN on the VNN-COMP net: never below CROWN, never above the attack."""
+    x, y = bundled_digits()
+    x, y = x[:2], y[:2]
+    crown = fv.certify(outside_net, x, y, method="vanilla")
+    alpha = fv.certify(outside_net, x, y, method="vanilla", certifier="alpha-crown")
+    atk = fv.attack(outside_net, x, y, eps=None, steps=30, seed=0)
+    for c, a, w1 in zip(crown, alpha, atk.w1, strict=True):
+        assert a.status == Status.CERTIFIED and a.radius >= c.radius * (1 - 1e-12) > 0
+        assert a.radius <= w1 * (1 + 1e-9), (a.radius, w1)
