@@ -220,6 +220,15 @@ class EngineProblem:
                 vals[i] = bounds[i]
         return bounds, relax
 
+    def _piecewise(self, i: int) -> bool:
+        """Whether every activation reading node ``i`` is a (leaky) ReLU: only its unstable
+        neurons need bounds, and a neuron proven stable needs no other."""
+        return all(
+            isinstance(n.op, act.LeakyReLUOp)
+            for n in self.graph.nodes
+            if i in n.inputs and isinstance(n.op, act.Activation)
+        )
+
     def _front_bounds(self, idx, eps, i, lo, up):
         """Bounds of a node of the linear front: ``z(µ) ± gain`` (exact for the balls)."""
         net = self._front()
@@ -237,11 +246,21 @@ class EngineProblem:
         new_lo = torch.maximum(lo.reshape(b, -1), centre - gain - _b._widen(centre, gain))
         new_up = torch.minimum(up.reshape(b, -1), centre + gain + _b._widen(centre, gain))
         if self.domain.refines:
-            still = (new_lo < 0) & (new_up > 0)
-            if bool(still.any()):
-                q = net.G[a:z].reshape(n, *self.x.shape[1:])
-                qb = torch.cat([q, -q])[None] * inv[:, None, :, None, None]
-                g2 = self.domain.gain(qb, eps, idx, rows=torch.cat([still, still], dim=1))
+            q = net.G[a:z].reshape(n, *self.x.shape[1:])
+            qb = torch.cat([q, -q])[None] * inv[:, None, :, None, None]
+            piecewise = self._piecewise(i)
+            halves = ((True, False), (False, True)) if piecewise else ((True, True),)
+            for want_lo, want_up in halves:  # as in _crown_bounds
+                still = (
+                    (new_lo < 0) & (new_up > 0)
+                    if piecewise
+                    else torch.ones_like(new_lo, dtype=torch.bool)
+                )
+                if not bool(still.any()):
+                    break
+                g2 = self.domain.gain(
+                    qb, eps, idx, rows=torch.cat([still & want_lo, still & want_up], 1)
+                )
                 g_lo, g_up = g2[:, :n], g2[:, n:]
                 new_lo = torch.maximum(new_lo, centre - g_lo - _b._widen(centre, g_lo))
                 new_up = torch.minimum(new_up, centre + g_up + _b._widen(centre, g_up))
@@ -254,14 +273,7 @@ class EngineProblem:
         node = self.graph.nodes[i]
         b, n = lo.shape[0], node.size
         lo_f, up_f = lo.reshape(b, n), up.reshape(b, n)
-        users = [
-            self.graph.nodes[j].op
-            for j in range(len(self.graph.nodes))
-            if i in self.graph.nodes[j].inputs
-        ]
-        piecewise = all(
-            isinstance(u, act.LeakyReLUOp) for u in users if isinstance(u, act.Activation)
-        )
+        piecewise = self._piecewise(i)
         need = (lo_f < 0) & (up_f > 0) if piecewise else torch.ones_like(lo_f, dtype=torch.bool)
         k = int(need.sum(dim=1).max()) if need.numel() else 0
         if k == 0:
@@ -291,10 +303,16 @@ class EngineProblem:
         rows = torch.cat([valid, valid], dim=1)
         new_lo, new_up = tighten(self.norm(lin, rows, paired=True) * eps[:, None])
         if self.domain.refines:  # the exact polytope minimum where neurons stay unstable
-            still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
-            if bool(still.any()):
-                rows = torch.cat([still, still], dim=1)
-                lo2, up2 = tighten(self.domain.gain(self.q(lin), eps, idx, rows=rows))
+            q = self.q(lin)
+            # piecewise-linear users: lower bounds first, upper ones where still unstable
+            # (a neuron proven stable has an exact relaxation whatever its other bound)
+            halves = ((True, False), (False, True)) if piecewise else ((True, True),)
+            for want_lo, want_up in halves:
+                still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
+                if not bool(still.any()):
+                    break
+                rows = torch.cat([still & want_lo, still & want_up], dim=1)
+                lo2, up2 = tighten(self.domain.gain(q, eps, idx, rows=rows))
                 new_lo, new_up = torch.maximum(new_lo, lo2), torch.minimum(new_up, up2)
                 new_up = torch.maximum(new_up, new_lo)
         lo_f = lo_f.scatter(1, sel, new_lo)
