@@ -375,3 +375,21 @@ def test_alpha_crown_on_the_outside_network(outside_net):
     for c, a, w1 in zip(crown, alpha, atk.w1, strict=True):
         assert a.status == Status.CERTIFIED and a.radius >= c.radius * (1 - 1e-12) > 0
         assert a.radius <= w1 * (1 + 1e-9), (a.radius, w1)
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAINS))
+def test_domain_radii_hold_at_the_radius(domain, digits):
+    """``domain_radii``: sampled points of the domain at the radius keep the class."""
+    from flowverify.certify.engine import domain_radii
+
+    net = _seeded("bn-leaky-tanh")
+    net64 = copy.deepcopy(net).double()
+    labels = _labels(net, digits)
+    rad = domain_radii(net, digits, labels, domain=domain)
+    assert np.all(rad > 0) and np.all(np.isfinite(rad))
+    rng = np.random.default_rng(2)
+    for b in range(len(digits)):
+        pts = _samples(domain, digits[b], float(rad[b]), rng)
+        assert _margins(net64, pts, np.full(len(pts), labels[b])).min() > 0
+    with pytest.raises(ValueError, match="domain"):
+        domain_radii(net, digits, labels, domain="l3")

@@ -6,7 +6,7 @@ polytope of Theorems 3 and 6, Lp balls) and :mod:`.crown` (backward bound propag
 the radius oracle).
 """
 
-from .crown import EngineProblem, backward
+from .crown import EngineProblem, backward, domain_radii
 from .domains import DOMAINS, Domain, make_domain
 from .graph import SUPPORTED, Graph, Node, build_graph
 
@@ -19,5 +19,6 @@ __all__ = [
     "Node",
     "backward",
     "build_graph",
+    "domain_radii",
     "make_domain",
 ]
