@@ -393,3 +393,11 @@ def test_domain_radii_hold_at_the_radius(domain, digits):
         assert _margins(net64, pts, np.full(len(pts), labels[b])).min() > 0
     with pytest.raises(ValueError, match="domain"):
         domain_radii(net, digits, labels, domain="l3")
+    with pytest.raises(ValueError, match="labels"):
+        domain_radii(net, digits, labels + 10, domain=domain)
+    with pytest.raises(ValueError, match="labels"):
+        domain_radii(net, digits, labels[:1], domain=domain)
+    with pytest.raises(ValueError, match="images"):
+        domain_radii(net, digits[0], labels, domain=domain)
+    with pytest.raises(ValueError, match="rtol"):
+        domain_radii(net, digits, labels, domain=domain, rtol=0)

@@ -344,8 +344,7 @@ class _Ctx:
     flat: bool
     num_classes: int
     seed: int
-    #: The model as a graph for the bound-propagation engine, when it is not a plain
-    #: chain of Linear/Conv2d/ReLU layers (None: the fused-chain certifiers run).
+    #: The model as a graph for the bound-propagation engine (built from ``model64``).
     graph: Any = None
 
 
@@ -501,13 +500,16 @@ def _model_margins(ctx: _Ctx, labels):
     """Margin function ``(rows, ν) -> min_t f_y - f_t`` of the float64 model."""
     lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
+    param = next(iter(ctx.model64.parameters()), None)
+    model_dev = param.device if param is not None else torch.device("cpu")
+
     def margins(rows, nu):
         scale = nu.sum(dim=(-2, -1)) if ctx.input_scale == "normalised" else None
-        logits = ctx.model64(_model_input(nu, scale, ctx.flat))
+        logits = ctx.model64(_model_input(nu, scale, ctx.flat).to(model_dev))
         y = lab[torch.as_tensor(rows)].to(logits.device)
         own = logits.gather(1, y[:, None])
         other = logits.scatter(1, y[:, None], -math.inf)
-        return own[:, 0] - other.amax(dim=1)
+        return (own[:, 0] - other.amax(dim=1)).to(nu.device)
 
     return margins
 
@@ -771,7 +773,10 @@ def _iter_certify_modes(
             f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
             "certifier='crown' certify this model through the bound-propagation engine"
         )
-    graph = _engine_graph(net_model, x, flat, input_scale)
+    model64 = copy.deepcopy(net_model).to(torch.float64).eval()
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    graph = _engine_graph(model64, x, flat, input_scale)
     pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
@@ -788,9 +793,6 @@ def _iter_certify_modes(
         if n
         else []
     )
-    model64 = copy.deepcopy(net_model).to(torch.float64).eval()
-    for p in model64.parameters():
-        p.requires_grad_(False)
     ctx = _Ctx(
         net_model,
         model64,
@@ -822,13 +824,16 @@ def _iter_certify_modes(
             bar.close()
 
 
-def _engine_graph(model, x, flat, input_scale):
-    """The model as a graph for the engine (raises, naming the operator, before any work)."""
+def _engine_graph(model64, x, flat, input_scale):
+    """The float64 model as a graph for the engine (raises, naming the operator, before
+    any work)."""
     from .engine import build_graph
 
-    model64 = copy.deepcopy(model).to(torch.float64).eval()
     xin = torch.as_tensor(x[:1], dtype=torch.float64)
     scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
+    param = next(iter(model64.parameters()), None)
+    if param is not None:
+        xin = xin.to(param.device)
     return build_graph(model64, _model_input(xin, scale, flat))
 
 

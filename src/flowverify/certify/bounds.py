@@ -930,37 +930,21 @@ def _grad_absmax_t(q: torch.Tensor, shape, *, per_channel: bool = False) -> torc
     return out if per_channel else out.amax(dim=-1)
 
 
-class _ReLU:
-    """The engine's ReLU, created on first use (the engine imports this module)."""
-
-    op = None
-
-    def relax(self, lower, upper):
-        if _ReLU.op is None:
-            from .engine.activations import LeakyReLUOp
-
-            _ReLU.op = LeakyReLUOp(0.0)
-        return _ReLU.op.relax(lower, upper)
-
-
-_RELU = _ReLU()
-
-
 def _relax(lam, beta, lower, upper, split=None):
     """Replace ``Λ relu(z)`` by a lower bound ``Λ' z + β'`` valid on ``l <= z <= u``.
 
     ``lam (N, m, n)``, ``lower/upper (N, n)``; ``split (N, n)`` in {-1, 0, +1} fixes
-    phases.  The triangle relaxation is the engine's
+    phases (:func:`_clamp_split`, then an empty interval is closed on the split's side).
+    The triangle relaxation is the engine's
     (:class:`~flowverify.certify.engine.activations.LeakyReLUOp` with slope 0).
     """
-    from .engine import activations as act
+    from .engine.activations import LeakyReLUOp, apply  # the engine imports this module
 
     if split is not None:
-        lower = torch.where(split > 0, lower.clamp(min=0), lower)
-        upper = torch.where(split < 0, upper.clamp(max=0), upper)
+        lower, upper = _clamp_split(lower, upper, split)
         upper = torch.where(split > 0, torch.maximum(upper, lower), upper)
         lower = torch.where(split < 0, torch.minimum(lower, upper), lower)
-    return act.apply(lam, beta, _RELU.relax(lower, upper))
+    return apply(lam, beta, LeakyReLUOp(0.0).relax(lower, upper))
 
 
 def _backward(net: FlowNet, lam, beta, top: int, bounds, splits=None):

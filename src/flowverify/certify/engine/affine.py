@@ -92,12 +92,12 @@ class LinearOp(_Affine):
 class ConvOp(_Affine):
     """``nn.Conv2d`` (any stride, padding, dilation, groups; zero padding)."""
 
-    def __init__(self, conv: nn.Conv2d, in_shape):
+    def __init__(self, conv: nn.Conv2d, in_shape, out_shape):
         self.weight = conv.weight.detach()
         self.b = None if conv.bias is None else conv.bias.detach()
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self.in_shape = tuple(in_shape)
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
     def _conv(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -138,8 +138,7 @@ class ConvOp(_Affine):
         b, k = sel.shape
         c_out, c_in_g, kh, kw = self.weight.shape
         c_in, h, w = self.in_shape
-        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        _, out_h, out_w = self.out_shape
         ho_wo = out_h * out_w
         s = sel.reshape(-1)
         wt = weight.reshape(-1).to(self.weight.dtype)
@@ -195,13 +194,10 @@ class BatchNormOp(_Affine):
 class ReshapeOp(_Affine):
     """Flatten, view, reshape: the per-sample data is unchanged."""
 
-    def __init__(self, out_shape):
-        self.out_shape = tuple(out_shape)
-        self.in_shape: tuple[int, ...] | None = None
+    def __init__(self, in_shape, out_shape):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
     def forward(self, x):
-        if self.in_shape is None:
-            self.in_shape = tuple(x.shape[1:])
         return x.reshape(x.shape[0], *self.out_shape)
 
     def forward_abs(self, x):

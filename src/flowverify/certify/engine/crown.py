@@ -135,29 +135,17 @@ class EngineProblem:
     def _front(self):
         """The linear front as one map: a :class:`~..bounds.FlowNet` whose image-space rows
         ``G`` stack the rows ``Q_j`` of every front node (and the identity for the input
-        when a bound can reach it directly), and the values of those rows at the images."""
+        when a bound can reach it directly), and the values of those rows at the images.
+
+        The map does not depend on the images: it is built once per graph and device and
+        shared by every problem (stages, batches) on that graph."""
         if self._front_net is None:
-            blocks, vals, offsets, at = [], [], {}, 0
-            node_vals = self.graph.values(self._model_input(self.x, slice(None)))
-            for j in self._ends:
-                if j == 0:
-                    q = torch.eye(self.x[0].numel(), dtype=torch.float64, device=self.device)
-                else:
-                    node = self.graph.nodes[j]
-                    eye = torch.eye(node.size, dtype=torch.float64, device=self.device)
-                    ends, _ = backward(self.graph, j, eye.reshape(1, node.size, *node.shape), {})
-                    q = ends[0].reshape(node.size, -1)
-                blocks.append(q)
-                vals.append(node_vals[j].reshape(self.size, -1))
-                offsets[j] = (at, at + q.shape[0])
-                at += q.shape[0]
-            g = torch.cat(blocks).cpu().numpy()
-            n = g.shape[0]
-            self._front_net = _b.FlowNet(
-                g, np.zeros(n), [], [], tuple(self.x.shape[1:]), device=self.device
-            )
-            self._front_vals = torch.cat(vals, dim=1)
-            self._offsets = offsets
+            key = ("front", tuple(self._ends), str(self.device))
+            if key not in self.graph.cache:
+                self.graph.cache[key] = _front_map(self.graph, self._ends, self.x[0], self.device)
+            self._front_net, self._offsets = self.graph.cache[key]
+            vals = self.graph.values(self._model_input(self.x, slice(None)))
+            self._front_vals = torch.cat([vals[j].reshape(self.size, -1) for j in self._ends], 1)
         return self._front_net
 
     def linear(self, idx, start: int, lam: torch.Tensor, relax: dict, beta=None) -> _b.Linear:
@@ -196,9 +184,6 @@ class EngineProblem:
         graph = self.graph
         lo_in, up_in = self.domain.box(idx, eps, self.x)
         vals = {0: (self._model_input(lo_in, idx), self._model_input(up_in, idx))}
-        scale_pos = bool((self.inv_scale >= 0).all())
-        if not scale_pos:  # pragma: no cover - scales are masses, positive
-            raise ValueError("inv_scale: expected positive scales")
         bounds: dict[int, tuple] = {}
         relax: dict[int, tuple] = {}
         for i, node in enumerate(graph.nodes[1:], start=1):
@@ -230,41 +215,59 @@ class EngineProblem:
         )
 
     def _front_bounds(self, idx, eps, i, lo, up):
-        """Bounds of a node of the linear front: ``z(µ) ± gain`` (exact for the balls)."""
+        """Bounds of a node of the linear front from its rows ``±Q`` (exact for the balls)."""
         net = self._front()
         a, z = self._offsets[i]
         b, n = len(idx), z - a
         inv = self.inv_scale[idx]  # (B, C)
         centre = self._front_vals[idx][:, a:z]
+        q = net.G[a:z].reshape(n, *self.x.shape[1:])
         if self.domain.w1:  # per-channel norms of the rows, scaled per image
-            lip = net.G_lip[a:z]  # (n, C)
-            norm = (lip[None] * inv[:, None, :]).amax(dim=2)
+            norm = (net.G_lip[a:z][None] * inv[:, None, :]).amax(dim=2)
         else:
-            q = net.G[a:z].reshape(n, *self.x.shape[1:])
             norm = self.domain.norm(q[None] * inv[:, None, :, None, None])
-        gain = norm * eps[:, None]
-        new_lo = torch.maximum(lo.reshape(b, -1), centre - gain - _b._widen(centre, gain))
-        new_up = torch.minimum(up.reshape(b, -1), centre + gain + _b._widen(centre, gain))
+        new_lo, new_up = self._tighten(
+            idx,
+            eps,
+            torch.cat([centre, -centre], dim=1),
+            torch.cat([norm, norm], dim=1),
+            lambda: torch.cat([q, -q])[None] * inv[:, None, :, None, None],
+            lo.reshape(b, n),
+            up.reshape(b, n),
+            torch.ones((b, n), dtype=torch.bool, device=lo.device),
+            self._piecewise(i),
+        )
+        return new_lo.reshape(lo.shape), new_up.reshape(up.shape)
+
+    def _tighten(self, idx, eps, centre, norm, q_rows, old_lo, old_up, valid, piecewise):
+        """New bounds of ``k`` neurons from the linear lower bounds of ``[e_j; -e_j]``
+        (``centre``, ``norm``: ``(B, 2k)``; ``q_rows()``: their image-space rows).
+
+        The dual-norm (ball) bound first: cheap, and exact for the balls.  Over the
+        polytope, the exact minimum where a neuron stays unstable; for piecewise-linear
+        users lower bounds first, upper ones where still unstable (a neuron proven stable
+        has an exact relaxation whatever its other bound)."""
+        k = old_lo.shape[1]
+
+        def tighten(gain):
+            val = centre - gain - _b._widen(centre, gain)
+            new_lo = torch.where(valid, torch.maximum(old_lo, val[:, :k]), old_lo)
+            new_up = torch.where(valid, torch.minimum(old_up, -val[:, k:]), old_up)
+            return new_lo, torch.maximum(new_up, new_lo)
+
+        new_lo, new_up = tighten(norm * eps[:, None])
         if self.domain.refines:
-            q = net.G[a:z].reshape(n, *self.x.shape[1:])
-            qb = torch.cat([q, -q])[None] * inv[:, None, :, None, None]
-            piecewise = self._piecewise(i)
+            q = q_rows()
             halves = ((True, False), (False, True)) if piecewise else ((True, True),)
-            for want_lo, want_up in halves:  # as in _crown_bounds
-                still = (
-                    (new_lo < 0) & (new_up > 0)
-                    if piecewise
-                    else torch.ones_like(new_lo, dtype=torch.bool)
-                )
+            for want_lo, want_up in halves:
+                still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
                 if not bool(still.any()):
                     break
-                g2 = self.domain.gain(
-                    qb, eps, idx, rows=torch.cat([still & want_lo, still & want_up], 1)
-                )
-                g_lo, g_up = g2[:, :n], g2[:, n:]
-                new_lo = torch.maximum(new_lo, centre - g_lo - _b._widen(centre, g_lo))
-                new_up = torch.minimum(new_up, centre + g_up + _b._widen(centre, g_up))
-        return new_lo.reshape(lo.shape), torch.maximum(new_up, new_lo).reshape(up.shape)
+                rows = torch.cat([still & want_lo, still & want_up], dim=1)
+                lo2, up2 = tighten(self.domain.gain(q, eps, idx, rows=rows))
+                new_lo, new_up = torch.maximum(new_lo, lo2), torch.minimum(new_up, up2)
+                new_up = torch.maximum(new_up, new_lo)
+        return new_lo, new_up
 
     def _crown_bounds(self, idx, eps, i, lo, up, relax):
         """Tighten the interval bounds of node ``i`` by CROWN where they are unstable."""
@@ -290,45 +293,31 @@ class EngineProblem:
             lam[:, :k].scatter_(2, sel[..., None], one[..., None])
             lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
             lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
-        centre = lin.centre
-        old_lo, old_up = torch.gather(lo_f, 1, sel), torch.gather(up_f, 1, sel)
-
-        def tighten(gain):
-            val = centre - gain - _b._widen(centre, gain)
-            new_lo = torch.where(valid, torch.maximum(old_lo, val[:, :k]), old_lo)
-            new_up = torch.where(valid, torch.minimum(old_up, -val[:, k:]), old_up)
-            return new_lo, torch.maximum(new_up, new_lo)
-
-        # the dual-norm (ball) bound first: cheap, and exact for the balls
-        rows = torch.cat([valid, valid], dim=1)
-        new_lo, new_up = tighten(self.norm(lin, rows, paired=True) * eps[:, None])
-        if self.domain.refines:  # the exact polytope minimum where neurons stay unstable
-            q = self.q(lin)
-            # piecewise-linear users: lower bounds first, upper ones where still unstable
-            # (a neuron proven stable has an exact relaxation whatever its other bound)
-            halves = ((True, False), (False, True)) if piecewise else ((True, True),)
-            for want_lo, want_up in halves:
-                still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
-                if not bool(still.any()):
-                    break
-                rows = torch.cat([still & want_lo, still & want_up], dim=1)
-                lo2, up2 = tighten(self.domain.gain(q, eps, idx, rows=rows))
-                new_lo, new_up = torch.maximum(new_lo, lo2), torch.minimum(new_up, up2)
-                new_up = torch.maximum(new_up, new_lo)
+        new_lo, new_up = self._tighten(
+            idx,
+            eps,
+            lin.centre,
+            self.norm(lin, torch.cat([valid, valid], dim=1), paired=True),
+            lambda: self.q(lin),
+            torch.gather(lo_f, 1, sel),
+            torch.gather(up_f, 1, sel),
+            valid,
+            piecewise,
+        )
         lo_f = lo_f.scatter(1, sel, new_lo)
         up_f = up_f.scatter(1, sel, new_up)
         return lo_f.reshape(lo.shape), up_f.reshape(up.shape)
 
-    def margins(self, idx, eps: torch.Tensor) -> _b.Linear:
-        """The margins' lower bounds (a :class:`~..bounds.Linear` on the front's rows)."""
-        _, relax = self.layer_bounds(idx, eps)
-        return self.linear(idx, self.graph.output, self.spec[idx], relax)
-
-    def _margins_at(self, idx, eps, *, final: bool = True):
+    def _eps(self, idx, eps):
         idx = np.asarray(idx)
         eps_t = torch.as_tensor(np.asarray(eps, dtype=np.float64), device=self.device)
-        eps_t = eps_t.reshape(-1).expand(idx.size).clone()
-        return idx, eps_t, self.margins(idx, eps_t) if final else None
+        return idx, eps_t.reshape(-1).expand(idx.size).clone()
+
+    def margins(self, idx, eps: torch.Tensor):
+        """Pre-activation bounds, relaxations and the margins' lower bounds (a
+        :class:`~..bounds.Linear` on the front's rows) on ``D_ε``."""
+        bounds, relax = self.layer_bounds(idx, eps)
+        return bounds, relax, self.linear(idx, self.graph.output, self.spec[idx], relax)
 
     def _radii(self, lin: _b.Linear, eps_t, idx, *, grad: bool = False) -> torch.Tensor:
         """Per-margin radii ``(B, m)`` of a relaxation valid up to ``eps_t``."""
@@ -360,10 +349,9 @@ class EngineProblem:
     def __call__(self, idx, eps) -> np.ndarray:
         """``F(ε)`` per image (raw units): the radius certified by the relaxation at ε
         (with ``optimise``, the best over alpha-CROWN's slopes too)."""
+        idx, eps_t = self._eps(idx, eps)
         with torch.no_grad():
-            idx, eps_t, _ = self._margins_at(idx, eps, final=False)
-            bounds, relax = self.layer_bounds(idx, eps_t)
-            lin = self.linear(idx, self.graph.output, self.spec[idx], relax)
+            bounds, relax, lin = self.margins(idx, eps_t)
             best = self._radii(lin, eps_t, idx).min(dim=1).values
         if self.optimise:
             best = torch.maximum(best, self._optimise(idx, eps_t, bounds, relax))
@@ -424,7 +412,8 @@ class EngineProblem:
     @torch.no_grad()
     def lower_bounds(self, idx, eps) -> np.ndarray:
         """Sound lower bounds ``(B, m)`` of the margins on ``D_ε`` (for tests and ``eps``)."""
-        idx, eps_t, lin = self._margins_at(idx, eps)
+        idx, eps_t = self._eps(idx, eps)
+        _, _, lin = self.margins(idx, eps_t)
         gain = self.domain.gain(self.q(lin), eps_t, idx)
         val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
@@ -471,13 +460,24 @@ def domain_radii(model, images, labels, *, domain: str = "linf", rtol: float = 1
 
     if domain not in DOMAINS:
         raise ValueError(f"domain: expected one of {', '.join(DOMAINS)}, got {domain!r}")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ValueError(f"rtol: expected a positive number, got {rtol!r}")
     x = np.asarray(images, dtype=np.float64)
-    if x.ndim != 4:
-        raise ValueError(f"images: expected shape (N, C, H, W), got {x.shape}")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.shape != (x.shape[0],):
-        raise ValueError(f"labels: expected shape ({x.shape[0]},), got {labels.shape}")
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"images: expected a non-empty (N, C, H, W) array, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("images: expected finite pixel values")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels: expected {x.shape[0]} integer classes, got {labels.dtype} {labels.shape}"
+        )
     graph = build_graph(copy.deepcopy(model).double().eval(), torch.as_tensor(x[:1]))
+    if labels.min() < 0 or labels.max() >= graph.num_classes:
+        raise ValueError(
+            f"labels: expected classes in [0, {graph.num_classes}), got {labels.min()}.."
+            f"{labels.max()}"
+        )
     prob = EngineProblem(graph, x, labels, make_domain(domain, x))
     if domain.startswith("w1"):
         cap = x.sum(axis=(1, 2, 3)) * (x.shape[-1] + x.shape[-2] - 2)
@@ -485,3 +485,23 @@ def domain_radii(model, images, labels, *, domain: str = "linf", rtol: float = 1
         cap = np.full(x.shape[0], 1e6)
     res = _b.search_radius(prob, cap, rtol=rtol, linear=not graph.activations())
     return res.lower
+
+
+def _front_map(graph: Graph, ends, image: torch.Tensor, device):
+    """``(FlowNet, offsets)``: the rows of the front nodes ``ends`` stacked (see
+    :meth:`EngineProblem._front`); ``image`` gives the input's shape."""
+    blocks, offsets, at = [], {}, 0
+    for j in ends:
+        if j == 0:
+            q = torch.eye(image.numel(), dtype=torch.float64, device=device)
+        else:
+            node = graph.nodes[j]
+            eye = torch.eye(node.size, dtype=torch.float64, device=device)
+            found, _ = backward(graph, j, eye.reshape(1, node.size, *node.shape), {})
+            q = found[0].reshape(node.size, -1)
+        blocks.append(q)
+        offsets[j] = (at, at + q.shape[0])
+        at += q.shape[0]
+    g = torch.cat(blocks).cpu().numpy()
+    net = _b.FlowNet(g, np.zeros(g.shape[0]), [], [], tuple(image.shape), device=device)
+    return net, offsets

@@ -63,6 +63,8 @@ class Graph:
     """Nodes in execution order; node 0 is the input, the last node the logits."""
 
     nodes: list[Node]
+    #: Image-independent data derived from the graph (the engine's front map), by key.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def output(self) -> int:
@@ -92,6 +94,7 @@ class Graph:
         return self.values(x)[-1]
 
     def to(self, device, dtype=torch.float64) -> Graph:
+        self.cache.clear()
         for node in self.nodes:
             if hasattr(node.op, "to"):
                 node.op.to(device, dtype)
@@ -129,11 +132,11 @@ def _module_op(mod: nn.Module, name: str, in_shape, out_shape):
                 f"model: layer {name!r}: Conv2d with padding_mode={mod.padding_mode!r} is "
                 "not supported by the certifiers (only 'zeros')"
             )
-        return aff.ConvOp(mod, in_shape)
+        return aff.ConvOp(mod, in_shape, out_shape)
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return aff.BatchNormOp(mod)
     if isinstance(mod, (nn.Flatten, Reshape)):
-        return aff.ReshapeOp(out_shape)
+        return aff.ReshapeOp(in_shape, out_shape)
     if isinstance(mod, _POSITIVE_LINEAR_MODULES):
         return aff.PositiveLinearOp(mod, in_shape)
     if isinstance(mod, Elementwise):
@@ -231,10 +234,11 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> Graph:
             if not isinstance(out, fx.Node) or out.name not in dynamic:
                 raise ValueError("model: certifiers need a model returning one logits tensor")
             if pos[out.name] != len(nodes) - 1:  # the logits last
+                shape = nodes[pos[out.name]].shape
                 nodes.append(
                     Node(
                         "output",
-                        aff.ReshapeOp(nodes[pos[out.name]].shape),
+                        aff.ReshapeOp(shape, shape),
                         [pos[out.name]],
                         nodes[pos[out.name]].shape,
                     )
@@ -292,13 +296,13 @@ def _node_op(n: fx.Node, ins, modules, values, in_shape, out_shape):
     target = n.target
     if n.op == "call_method":
         if target in _RESHAPE_METHODS:
-            return aff.ReshapeOp(out_shape) if in_shape != out_shape else None
+            return aff.ReshapeOp(in_shape, out_shape) if in_shape != out_shape else None
         if target in ("relu", "sigmoid", "tanh"):
             target = getattr(torch, target)
         elif target in ("add", "sub", "mul", "div"):
             target = getattr(torch, target)
-    if target in (torch.flatten,) or (n.op == "call_method" and target == "view"):
-        return aff.ReshapeOp(out_shape)
+    if target is torch.flatten:
+        return aff.ReshapeOp(in_shape, out_shape)
     if target in _RELU:
         return act.LeakyReLUOp(0.0)
     if target is F.leaky_relu:
