@@ -35,15 +35,36 @@ def _write_png(path, img: np.ndarray) -> None:
 
 def test_demo_runs_and_writes_jsonl(tmp_path, capsys):
     out = tmp_path / "demo.jsonl"
-    assert main(["demo", "--n", "3", "--fast", "--out", str(out)]) == 0
+    assert main(["-v", "demo", "--n", "3", "--fast", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "W1(R,x)" in table and "normalised" in table
+    header = table.splitlines()[0].split()
+    assert header == ["digit", "label", "pred", "W1(R,x)", "|flow|_1", "roundtrip", "vanilla"] + [
+        "certified"
+    ]
+    assert "normalised" in table and "How to read this" in table and "reference" in table
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3
     for rec in records:
         assert rec["roundtrip_ok"] is True
         assert abs(rec["w1_uniform"] - rec["flow_l1"]) <= 1e-9
         assert {"index", "label", "prediction"} <= rec.keys()
+        assert 0 < rec["radius_vanilla"] <= rec["radius_feasible"]
+
+
+def test_demo_brackets_the_exact_radius(tmp_path, capsys):
+    """Default columns: certified <= exact (or the bracket [proven, found]) <= adversarial,
+    and the paper's quantities only behind --verbose."""
+    out = tmp_path / "demo.jsonl"
+    assert main(["demo", "--n", "2", "--complete-timeout", "0.5", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["digit", "label", "pred", "certified", "exact", "adversarial"]
+    assert "W1(R,x)" not in "\n".join(lines)
+    records = [json.loads(r) for r in out.read_text().splitlines()]
+    for rec, line in zip(records, lines[1:3], strict=True):
+        lo, hi = rec["radius_complete"], rec["adversarial_w1"]
+        assert 0 < rec["radius_feasible"] <= lo <= hi
+        shown = f"{lo:.4f}" if rec["complete_exact"] else f"[{lo:.4f}, {hi:.4f}]"
+        assert shown in line
 
 
 def test_distance_npz_and_png(tmp_path, capsys):
