@@ -1,27 +1,34 @@
-"""Benchmark of the complete certifier (exact W1 radius) on a bundled model.
+"""Benchmark of complete verification (``method="complete"``): exact radii, brackets and
+fixed-ε decisions, branch and bound on the engine (``beta-crown``) against the per-node-LP
+search (``bab``).
 
-Runs :func:`flowverify.certify.complete.exact_radius` on the first ``N`` correctly
-classified digits of the bundled held-out sample (uniform reference; the exact radius
-does not depend on the reference) and prints, per image, the status, the proven lower
-bound, the verified upper bound (the exact radius when finished), seconds and nodes,
-then the finished fraction and the median time.
+Digits are the bundled evaluation digits (indices 8000+ of ``mnist10k.npz``, never used
+for training), the first ``--n`` correctly classified from ``--start``.
+
+Radius mode (default), per digit: status, the proven radius, the closest adversarial's
+W1 (the bracket ``[radius, upper]``; equal within ``rtol`` when exact), their ratio,
+seconds, nodes bounded and nodes per second.  ``--compare bab`` then runs the per-node-LP
+search on the first ``--compare-n`` digits for ``--compare-timeout`` seconds each and
+prints both searches' nodes per second (same run, same digits).
+
+Decision mode (``--decide``), per digit: ``ε`` = the geometric mean of the feasible CROWN
+radius and the closest adversarial of the minimal-radius attack, and the decision
+(certified / falsified / unknown) within ``--timeout``.
 
 Examples
 --------
 ::
 
-    python benchmarks/bench_complete.py --n 10            # quick
-    python benchmarks/bench_complete.py                   # 100 digits, fc model
-    python benchmarks/bench_complete.py --model linear --n 100
-    python benchmarks/bench_complete.py --ball --n 20     # complete-ball (no feasibility)
+    python benchmarks/bench_complete.py --n 20 --timeout 60 --compare bab
+    python benchmarks/bench_complete.py --model ../shared/models/mnist-net_256x2.onnx \\
+        --n 20 --timeout 60 --decide
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
+import platform
 import statistics
 import sys
 import time
@@ -29,121 +36,108 @@ import time
 import numpy as np
 import torch
 
-from flowverify.certify._chain import affine_chain
-from flowverify.certify.complete import exact_radius
+import flowverify as fv
 from flowverify.datasets import bundled_digits
-from flowverify.flowmodel import FlowModel
-from flowverify.flows import inverse_flow
 from flowverify.models import load_model
-from flowverify.references import make_reference
 
 
-def _problem(model, img):
-    ref = make_reference("uniform", img)
-    fm = FlowModel(model, torch.as_tensor(ref), fuse=True)
-    chain = affine_chain(fm, 0)
-    dmu = np.asarray(inverse_flow(ref, img, method="minimal"), dtype=np.float64).reshape(-1)
-    return chain, dmu, ref.reshape(-1)
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fc", help="bundled name or .onnx/.pt (default fc)")
+    p.add_argument("--n", type=int, default=20, help="digits (default %(default)s)")
+    p.add_argument("--start", type=int, default=0, help="first bundled digit")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per digit")
+    p.add_argument("--certifier", default="beta-crown", help="complete certifier")
+    p.add_argument("--decide", action="store_true", help="fixed-ε decisions (see above)")
+    p.add_argument("--compare", default=None, help="second certifier for nodes/s (bab)")
+    p.add_argument("--compare-n", type=int, default=2)
+    p.add_argument("--compare-timeout", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def _run(model, x, y, i, certifier, timeout, eps=None):
+    t = time.perf_counter()
+    r = fv.certify(
+        model,
+        x[i : i + 1],
+        y[i : i + 1],
+        method="complete",
+        certifier=certifier,
+        timeout=timeout,
+        eps=eps,
+    )[0]
+    return r, time.perf_counter() - t
+
+
+def _nodes(r) -> int:
+    return int(getattr(r, "nodes", 0) or 0)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="fc", help="bundled model: linear, fc or cnn")
-    p.add_argument("--n", type=int, default=100, help="number of digits (default 100)")
-    p.add_argument("--start", type=int, default=0, help="first digit of the sample")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per image")
-    p.add_argument("--algorithm", default="bab", choices=("bab", "milp"))
-    p.add_argument("--ball", action="store_true", help="complete-ball (no feasibility)")
-    p.add_argument("--json", default=None, help="write per-image results to this file")
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    model = load_model(args.model).double()
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
     x, y = bundled_digits()
     with torch.no_grad():
-        pred = model(torch.as_tensor(x, dtype=torch.float64)).argmax(1).numpy()
+        pred = model(torch.as_tensor(x)).argmax(1).numpy()
     idx = [i for i in range(args.start, len(x)) if pred[i] == y[i]][: args.n]
-
-    # compile the numba kernels outside the timings
-    t = time.perf_counter()
-    chain, dmu, ref = _problem(model, x[idx[0]].astype(np.float64))
-    exact_radius(chain, dmu, ref, int(y[idx[0]]), height=28, width=28, timeout=2.0)
-    print(f"# warm-up (numba compilation) {time.perf_counter() - t:.1f}s", flush=True)
-
-    rows = []
-    hdr = (
-        f"{'i':>4} {'y':>2} {'status':>8} {'lower':>11} {'upper':>11} {'t':>2} "
-        f"{'sec':>7} {'nodes':>6}"
+    _run(model, x, y, idx[0], args.certifier, 2.0)  # numba kernels compiled/loaded
+    print(
+        f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}; model "
+        f"{args.model}, certifier {args.certifier}, {args.timeout:g} s per digit",
+        flush=True,
     )
-    print(hdr, flush=True)
+    if args.decide:
+        return _decide(model, x, y, idx, args)
+    print(
+        "| digit | status | radius | closest adversarial | radius / closest | s | nodes | nodes/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for i in idx:
-        img = x[i].astype(np.float64)
-        chain, dmu, ref = _problem(model, img)
-        res = exact_radius(
-            chain,
-            dmu,
-            ref,
-            int(y[i]),
-            height=28,
-            width=28,
-            feasible=not args.ball,
-            timeout=args.timeout,
-            algorithm=args.algorithm,
-        )
-        mass = float(img.sum())
-        rows.append(
-            dict(
-                index=i,
-                label=int(y[i]),
-                status=res.status,
-                lower=res.lower,
-                upper=res.upper,
-                target=res.target,
-                seconds=res.seconds,
-                nodes=res.nodes,
-                mass=mass,
-                solver_status=res.solver_status,
-            )
-        )
-        tgt = "-" if res.target is None else str(res.target)
+        r, sec = _run(model, x, y, i, args.certifier, args.timeout)
+        up = r.upper if r.upper is not None else math.inf
+        ratio = r.radius / up if math.isfinite(up) and up > 0 else float("nan")
+        rows.append((r, sec, ratio))
         print(
-            f"{i:>4} {int(y[i]):>2} {res.status:>8} {res.lower:>11.6f} {res.upper:>11.6f} "
-            f"{tgt:>2} {res.seconds:>7.1f} {res.nodes:>6}",
+            f"| {i} | {'exact' if r.exact else r.status.value} | {r.radius:.5f} | {up:.5f} | "
+            f"{ratio:.3f} | {sec:.1f} | {_nodes(r)} | {_nodes(r) / sec:.0f} |",
             flush=True,
         )
-    n = len(rows)
-    done = [r for r in rows if r["status"] in ("optimal", "infeasible")]
-    secs = [r["seconds"] for r in rows]
-    print("#")
-    print(
-        f"# model={args.model} feasible={not args.ball} algorithm={args.algorithm} "
-        f"timeout={args.timeout:g}s images={n}"
-    )
-    print(f"# finished {len(done)}/{n} = {len(done) / max(n, 1):.0%}")
-    print(f"# median seconds (timeouts counted at the limit) {statistics.median(secs):.1f}")
-    if done:
-        print(f"# median seconds of finished {statistics.median(r['seconds'] for r in done):.1f}")
-        radii = [r["upper"] for r in done if math.isfinite(r["upper"])]
-        if radii:
-            norm = [r["upper"] / r["mass"] for r in done if math.isfinite(r["upper"])]
-            print(
-                f"# median exact radius raw {statistics.median(radii):.4f} "
-                f"normalised {statistics.median(norm):.5f}"
-            )
-    gaps = [
-        r["lower"] / r["upper"]
-        for r in rows
-        if r["status"] == "timeout" and math.isfinite(r["upper"]) and r["upper"] > 0
-    ]
-    if gaps:
-        print(f"# unfinished: median lower/upper {statistics.median(gaps):.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=float)
+    exact = sum(r.exact for r, _, _ in rows)
+    ratios = [q for _, _, q in rows if not math.isnan(q)]
+    rate = sum(_nodes(r) for r, _, _ in rows) / sum(s for _, s, _ in rows)
+    print(f"\n# exact {exact}/{len(rows)}; median radius / closest adversarial ", end="")
+    print(f"{statistics.median(ratios):.3f}; nodes/s (all digits) {rate:.0f}")
+    if args.compare:
+        print(f"\n| digit | {args.certifier} nodes/s | {args.compare} nodes/s | ratio |")
+        print("|---|---|---|---|")
+        for i in idx[: args.compare_n]:
+            a, sa = _run(model, x, y, i, args.certifier, args.compare_timeout)
+            b, sb = _run(model, x, y, i, args.compare, args.compare_timeout)
+            ra, rb = _nodes(a) / sa, _nodes(b) / sb
+            print(f"| {i} | {ra:.0f} | {rb:.1f} | {ra / max(rb, 1e-9):.0f}x |", flush=True)
+    return 0
+
+
+def _decide(model, x, y, idx, args) -> int:
+    print("| digit | feasible | closest adversarial | ε | decision | s | nodes |")
+    print("|---|---|---|---|---|---|---|")
+    decided = 0
+    for i in idx:
+        feas = fv.certify(model, x[i : i + 1], y[i : i + 1], method="feasible")[0].radius
+        atk = fv.attack(model, x[i : i + 1], y[i : i + 1], eps=None)
+        up = float(np.asarray(atk.w1).ravel()[0])
+        eps = math.sqrt(feas * up) if math.isfinite(up) and feas > 0 else up
+        r, sec = _run(model, x, y, i, args.certifier, args.timeout, eps=eps)
+        decided += r.status.value in ("certified", "falsified")
+        print(
+            f"| {i} | {feas:.5f} | {up:.5f} | {eps:.5f} | {r.status.value} | {sec:.1f} | "
+            f"{_nodes(r)} |",
+            flush=True,
+        )
+    print(f"\n# decided {decided}/{len(idx)} within {args.timeout:g} s each")
     return 0
 
 

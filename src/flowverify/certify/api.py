@@ -96,8 +96,8 @@ ENGINE_CERTIFIERS = ("crown", "alpha-crown")
 CERTIFIERS: dict[str, tuple[str, ...]] = {
     "vanilla": ("crown", "alpha-crown"),
     "feasible": ("crown", "alpha-crown", "lp"),
-    "complete": ("bab", "milp"),
-    "complete-ball": ("bab", "milp"),
+    "complete": ("bab", "beta-crown", "milp"),
+    "complete-ball": ("bab", "beta-crown", "milp"),
     "smoothing": ("laplace-cohen",),
 }
 
@@ -611,7 +611,8 @@ def _pgd_min_radius(ctx: _Ctx, x: np.ndarray, label: int):
 
 
 def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw):
-    """Exact radius of one image over the polytope (or the ball). Returns a dict."""
+    """Exact radius of one image over the polytope (or the ball), or with ``eps_raw`` the
+    decision at that radius (``beta-crown`` only). Returns a dict."""
     t_end = None if ctx.timeout is None else time.perf_counter() + ctx.timeout
     feasible = ctx.method == "complete"
     c, h, w = x.shape
@@ -631,6 +632,8 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
     p_upper, p_adv = _pgd_min_radius(ctx, x, label)
     if p_upper < upper:
         upper, adv = p_upper, p_adv
+    if ctx.certifier == "beta-crown":
+        return _complete_engine(ctx, x, label, eps_raw, lower, upper, adv, t_end)
     dmu = np.asarray(inverse_flow(ref, x, method=INVERSE_METHOD), dtype=np.float64)
     fm = FlowModel(ctx.model64, torch.as_tensor(ref), input_scale=ctx.input_scale, fuse=True)
     chain = affine_chain(fm, 0)
@@ -671,6 +674,51 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
         out["message"] = "no adversarial image exists; radius capped at the grid diameter"
     elif status == "error":
         out["message"] = f"complete solver error ({out['solver_status']})"
+    return out
+
+
+def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> dict:
+    """``beta-crown``: branch and bound on the engine (:mod:`.engine.bab`) between the
+    CROWN radius ``lower`` and the attacks' ``upper``; every witness is re-checked by the
+    model and an exact W1."""
+    from .engine.bab import SplitBab
+
+    e_max = float(_e_max(x[None])[0])
+    inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
+    bab = SplitBab(
+        ctx.graph, x, label, feasible=ctx.method == "complete", inv_scale=inv, device=ctx.device
+    )
+    hi = upper if math.isfinite(upper) else e_max
+    out = {"solver_status": "beta-crown", "witness": adv, "message": None}
+    if eps_raw is None:
+        res = bab.radius(lower, hi, adv, deadline=t_end, rtol=ctx.rtol)
+        lower, witness = res.lower, res.witness
+        out["exact"] = res.exact and witness is not None
+        if not out["exact"]:
+            out["message"] = (res.message or "time limit reached") + (
+                f"; the exact radius lies in [{res.lower:.6g}, {res.upper:.6g}] (raw)"
+            )
+    else:
+        out["exact"] = False
+        witness = adv if upper <= eps_raw else None
+        if lower < eps_raw and witness is None:
+            dec = bab.decide(eps_raw, deadline=t_end)
+            if dec.status == "certified":
+                lower = eps_raw
+            elif dec.status == "falsified":
+                witness = dec.witness
+            else:
+                out["message"] = f"branch and bound: {dec.message}"
+    if witness is not None and witness is not adv:
+        ok = _predict(ctx.model, witness[None], ctx.flat, ctx.input_scale)[0] != label
+        w1 = float(w1_distance(witness, x, unit="raw")) if ok else math.inf
+        if w1 < upper:
+            upper, adv = w1, witness
+        if eps_raw is not None and not w1 <= eps_raw:
+            out["message"] = "branch and bound: its witness did not survive the re-check"
+    out.update(lower=lower, upper=upper, witness=adv, nodes=bab.nodes)
+    if out["exact"] and not upper <= lower * (1 + ctx.rtol):
+        out["exact"] = False  # the witness did not survive the re-check
     return out
 
 
@@ -766,7 +814,7 @@ def _iter_certify_modes(
     flat = _infer_flat(net_model)
     num_classes = _probe_model(net_model, x, flat, input_scale)
     if chain_error is not None and not (
-        method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS
+        (method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS) or certifier == "beta-crown"
     ):
         raise ValueError(
             f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
@@ -1020,7 +1068,10 @@ def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyR
         )
     mass = float(_mass(x[i : i + 1])[0])
     ref = _build_ref(refs[0], x[i])
-    res = _complete_one(ctx, x[i], int(lab[i]), ref, None)
+    e_raw = None if eps is None else _eps_raw(eps, unit, mass)
+    res = _complete_one(
+        ctx, x[i], int(lab[i]), ref, e_raw if ctx.certifier == "beta-crown" else None
+    )
     lower, upper = res["lower"], res["upper"]
     kw: dict[str, Any] = dict(
         radius=lower / mass,

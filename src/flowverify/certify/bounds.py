@@ -400,15 +400,21 @@ def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
         nu[arg_hi[p]] += m_hi
 
 
-@numba.njit(cache=True)
-def _plan_rows(q, src, mus, C, H, W, eps, iters):
+def _plan_rows_impl(q, src, mus, C, H, W, eps, iters):
     m = q.shape[0]
     out = np.empty_like(q)
-    for r in range(m):
+    for r in numba.prange(m):
         h = np.empty(q.shape[1])
         arg = np.empty(q.shape[1], dtype=np.int64)
         _plan_one(q[r], src, mus, C, H, W, eps[r], iters, h, arg, out[r])
     return out
+
+
+_plan_rows_par = numba.njit(cache=True, parallel=True)(_plan_rows_impl)
+
+
+def _plan_rows(q, src, mus, C, H, W, eps, iters):
+    return _small_serial(_plan_rows_par, q.shape[0] * q.shape[1], q, src, mus, C, H, W, eps, iters)
 
 
 def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):

@@ -33,12 +33,25 @@ from .graph import Graph
 __all__ = ["EngineProblem", "backward", "domain_radii"]
 
 
-def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=(), beta=None) -> tuple:
+def backward(
+    graph: Graph,
+    start: int,
+    lam: torch.Tensor,
+    relax: dict,
+    stop=(),
+    beta=None,
+    *,
+    extra=None,
+    record=None,
+) -> tuple:
     """Propagate ``Λ x_start`` down to ``Σ_j Λ_j x_j + β`` (a lower bound on the region).
 
     ``lam (B, m, *shape of node start)``; ``relax``: node position -> relaxation
     ``(s_lo, b_lo, s_up, b_up)`` of every activation below ``start``; ``stop``: nodes
     where the propagation ends (the linear front, whose image-space rows are known).
+    ``extra``: activation position -> a term ``(B, m, *shape)`` added to the coefficients
+    of its input (the split multipliers ``-β s`` of beta-CROWN); ``record``: a dict that
+    receives each activation's coefficients before its relaxation.
     Returns ``({j: Λ_j (B, m, *shape of j)}, β (B, m))`` over ``j`` in ``stop`` or the
     input 0.
     """
@@ -62,7 +75,11 @@ def backward(graph: Graph, start: int, lam: torch.Tensor, relax: dict, stop=(), 
             lam_i, beta = op.apply(lam_i, beta, relax[i])
             push(node.inputs[0], lam_i)
         elif isinstance(op, act.Activation):
+            if record is not None:
+                record[i] = lam_i
             lam_i, beta = act.apply(lam_i, beta, relax[i])
+            if extra is not None and i in extra:
+                lam_i = lam_i + extra[i]
             push(node.inputs[0], lam_i)
         elif isinstance(op, Merge):
             push(node.inputs[0], lam_i)
@@ -148,11 +165,14 @@ class EngineProblem:
             self._front_vals = torch.cat([vals[j].reshape(self.size, -1) for j in self._ends], 1)
         return self._front_net
 
-    def linear(self, idx, start: int, lam: torch.Tensor, relax: dict, beta=None) -> _b.Linear:
+    def linear(
+        self, idx, start: int, lam: torch.Tensor, relax: dict, beta=None, **hooks
+    ) -> _b.Linear:
         """The lower bound of ``Λ x_start + β`` as ``Λ' z_front + β'`` (a
-        :class:`~..bounds.Linear` on the front's rows, centre = its value at ``µ``)."""
+        :class:`~..bounds.Linear` on the front's rows, centre = its value at ``µ``);
+        ``hooks``: ``extra``/``record`` of :func:`backward`."""
         net = self._front()
-        ends, beta = backward(self.graph, start, lam, relax, stop=self.front, beta=beta)
+        ends, beta = backward(self.graph, start, lam, relax, stop=self.front, beta=beta, **hooks)
         b, r = lam.shape[:2]
         if len(ends) == 1 and len(self._ends) == 1:
             lam_f = next(iter(ends.values())).reshape(b, r, -1)

@@ -1,0 +1,118 @@
+"""Complete verification on the engine (``certifier="beta-crown"``): branch and bound on
+ReLU splits with optimised slopes and split multipliers (:mod:`flowverify.certify.engine.bab`).
+
+Exactness against a brute-force enumeration of activation patterns (one LP per pattern and
+target, ``tests/test_complete.py``) and the MILP on small seeded networks; fixed-ε
+decisions on both sides of the exact radius; a time limit never certifies; networks
+outside the chain family (convolution, BatchNorm, residual block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import flowverify as fv
+from flowverify.results import Status
+from test_complete import H, W, _brute_force, _setup
+
+
+def _complete(model, img, label, **kw):
+    kw.setdefault("timeout", 60)
+    return fv.certify(
+        model,
+        img[None],
+        np.array([label]),
+        method="complete",
+        certifier="beta-crown",
+        unit="raw",
+        **kw,
+    )[0]
+
+
+def _misclassified(model, img, label) -> bool:
+    with torch.no_grad():
+        return int(model(torch.as_tensor(img[None])).argmax()) != label
+
+
+@pytest.mark.parametrize("seed,sizes", [(0, [6, 3]), (1, [6, 3]), (2, [6, 3]), (8, [4, 4, 3])])
+def test_exact_radius_equals_brute_force_and_milp(seed, sizes):
+    model, chain, dmu, ref, label, img = _setup(seed, sizes)
+    truth = _brute_force(chain, dmu, ref, label)
+    milp = fv.certify(
+        model, img[None], np.array([label]), method="complete", certifier="milp", unit="raw"
+    )[0]
+    res = _complete(model, img, label, rtol=1e-7)
+    assert res.status == Status.CERTIFIED and res.exact, res.message
+    assert res.radius_raw <= truth * (1 + 1e-9)
+    assert res.radius_raw == pytest.approx(truth, rel=1e-6)
+    assert res.radius_raw == pytest.approx(milp.radius_raw, rel=1e-6)
+    assert res.upper_raw >= truth * (1 - 1e-9)
+    assert _misclassified(model, res.witness, label)
+    assert float(fv.w1_distance(res.witness, img, unit="raw")) <= res.upper_raw * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed,sizes", [(1, [6, 3]), (13, [4, 4, 3])])
+def test_decisions_on_both_sides_of_the_exact_radius(seed, sizes):
+    model, chain, dmu, ref, label, img = _setup(seed, sizes)
+    truth = _brute_force(chain, dmu, ref, label)
+    below = _complete(model, img, label, eps=0.9 * truth)
+    above = _complete(model, img, label, eps=1.1 * truth)
+    assert below.status == Status.CERTIFIED
+    assert above.status == Status.FALSIFIED
+    assert _misclassified(model, above.witness, label)
+    assert float(fv.w1_distance(above.witness, img, unit="raw")) <= 1.1 * truth
+    assert above.witness.min() >= 0.0  # the polytope: a non-negative image of the same mass
+    assert above.witness.sum() == pytest.approx(img.sum(), rel=1e-9)
+
+
+def test_a_tiny_time_limit_never_certifies():
+    model, chain, dmu, ref, label, img = _setup(2, [6, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    res = _complete(model, img, label, timeout=1e-3)
+    assert res.status == Status.UNKNOWN and not res.exact
+    assert res.message
+    assert res.radius_raw <= truth * (1 + 1e-9) <= res.upper_raw * (1 + 1e-9)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.inner = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * H * W, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.bn(self.conv(x)))
+        z = torch.relu(z + self.inner(z))
+        return self.head(z.flatten(1))
+
+
+def test_networks_outside_the_chain_family():
+    """Convolution, BatchNorm (eval) and a residual block: complete's bracket holds the
+    exact radius (proven <= every misclassified image found) and starts at CROWN's."""
+    torch.manual_seed(3)
+    model = _Residual().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    rng = np.random.default_rng(5)
+    img = rng.uniform(0, 1, size=(1, H, W))
+    with torch.no_grad():
+        label = int(model(torch.as_tensor(img[None])).argmax())
+    feas = fv.certify(model, img[None], np.array([label]), method="feasible", unit="raw")[0]
+    res = _complete(model, img, label, timeout=20)
+    assert res.radius_raw >= feas.radius_raw * (1 - 1e-9)
+    assert res.status in (Status.CERTIFIED, Status.UNKNOWN)
+    assert res.status == Status.CERTIFIED or res.message
+    if math.isfinite(res.upper_raw):
+        assert res.radius_raw <= res.upper_raw * (1 + 1e-9)
+    atk = fv.attack(model, img[None], np.array([label]), eps=None)
+    w1 = float(np.asarray(atk.w1).ravel()[0]) * img.sum()
+    assert res.radius_raw <= w1 * (1 + 1e-6)
