@@ -1,0 +1,272 @@
+"""A new user's first hour (issue 15): ONNX from the base install, bad inputs refused up
+front, witnesses of unknown results, the references choice, report and CLI details."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import flowverify as fv
+from flowverify.cli import main
+from flowverify.datasets import bundled_digits
+from flowverify.models import Elementwise, load_model
+
+MEAN, STD = 0.1307, 0.3081
+
+
+def _conv_net() -> nn.Sequential:
+    """(x - mean) / std, conv 4@5x5/2, ReLU, flatten, linear 576-10 (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Elementwise("sub", torch.tensor(MEAN)),
+        Elementwise("div", torch.tensor(STD)),
+        nn.Conv2d(1, 4, 5, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 12 * 12, 10),
+    ).eval()
+
+
+def _write_onnx(net: nn.Sequential, path, *, extra_op: str | None = None) -> None:
+    """``net`` (from :func:`_conv_net`) as ONNX: Sub, Div, Conv, Relu, Flatten, Gemm;
+    ``extra_op`` appends an operator of that type to the logits."""
+    conv, lin = net[2], net[5]
+    arrays = {
+        "mean": np.float32(MEAN),
+        "std": np.float32(STD),
+        "cw": conv.weight.detach().numpy(),
+        "cb": conv.bias.detach().numpy(),
+        "lw": lin.weight.detach().numpy(),
+        "lb": lin.bias.detach().numpy(),
+    }
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in arrays.items()]
+    last = "output" if extra_op is None else "logits"
+    nodes = [
+        helper.make_node("Sub", ["input", "mean"], ["a"]),
+        helper.make_node("Div", ["a", "std"], ["b"]),
+        helper.make_node("Conv", ["b", "cw", "cb"], ["c"], kernel_shape=[5, 5], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["d"]),
+        helper.make_node("Flatten", ["d"], ["e"], axis=1),
+        helper.make_node("Gemm", ["e", "lw", "lb"], [last], transB=1),
+    ]
+    if extra_op is not None:
+        nodes.append(helper.make_node(extra_op, [last], ["output"]))
+    graph = helper.make_graph(
+        nodes,
+        "conv-net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _records(path) -> list[dict]:
+    recs = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+    return [r for r in recs if "index" in r]
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------- item 2: ONNX
+
+
+def test_cli_certifies_and_attacks_an_onnx_conv_net_with_normalisation(tmp_path):
+    net = _conv_net()
+    path = tmp_path / "conv.onnx"
+    _write_onnx(net, path)
+    x, _ = bundled_digits()
+    data = tmp_path / "x.npz"
+    np.savez(data, x=x[:3])  # no labels: the model's predictions are certified
+    common = ["--model", str(path), "--data", str(data), "--no-progress"]
+    cert = tmp_path / "cert.jsonl"
+    assert main(["certify", *common, "--method", "vanilla", "--out", str(cert)]) == 0
+    atk = tmp_path / "atk.jsonl"
+    assert main(["attack", *common, "--minimize", "--out", str(atk)]) == 0
+    recs, adv = _records(cert), _records(atk)
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    ref = fv.certify(net, x[:3], method="vanilla")
+    for r, f, a in zip(recs, ref, adv, strict=True):
+        assert r["status"] == "certified" and r["radius"] > 0
+        assert r["radius"] == pytest.approx(f.radius, rel=5e-3)  # the same function
+        if a["success"]:
+            assert a["w1"] >= r["radius"] * (1 - 1e-6)  # certified <= attack
+
+
+def test_cli_certifies_the_vnn_comp_onnx_network(tmp_path, outside_onnx):
+    out = tmp_path / "vnn.jsonl"
+    argv = ["certify", "--model", str(outside_onnx), "--indices", "0:2", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    recs = _records(out)
+    assert len(recs) == 2 and all(r["status"] == "certified" for r in recs)
+
+
+@pytest.mark.parametrize("command", [["certify"], ["attack", "--eps", "0.3"]])
+def test_unsupported_onnx_op_is_one_line_exit_2(tmp_path, capsys, monkeypatch, command):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)  # the base install lacks it
+    path = tmp_path / "soft.onnx"
+    _write_onnx(_conv_net(), path, extra_op="Softmax")
+    out = tmp_path / "o.jsonl"
+    argv = [*command, "--model", str(path), "--indices", "0:2", "--out", str(out)]
+    assert main(argv) == 2
+    _one_error_line(capsys, "--model", "Softmax")
+    assert not out.exists()
+
+
+def test_onnx_and_matplotlib_are_base_dependencies():
+    """The README's first command installs them (no extra pulls torchvision)."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    deps = " ".join(meta["project"]["dependencies"])
+    assert "onnx>=" in deps and "matplotlib>=" in deps
+    for name, extra in meta["project"]["optional-dependencies"].items():
+        for req in extra:
+            assert not req.startswith(("onnx2torch", "torchvision")), (name, req)
+
+
+# --------------------------------------------------------------- item 5: bad inputs
+
+
+def _bad_data(tmp_path, kind: str):
+    x, y = bundled_digits()
+    if kind == "channel-last":
+        x = x[:4].transpose(0, 2, 3, 1)
+    else:
+        x = x[:4].copy()
+        x[1] = 0.0
+    path = tmp_path / f"{kind}.npz"
+    np.savez(path, x=x, y=y[:4])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["channel-last", "all-zero"])
+@pytest.mark.parametrize(
+    "command", [["certify"], ["certify", "--method", "complete"], ["attack", "--eps", "0.3"]]
+)
+def test_bad_images_are_refused_up_front(tmp_path, capsys, kind, command):
+    data = _bad_data(tmp_path, kind)
+    out = tmp_path / "o.jsonl"
+    assert main([*command, "--model", "fc", "--data", str(data), "--out", str(out)]) == 2
+    needle = "channel-last" if kind == "channel-last" else "image 1 is all zero"
+    _one_error_line(capsys, "--data", needle)
+    assert not out.exists()
+
+
+def test_api_refuses_bad_images_naming_them():
+    x, y = bundled_digits()
+    model = load_model("fc")
+    with pytest.raises(ValueError, match=r"images: .*channel-last"):
+        fv.certify(model, x[:2].transpose(0, 2, 3, 1), y[:2])
+    z = x[:3].copy()
+    z[2] = 0.0
+    with pytest.raises(ValueError, match=r"images: .*position 2"):
+        fv.certify(model, z, y[:3])
+    with pytest.raises(ValueError, match="images"):
+        fv.attack(model, x[:2].transpose(0, 2, 3, 1), y[:2], eps=0.3)
+    with pytest.raises(ValueError, match="images"):
+        fv.attack(model, z, y[:3], eps=0.3)
+
+
+def test_unsupported_layer_is_refused_once_up_front(tmp_path, capsys):
+    from flowverify.models import save_checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(676, 10)
+    )
+    path = tmp_path / "pool.pt"
+    save_checkpoint(net, path)
+    out = tmp_path / "o.jsonl"
+    argv = ["certify", "--model", str(path), "--method", "complete", "--out", str(out)]
+    assert main([*argv, "--indices", "0:3", "--no-progress"]) == 2
+    _one_error_line(capsys, "MaxPool2d")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="MaxPool2d"):
+        fv.certify(net, bundled_digits()[0][:1], method="complete")
+
+
+# ----------------------------------------------------------------- item 8: references
+
+
+def test_several_references_are_computed_once_and_said_so(tmp_path, capsys):
+    runs = {}
+    for refs in ("uniform", "random:2,point:2,data:2"):
+        out = tmp_path / f"{len(refs)}.jsonl"
+        argv = ["certify", "--model", "fc", "--indices", "0:3", "--references", refs]
+        assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+        runs[refs] = (_records(out), capsys.readouterr().err)
+    (one, err1), (six, err6) = runs.values()
+    assert "note: --references" not in err1
+    note = [ln for ln in err6.splitlines() if ln.startswith("note: --references")]
+    assert len(note) == 1 and "computed once" in note[0] and "6 references" in note[0]
+    assert "UserWarning" not in err6  # stated once, in the summary
+    for a, b in zip(one, six, strict=True):
+        assert a["radius"] == b["radius"]
+        assert len(b["per_reference"]) == 6 and set(b["per_reference"].values()) == {a["radius"]}
+
+
+@pytest.mark.parametrize(("method", "certifier"), [("feasible", "lp"), ("complete", "bab")])
+def test_api_warns_once_that_references_change_nothing(method, certifier):
+    x, y = bundled_digits()
+    model = load_model("linear")  # fast for the LP and the complete search
+    kw = {"timeout": 2} if method == "complete" else {}
+    with pytest.warns(UserWarning, match="references: ") as rec:
+        res = fv.certify(
+            model, x[:2], y[:2], method=method, certifier=certifier,
+            references="random:1,point:1", **kw,
+        )  # fmt: skip
+    assert len([w for w in rec if "references: " in str(w.message)]) == 1
+    assert rec[0].filename == __file__  # points at the caller
+    if method == "feasible":
+        for r in res:
+            assert len(set(r.per_reference.values())) == 1
+            base = fv.certify(model, x[r.index : r.index + 1], y[r.index : r.index + 1],
+                              method=method, certifier=certifier)[0]  # fmt: skip
+            assert r.radius == pytest.approx(base.radius, rel=1e-9)
+
+
+# ------------------------------------------------------ item 9: witness of unknown
+
+
+def test_unknown_complete_result_writes_the_closest_found_witness(tmp_path):
+    from flowverify.flows import w1_distance
+
+    out, wdir = tmp_path / "exact.jsonl", tmp_path / "w"
+    argv = ["certify", "--model", "fc", "--indices", "0:2", "--method", "complete"]
+    argv += ["--timeout", "0.5", "--witness-dir", str(wdir), "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    recs = _records(out)
+    unknown = [r for r in recs if r["status"] == "unknown"]
+    assert unknown, "expected the 0.5 s limit to stop the complete search"
+    x, y = bundled_digits()
+    model = load_model("fc")
+    for r in unknown:
+        assert r["witness_kind"] == "closest-found" and r["exact"] is False
+        img = np.load(r["witness_path"])
+        assert img.shape == x[0].shape
+        with torch.no_grad():
+            pred = int(model(torch.as_tensor(img[None], dtype=torch.float32)).argmax())
+        assert pred != r["label"]  # a real adversarial image ...
+        w1 = float(w1_distance(img, x[r["index"]].astype(np.float64), unit="normalised"))
+        assert w1 == pytest.approx(r["upper"], rel=1e-6)  # ... at the reported upper bound
+        assert r["radius"] <= w1
