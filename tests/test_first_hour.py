@@ -270,3 +270,78 @@ def test_unknown_complete_result_writes_the_closest_found_witness(tmp_path):
         w1 = float(w1_distance(img, x[r["index"]].astype(np.float64), unit="normalised"))
         assert w1 == pytest.approx(r["upper"], rel=1e-6)  # ... at the reported upper bound
         assert r["radius"] <= w1
+
+
+# ------------------------------------------------------------- items 3, 11: report
+
+
+def _write_jsonl(path, recs) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _cert_rec(index, radius, status="certified"):
+    return {
+        "index": index,
+        "label": 1,
+        "prediction": 1,
+        "method": "vanilla",
+        "certifier": "crown",
+        "status": status,
+        "radius": radius,
+        "exact": False,
+        "seconds": 0.1,
+    }
+
+
+def _atk_rec(index, eps, w1, mode):
+    return {
+        "index": index,
+        "label": 1,
+        "prediction": 1,
+        "eps": eps,
+        "success": True,
+        "w1_bound": eps,
+        "w1": w1,
+        "prediction_adversarial": 7,
+        "seconds": 0.2,
+        "mode": mode,
+    }
+
+
+def test_report_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    line = _one_error_line(capsys, "FILE", "nope.jsonl", "does not exist")
+    assert "matplotlib" not in line
+    assert not out.exists()
+
+
+def test_report_tables_minimal_attacks_apart_and_one_certified_column(tmp_path):
+    cert, atk = tmp_path / "cert.jsonl", tmp_path / "atk.jsonl"
+    _write_jsonl(cert, [_cert_rec(4711, 0.05), _cert_rec(17, 0.02), _cert_rec(5, 0.0, "unknown")])
+    mini = [_atk_rec(4711, 0.31, 0.3, "minimal"), _atk_rec(17, 0.53, 0.5, "minimal")]
+    _write_jsonl(atk, [*mini, _atk_rec(5, 0.2, 0.19, "fixed")])
+    out = tmp_path / "rep"
+    assert main(["report", str(cert), str(atk), "--out", str(out), "--format", "svg"]) == 0
+    md = (out / "summary.md").read_text()
+    cert_header = next(ln for ln in md.splitlines() if ln.startswith("| source [method]"))
+    cells = [c.strip() for c in cert_header.strip("|").split("|")]
+    assert len(cells) == len(set(cells)), cells  # no two columns with one name
+    assert "certified fraction" in cells
+    # the fixed-budget record gets its eps column; the --minimize radii do not
+    eps_header = next(ln for ln in md.splitlines() if ln.startswith("| source | eps="))
+    assert "eps=0.2" in eps_header and "0.31" not in eps_header and "0.53" not in eps_header
+    assert "| found / attacked | median W1 found |" in md
+    assert "| 2/2 | 0.4 |" in md
+    # the sandwich plot's ticks are the digits' indices, not their sorted positions
+    svg = (out / "sandwich.svg").read_text()
+    assert ">4711<" in svg and ">17<" in svg
+
+
+def test_sandwich_ticks_are_indices():
+    from flowverify.report import sandwich_ticks
+
+    assert sandwich_ticks([9, 3, 120]) == ([0, 1, 2], ["9", "3", "120"])
+    pos, labels = sandwich_ticks(list(range(1000, 1100)), max_ticks=5)
+    assert pos == [0, 25, 50, 74, 99] and labels == ["1000", "1025", "1050", "1074", "1099"]
+    assert sandwich_ticks([]) == ([], [])
