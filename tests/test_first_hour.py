@@ -345,3 +345,48 @@ def test_sandwich_ticks_are_indices():
     pos, labels = sandwich_ticks(list(range(1000, 1100)), max_ticks=5)
     assert pos == [0, 25, 50, 74, 99] and labels == ["1000", "1025", "1050", "1074", "1099"]
     assert sandwich_ticks([]) == ([], [])
+
+
+# --------------------------------------------------------- item 6: reproduce's data
+
+
+def test_find_data_order(tmp_path, monkeypatch):
+    from flowverify import reproduce as rp
+
+    monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # an installed copy
+    monkeypatch.delenv(rp.DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    path, looked = rp.find_data()
+    assert path is None and "../shared/data/mnist10k.npz" in looked
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "mnist10k.npz").write_bytes(b"x")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # ../shared/data of the current folder
+    path, _ = rp.find_data()
+    assert path is not None and path.resolve() == tmp_path / "shared/data/mnist10k.npz"
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"y")
+    monkeypatch.setenv(rp.DATA_ENV, str(other))
+    assert rp.find_data()[0] == other
+    assert rp.find_data(tmp_path / "shared/data/mnist10k.npz")[0].name == "mnist10k.npz"
+    monkeypatch.setenv(rp.DATA_ENV, str(tmp_path / "none.npz"))
+    with pytest.raises(FileNotFoundError, match=rp.DATA_ENV):
+        rp.find_data()
+
+
+def test_reproduce_without_data_fails_clearly_or_says_it_uses_the_bundled_digits(
+    tmp_path, monkeypatch, capsys
+):
+    from flowverify import reproduce as rp
+
+    monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # not a checkout
+    monkeypatch.delenv(rp.DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results"
+    assert main(["reproduce", "linear", "--n", "2", "--out", str(out)]) == 2
+    _one_error_line(capsys, "--data", "mnist10k.npz not found", rp.DATA_ENV)
+    assert not out.exists()
+    argv = ["reproduce", "linear", "--quick", "--n", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "data: bundled digits" in capsys.readouterr().out
