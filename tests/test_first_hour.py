@@ -390,3 +390,46 @@ def test_reproduce_without_data_fails_clearly_or_says_it_uses_the_bundled_digits
     argv = ["reproduce", "linear", "--quick", "--n", "2", "--out", str(out)]
     assert main(argv) == 0
     assert "data: bundled digits" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- item 12: small CLI
+
+
+def test_appending_an_attack_to_a_certify_file_is_one_short_line(tmp_path, capsys):
+    out = tmp_path / "mix.jsonl"
+    base = ["--model", "fc", "--indices", "0:2", "--no-progress", "--out", str(out)]
+    assert main(["certify", *base]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["attack", "--eps", "0.3", *base]) == 2
+    line = _one_error_line(capsys, "--out", "holds certify records, not attack ones")
+    assert len(line.replace(str(out), "")) < 200 and "--overwrite" in line
+    assert main(["certify", "--method", "feasible", "--seed", "3", "--rtol", "0.01", *base]) == 2
+    line = _one_error_line(capsys, "differing keys: method, rtol, seed;")
+    assert main(["certify", "--seed", "3", "--rtol", "0.01", "--timeout", "9", *base]) == 2
+    line = _one_error_line(capsys, "differing keys: rtol, seed, timeout;")
+    assert out.read_bytes() == before
+
+
+def test_warnings_and_logs_start_their_own_line_under_a_progress_bar(capsys):
+    import logging
+
+    from tqdm import tqdm
+
+    from flowverify import cli
+
+    def after_last_cr(text: str, needle: str) -> str:
+        line = next(ln for ln in text.split("\n") if needle in ln)
+        return line.rsplit("\r", 1)[-1]
+
+    bar = tqdm(total=10, desc="certify", file=None, mininterval=0)  # stderr, like the runner
+    bar.update(5)
+    cli._show_warning(UserWarning("boom"), UserWarning, "/x/y.py", 7)
+    handler = cli._TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.emit(logging.LogRecord("flowverify.x", logging.WARNING, "f", 1, "bang", None, None))
+    bar.update(5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert after_last_cr(err, "UserWarning: boom").startswith("/x/y.py:7: UserWarning: boom")
+    assert after_last_cr(err, "bang").startswith("WARNING flowverify.x: bang")
