@@ -246,7 +246,8 @@ def test_misclassified_and_result_record():
 def test_references_max_and_invariance():
     x = _images(10, n=3)
     model = _relu_net(11)
-    res = certify(model, x, method="vanilla", references="uniform,random:2,point:1")
+    with pytest.warns(UserWarning, match="references: .*computed once"):
+        res = certify(model, x, method="vanilla", references="uniform,random:2,point:1")
     for q in res:
         assert list(q.per_reference) == ["uniform", "random#0", "random#1", "point#0"]
         vals = np.array(list(q.per_reference.values()))
@@ -254,7 +255,10 @@ def test_references_max_and_invariance():
         # CROWN certificates do not depend on the reference (up to the search tolerance)
         assert vals.min() >= vals.max() * (1 - 2e-3)
     data = _images(12, n=5)
-    res = certify(model, data[:2], method="vanilla", references="data:2", data=data, indices=[0, 1])
+    with pytest.warns(UserWarning, match="references: "):
+        res = certify(
+            model, data[:2], method="vanilla", references="data:2", data=data, indices=[0, 1]
+        )
     for q in res:
         assert all(name.startswith("data#") for name in q.per_reference)
         assert f"data#{q.index}" not in q.per_reference

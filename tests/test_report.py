@@ -222,7 +222,7 @@ def test_write_report_files_and_markdown(files, tmp_path):
 def test_summary_only_without_matplotlib(files, tmp_path, monkeypatch):
     cert, att, _ = files
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"flowverify\[plot\]"):
+    with pytest.raises(ImportError, match=r"matplotlib \(a dependency of flowverify\)"):
         write_report([cert], tmp_path / "a")
     paths = write_report([cert, att], tmp_path / "b", plots=False)
     assert sorted(paths) == ["summary.json", "summary.md"]

@@ -7,8 +7,11 @@ one line on stderr and exit code 2.
 
 Output: one JSON object per image (see :class:`flowverify.certify.CertifyResult`), each
 with the resolved configuration under ``"config"``; with ``--witness-dir DIR``, every
-result that carries an adversarial image (exact results, falsified decisions) writes it
-to ``DIR/<index>.npy`` (float64, the input's shape and mass).
+result that carries an adversarial image writes it to ``DIR/<index>.npy`` (float64, the
+input's shape and mass), and its record says what it is under ``witness_kind``:
+``closest`` (exact results), ``within-eps`` (falsified decisions) or ``closest-found``
+(a complete method stopped at its limit: the closest adversarial image found, at W1
+``upper``, which proves no more than radius <= upper).
 
 Execution (:mod:`flowverify.runner`): images are certified in fixed batches of
 ``--batch-size`` consecutive indices (one image per batch for the complete methods),
@@ -35,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,7 +100,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="uniform",
         help="reference distributions, comma separated: uniform, random:K, point:K, data:K "
         "(K images of --data other than the image); the radius is the max over them "
-        "(default %(default)s; the paper's six: random:2,point:2,data:2)",
+        "(default %(default)s; the paper's six: random:2,point:2,data:2). No radius "
+        "depends on the reference (docs/REPRODUCTION.md): it is computed once, and the "
+        "summary says so when several are given",
     )
     p.add_argument(
         "--input-scale",
@@ -142,7 +148,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--witness-dir",
         default=None,
-        help="write adversarial images (exact results, falsified decisions) to DIR/<index>.npy",
+        help="write adversarial images to DIR/<index>.npy: exact results (the closest), "
+        "falsified decisions, and for 'unknown' complete results the closest one found "
+        "(W1 'upper'; not a proof that none is closer); the record's 'witness_kind' says "
+        "which",
     )
     p.add_argument(
         "--out",
@@ -363,6 +372,7 @@ def _load_inputs(args: argparse.Namespace):
         sel = parse_indices(args.indices, x_all.shape[0])
     except (ValueError, TypeError) as exc:
         raise _renamed(exc, "--indices", ("indices",)) from None
+    _check_masses(x_all, sel)
     try:
         model = _cached_model(model_spec)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
@@ -377,6 +387,43 @@ def _load_inputs(args: argparse.Namespace):
                 f"{sorted(set(y_sel[bad].tolist()))[:5]} (e.g. image {int(sel[bad][0])})"
             )
     return model, x_all, y_all, sel, data_spec, model_spec
+
+
+def _check_masses(x_all: np.ndarray, sel: np.ndarray) -> None:
+    """ValueError naming ``--data`` if a selected image has a channel of mass 0: W1
+    compares distributions, so such an image cannot be certified or attacked."""
+    with np.errstate(over="ignore"):
+        mass = np.asarray(x_all[sel], dtype=np.float64).sum(axis=(-2, -1))
+    bad = np.flatnonzero((mass <= 0).any(axis=1))
+    if bad.size:
+        first = int(sel[bad[0]])
+        raise ValueError(
+            f"--data: image {first} is all zero (a channel of mass 0; {bad.size} such "
+            f"image(s) selected): W1 needs positive mass; leave them out with --indices"
+        )
+
+
+#: Messages of :func:`flowverify.certify.api.check_certifiable` -> the flags.
+_API_FLAGS = {
+    "model": "--model",
+    "method": "--method",
+    "certifier": "--certifier",
+    "images": "--data",
+    "input_scale": "--input-scale",
+}
+
+
+def _check_certifiable(model, x: np.ndarray, method: str, certifier: str, scale: str) -> None:
+    """Refuse, once and before any work, a model the method cannot certify (naming the
+    layer or operator), instead of an error record per image."""
+    from .certify.api import check_certifiable
+
+    try:
+        check_certifiable(model, x, method=method, certifier=certifier, input_scale=scale)
+    except (ValueError, TypeError) as exc:
+        head = str(exc).partition(":")[0].strip()
+        flag = _API_FLAGS.get(head, "--model")
+        raise _renamed(exc, flag, (head,)) from None
 
 
 #: Runner argument names in messages -> the flags that set them.
@@ -451,27 +498,29 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
                 **smooth,
             )
         else:
-            results = list(
-                _iter_certify(
-                    model,
-                    x_all[idx],
-                    None if y_all is None else np.asarray(y_all)[idx],
-                    method=kw["method"],
-                    certifier=kw["certifier"],
-                    references=kw["references"],
-                    eps=kw["eps"],
-                    unit=kw["unit"],
-                    input_scale=kw["input_scale"],
-                    timeout=kw["timeout"],
-                    device=kw["device"],
-                    seed=kw["seed"],
-                    data=x_all,
-                    indices=idx,
-                    batch_size=max(len(idx), 1),
-                    rtol=kw["rtol"],
-                    progress=False,
+            with warnings.catch_warnings():  # the CLI's summary states it once
+                warnings.filterwarnings("ignore", message="references: ")
+                results = list(
+                    _iter_certify(
+                        model,
+                        x_all[idx],
+                        None if y_all is None else np.asarray(y_all)[idx],
+                        method=kw["method"],
+                        certifier=kw["certifier"],
+                        references=kw["references"],
+                        eps=kw["eps"],
+                        unit=kw["unit"],
+                        input_scale=kw["input_scale"],
+                        timeout=kw["timeout"],
+                        device=kw["device"],
+                        seed=kw["seed"],
+                        data=x_all,
+                        indices=idx,
+                        batch_size=max(len(idx), 1),
+                        rtol=kw["rtol"],
+                        progress=False,
+                    )
                 )
-            )
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         raise_if_interrupted(exc)
         if len(batch) > 1:
@@ -515,7 +564,7 @@ def _certify_error(index: int, label: int, method: str, certifier: str, exc: Exc
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flowverify certify``; write the JSONL file; return the exit code."""
-    from .certify.api import CERTIFIERS
+    from .certify.api import CERTIFIERS, references_note
     from .references import parse_references
     from .results import Status
     from .runner import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
@@ -564,12 +613,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--witness-dir: expected a folder, got {str(args.witness_dir)!r}")
     _check_execution(args)
     model, x_all, y_all, sel, data_spec, model_spec = _load_inputs(args)
+    _check_certifiable(model, x_all[sel[:1]], args.method, certifier, args.input_scale)
     try:
-        parse_references(
+        refs = parse_references(
             args.references, data=x_all, exclude_index=int(sel[0]), seed=int(args.seed)
         )
     except (ValueError, TypeError) as exc:
         raise _renamed(exc, "--references", ("references",)) from None
+    ref_note = references_note(args.method, certifier, len(refs))
     config = _config(args, certifier, "data" if y_all is not None else "model predictions")
     existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
 
@@ -649,4 +700,6 @@ def run(args: argparse.Namespace) -> int:
         f"({summary}); median radius {med:.6g} (normalised). Records: {args.out}",
         file=sys.stderr,
     )
+    if ref_note is not None:
+        print(f"note: --references: {ref_note}", file=sys.stderr)
     return 0

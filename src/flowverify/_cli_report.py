@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 from .report import DEFAULT_RADII, PLOT_FORMATS, plots_available, write_report
 
@@ -110,7 +112,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-plots",
         action="store_true",
-        help="write summary.md and summary.json only (no matplotlib needed)",
+        help="write summary.md and summary.json only (no figures)",
     )
     return p
 
@@ -134,15 +136,28 @@ def run(args: argparse.Namespace) -> int:
     args.files = files
     if args.images is not None and args.adversarial is None:
         raise ValueError("--images: only used together with --adversarial")
-    if not args.no_plots and not plots_available():
-        raise ValueError("plots need matplotlib: pip install flowverify[plot] (or pass --no-plots)")
+    for flag, paths in (("FILE", files), ("--adversarial", [args.adversarial])):
+        for f in paths:
+            if f is not None and not os.path.isfile(f):
+                what = "is a folder" if os.path.isdir(f) else "does not exist"
+                raise ValueError(f"{flag}: {str(f)!r} {what}; expected a file")
+    if args.out and os.path.isfile(args.out):
+        raise ValueError(f"--out: {str(args.out)!r} is a file; expected a folder")
+    plots = not args.no_plots
+    if plots and not plots_available():  # matplotlib is a dependency: a broken install
+        print(
+            "flowverify report: note: matplotlib cannot be imported here; writing the tables "
+            "without plots (pip install matplotlib for the figures)",
+            file=sys.stderr,
+        )
+        plots = False
     paths = write_report(
         args.files,
         args.out,
         adversarial=args.adversarial,
         images=args.images,
         radii=radii,
-        plots=not args.no_plots,
+        plots=plots,
         formats=formats,
         max_images=args.max_images,
         note=args.note,

@@ -55,8 +55,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         metavar="FILE",
-        help="mnist10k.npz (train: first 8,000, evaluation: last 2,000); default "
-        "../shared/data/mnist10k.npz next to a source checkout, else the bundled digits",
+        help="mnist10k.npz (train: first 8,000, evaluation: last 2,000); default: the "
+        "file named by $FLOWVERIFY_DATA, else shared/data/mnist10k.npz or "
+        "../shared/data/mnist10k.npz under the current folder, else ../shared/data next to "
+        "a source checkout. Without it a full claim fails; --quick then uses the bundled "
+        "digits (and says so)",
     )
     p.add_argument(
         "--smoothing-models",
@@ -72,7 +75,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flowverify reproduce``; returns the exit code (0)."""
-    from .reproduce import reproduce
+    from .reproduce import DATA_ENV, find_data, reproduce
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n: expected a positive number of digits, got {args.n}")
@@ -80,6 +83,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads: expected a positive number, got {args.threads}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative seed, got {args.seed}")
+    try:
+        path, looked = find_data(args.data)
+    except FileNotFoundError as exc:
+        msg = str(exc)
+        raise FileNotFoundError("--" + msg if msg.startswith("data:") else msg) from None
+    if path is None and not args.quick:
+        raise ValueError(
+            f"--data: mnist10k.npz not found (looked at {', '.join(looked)}); pass --data PATH "
+            f"or set {DATA_ENV} (the bundled digits stand in for --quick smoke tests only)"
+        )
     results = reproduce(
         args.claim,
         out=args.out,
@@ -93,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
     for res in results:
         files = ", ".join(sorted(res.files.values()))
         mode = " (quick smoke test)" if args.quick else ""
-        print(f"{res.claim}{mode}: {res.seconds:.1f} s; wrote {files}")
+        print(f"{res.claim}{mode}: {res.seconds:.1f} s; data: {res.settings.get('data')}")
+        print(f"  wrote {files}")
     return 0

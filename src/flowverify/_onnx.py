@@ -18,9 +18,11 @@ Identity, Dropout         dropped (inference semantics)
 Constant, initializers    constants
 ========================  ===================================================
 
-Anything else (other operators, branching graphs) is handed to
-``onnx2torch.convert`` when that package is installed
-(``pip install "flowverify[onnx]"``), and refused with a ValueError otherwise.
+Anything else (other operators, branching graphs) is refused with a ValueError naming
+the operators, unless the optional package ``onnx2torch`` is installed, which then
+converts the graph (it is in no extra of flowverify: it pulls ``torchvision``, which can
+replace a CPU build of torch; install the ``torchvision`` matching your torch first).
+``onnx`` itself (the protobuf reader: CPU-only, no torch) is a base dependency.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ class UnsupportedGraphError(ValueError):
 def _import_onnx():
     try:
         import onnx
-    except ImportError as exc:  # pragma: no cover - onnx is a test dependency
-        raise ImportError(
-            "reading ONNX models needs the 'onnx' package: pip install 'flowverify[onnx]'"
+    except ImportError as exc:  # pragma: no cover - onnx is a base dependency
+        raise ValueError(
+            "reading ONNX models needs the 'onnx' package (a dependency of flowverify that "
+            f"is missing here: {exc}); pip install onnx"
         ) from exc
     return onnx
 
@@ -122,9 +125,9 @@ def load_onnx(path: str | os.PathLike) -> nn.Module:
             import onnx2torch
         except ImportError:
             raise ValueError(
-                f"{str(p)!r}: {exc}. flowverify converts chains of "
-                f"{', '.join(SUPPORTED_OPS)} itself; for other graphs install onnx2torch "
-                "(pip install 'flowverify[onnx]')"
+                f"{str(p)!r}: {exc}; flowverify converts chains of "
+                f"{', '.join(SUPPORTED_OPS)} (other graphs: the optional package onnx2torch, "
+                "see the README)"
             ) from None
         logger.info("%s: %s; converting with onnx2torch", p, exc)
         try:

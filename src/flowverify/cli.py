@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -114,11 +115,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowverify`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records on stderr, each on its own line above any progress bar (tqdm.write)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_above_bars(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+def _write_above_bars(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of the command: the usual text, on its own stderr line
+    (a progress bar that was drawn there is cleared and redrawn below it)."""
+    if file is not None and file is not sys.stderr:
+        file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    _write_above_bars(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = args.func(args)
     except _user_errors() as exc:

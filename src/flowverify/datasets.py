@@ -426,6 +426,32 @@ def _load_npz(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
 # --------------------------------------------------------------------------- validation
 
 
+def channel_last_hint(shape: tuple) -> str:
+    """A hint for an image batch given channel-last, or ``""``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The shape as given.
+
+    Returns
+    -------
+    str
+        ``"; this looks channel-last (N, H, W, C): ..."`` when the last axis is short (1,
+        3 or 4 channels) and the two before it are image-sized, else the empty string.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) in (3, 4) and shape[-1] in (1, 3, 4) and min(shape[-3:-1]) >= 2:
+        if len(shape) == 4 and shape[1] in (1, 3, 4):
+            return ""  # (N, C, H, W) with a narrow image: ambiguous, no hint
+        perm = "x.transpose(0, 3, 1, 2)" if len(shape) == 4 else "x.transpose(2, 0, 1)"
+        return (
+            "; this looks channel-last (H, W, C): flowverify expects channels first "
+            f"(N, C, H, W), e.g. {perm}"
+        )
+    return ""
+
+
 def _to_nchw(x: np.ndarray, *, source: Path, allow_flat: bool = False) -> np.ndarray:
     """Validate pixel values and bring images to float32 ``(N, C, H, W)``."""
     where = f"x in {str(source)!r}"
@@ -464,6 +490,11 @@ def _to_nchw(x: np.ndarray, *, source: Path, allow_flat: bool = False) -> np.nda
         raise ValueError(f"{where}: expected shape {expected}, got {x.shape}")
     if min(out.shape) == 0:
         raise ValueError(f"{where}: expected at least one non-empty image, got shape {x.shape}")
+    if out.shape[2] < 2 or out.shape[3] < 2:
+        raise ValueError(
+            f"{where}: expected images of at least 2x2 pixels as (N, C, H, W), got shape "
+            f"{x.shape}" + channel_last_hint(x.shape)
+        )
     return np.ascontiguousarray(out)
 
 

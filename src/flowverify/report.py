@@ -27,7 +27,7 @@ pixel step = 1):
 * sandwich, per digit (records joined by ``index`` across files): best certified lower
   bound ``<=`` exact radius ``<=`` attack radius; any violation is listed.
 
-Plots need matplotlib (``pip install flowverify[plot]``); it is imported only when a plot
+Plots use matplotlib (a dependency of flowverify); it is imported only when a plot
 is drawn, through :class:`matplotlib.figure.Figure` (no pyplot, no global backend change).
 """
 
@@ -389,9 +389,13 @@ def _attack_summary(g: ResultGroup, radii: np.ndarray) -> dict[str, Any]:
     ar = attack_radii(g)
     digits = len(ar)
     correct_idx = {r["index"] for r in recs if r["prediction"] == r["label"]}
+    # --minimize records carry the radius found under 'eps': not a budget, so they get
+    # their own row (found / attacked, median W1) instead of a column per 'eps'
+    minimal = [r for r in recs if r.get("mode") == "minimal"]
+    fixed = [r for r in recs if r.get("mode") != "minimal"]
     per_eps = {}
-    for eps in sorted({r["eps"] for r in recs}):
-        at = [r for r in recs if r["eps"] == eps and r["prediction"] == r["label"]]
+    for eps in sorted({r["eps"] for r in fixed}):
+        at = [r for r in fixed if r["eps"] == eps and r["prediction"] == r["label"]]
         k = sum(r["success"] for r in at)
         per_eps[float(eps)] = {
             "attacked": len(at),
@@ -403,6 +407,8 @@ def _attack_summary(g: ResultGroup, radii: np.ndarray) -> dict[str, Any]:
         for r in recs
         if r["success"] and r["prediction"] == r["label"]
     ]
+    min_at = [r for r in minimal if r["prediction"] == r["label"]]
+    min_w1 = [r["w1"] if not math.isnan(r["w1"]) else r["w1_bound"] for r in min_at if r["success"]]
     return {
         "kind": "attack",
         "label": g.label,
@@ -412,6 +418,11 @@ def _attack_summary(g: ResultGroup, radii: np.ndarray) -> dict[str, Any]:
         "digits": digits,
         "clean_accuracy": len(correct_idx) / digits if digits else math.nan,
         "success_per_eps": per_eps,
+        "minimal": {
+            "attacked": len(min_at),
+            "found": len(min_w1),
+            "median_w1": _median(min_w1),
+        },
         "median_w1_successful": _median(succ_w1),
         "median_attack_radius": _median([ar[i] for i in correct_idx]),
         "mean_seconds": _mean([r["seconds"] for r in recs]),
@@ -609,7 +620,7 @@ def _markdown(
             *_STATUSES,
             "exact",
             "clean acc.",
-            "certified",
+            "certified fraction",
             "mean radius",
             "median radius",
             "mean s",
@@ -633,7 +644,8 @@ def _markdown(
         md += _table(header, rows)
         md += [
             "",
-            "*certified*: fraction with status `certified`; mean/median radius over the "
+            "Status columns: number of records with that status. *certified fraction*: "
+            "fraction with status `certified`; mean/median radius over the "
             "correctly classified digits (uncertified ones with their proven radius, "
             "often 0).",
             "",
@@ -678,10 +690,16 @@ def _markdown(
         ]
         md += _table(header, rows) + [""]
         all_eps = sorted({e for g in att for e in g["success_per_eps"]})
-        md += ["Success rate per eps (among correctly classified digits: fooled / attacked):", ""]
+        fixed_groups = [g for g in att if g["success_per_eps"]]
+        if fixed_groups:
+            md += [
+                "Success rate per budget eps (among correctly classified digits: fooled / "
+                "attacked):",
+                "",
+            ]
         header = ["source", *(f"eps={_f(e)}" for e in all_eps)]
         rows = []
-        for g in att:
+        for g in fixed_groups:
             cells = []
             for e in all_eps:
                 s = g["success_per_eps"].get(e)
@@ -691,7 +709,24 @@ def _markdown(
                     else f"{s['success']}/{s['attacked']} ({_f(s['success_rate'], '.3f')})"
                 )
             rows.append([g["label"], *cells])
-        md += _table(header, rows) + [""]
+        if fixed_groups:
+            md += _table(header, rows) + [""]
+        min_groups = [g for g in att if g.get("minimal", {}).get("attacked")]
+        if min_groups:
+            md += [
+                "Minimal-radius attacks (`--minimize`: each record's W1 is the radius found, "
+                "not a budget):",
+                "",
+            ]
+            rows = [
+                [
+                    g["label"],
+                    f"{g['minimal']['found']}/{g['minimal']['attacked']}",
+                    _f(g["minimal"]["median_w1"]),
+                ]
+                for g in min_groups
+            ]
+            md += _table(["source", "found / attacked", "median W1 found"], rows) + [""]
     sw = summary["sandwich"]
     if sw["digits"]:
         md += ["## Sandwich: certified ≤ exact ≤ attack (per digit, joined by index)", ""]
@@ -734,7 +769,8 @@ def _figure_class():
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
-            "the report's plots need matplotlib: pip install flowverify[plot] (or write "
+            "the report's plots need matplotlib (a dependency of flowverify): pip install "
+            "matplotlib (or write "
             "the summary only, plots=False / --no-plots)"
         ) from exc
     return Figure
@@ -804,6 +840,27 @@ def _plot_curves(groups, out_dir, formats, title_note):
     return _save(fig, out_dir, "certified_accuracy", formats)
 
 
+def sandwich_ticks(indices: Sequence[int], max_ticks: int = 40) -> tuple[list[int], list[str]]:
+    """Tick positions and labels of the sandwich plot: the digits' indices.
+
+    Parameters
+    ----------
+    indices : sequence of int
+        The digits' indices in plotting order (position ``k`` shows ``indices[k]``).
+    max_ticks : int
+        At most this many ticks, evenly spread (first and last included).
+
+    Returns
+    -------
+    positions, labels : list of int, list of str
+    """
+    n = len(indices)
+    if n == 0:
+        return [], []
+    pos = sorted(set(np.linspace(0, n - 1, min(n, max_ticks)).round().astype(int).tolist()))
+    return pos, [str(int(indices[k])) for k in pos]
+
+
 def _plot_sandwich(groups, rows, out_dir, formats, title_note):
     Figure = _figure_class()
     idx = list(rows)
@@ -846,10 +903,11 @@ def _plot_sandwich(groups, rows, out_dir, formats, title_note):
                     color=f"C{n % 10}",
                     label=g.label + " (closest adversarial found)",
                 )
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("digit (sorted by exact, else attack radius; never-fooled attacks not drawn)")
+    pos, labels = sandwich_ticks(idx)
+    ax.set_xticks(pos, labels, rotation=90 if len(pos) > 10 else 0, fontsize=7)
+    ax.set_xlabel(
+        "digit index (sorted by exact, else attack radius; never-fooled attacks not drawn)"
+    )
     ax.set_ylabel("radius (normalised W1)")
     ax.set_title(
         "Per digit: certified ≤ exact ≤ attack" + (f"\n{title_note}" if title_note else ""),
@@ -1031,7 +1089,7 @@ def write_report(
     FileNotFoundError, ValueError
         Naming the argument, for missing or malformed inputs.
     ImportError
-        If ``plots`` and matplotlib is missing (``pip install flowverify[plot]``).
+        If ``plots`` and matplotlib cannot be imported.
     """
     if isinstance(formats, str):
         fmts = [formats]

@@ -25,7 +25,10 @@ Data: the evaluation digits are the first ``n`` of the held-out part of
 claims run without the file).  The training part (indices 0-7999) gives the ``data``
 references of ``fig1`` and the training set of the smoothed base nets; without the file,
 the bundled digits ``250..499`` stand in (``quick`` smoke tests only; stated in the
-outputs).
+outputs).  The file is looked for by :func:`find_data`: ``--data``, the environment
+variable ``FLOWVERIFY_DATA``, ``shared/data`` and ``../shared/data`` under the current
+folder, and ``../shared/data`` next to a source checkout; a full claim without it fails
+with a message saying where it looked.
 
 Units: every radius and W1 is *normalised* (images scaled to mass 1; L1 ground cost
 between pixel coordinates, one pixel step costs 1); raw = mass x normalised.
@@ -54,6 +57,7 @@ __all__ = [
     "CLAIMS",
     "SETTINGS",
     "ClaimResult",
+    "find_data",
     "reproduce",
     "run_claim",
 ]
@@ -67,8 +71,59 @@ CLAIMS = ("fig1", "fig2", "attack", "linear", "smoothing")
 EVAL_START = 8000
 N_TRAIN = 8000
 
-#: Where a source checkout keeps the shared data (``<repo>/../shared/data``).
-_DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist10k.npz"
+#: Where a source checkout keeps the shared data (``<repo>/../shared/data``); used only
+#: when this module runs from a checkout (``<repo>/pyproject.toml`` exists), not from an
+#: installed copy in a virtual environment.
+_REPO = Path(__file__).resolve().parents[2]
+_DEFAULT_DATA = _REPO.parent / "shared" / "data" / "mnist10k.npz"
+
+#: Environment variable naming ``mnist10k.npz`` (after ``--data``, before the folders).
+DATA_ENV = "FLOWVERIFY_DATA"
+
+
+def find_data(data: str | os.PathLike | None = None) -> tuple[Path | None, list[str]]:
+    """Locate ``mnist10k.npz``.
+
+    Parameters
+    ----------
+    data : str or path-like, optional
+        An explicit path: it must exist.
+
+    Returns
+    -------
+    path : Path or None
+        The first of: ``data``; the file named by the environment variable
+        ``FLOWVERIFY_DATA``; ``shared/data/mnist10k.npz`` and
+        ``../shared/data/mnist10k.npz`` under the current folder; ``../shared/data``
+        next to a source checkout this module runs from.  None if none exists.
+    looked : list of str
+        The places looked at, in order (for messages).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``data`` or ``FLOWVERIFY_DATA`` names a file that does not exist.
+    """
+    if data is not None:
+        p = Path(data)
+        if not p.is_file():
+            raise FileNotFoundError(f"data: no such file: {str(data)!r}")
+        return p, [str(p)]
+    env = os.environ.get(DATA_ENV, "").strip()
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{DATA_ENV}: no such file: {env!r}")
+        return Path(env), [f"${DATA_ENV}"]
+    looked = [f"${DATA_ENV} (unset)"]
+    candidates = [Path("shared/data/mnist10k.npz"), Path("../shared/data/mnist10k.npz")]
+    if (_REPO / "pyproject.toml").is_file():
+        candidates.append(_DEFAULT_DATA)
+    for c in candidates:
+        looked.append(str(c))
+        if c.is_file():
+            return c, looked
+    return None, looked
+
 
 #: Wong et al.'s attack through ART: their MNIST settings (L1 ground cost ``p=1``, 5x5
 #: local transport, l-infinity steps of 0.1, clipping to [0, 1], epsilon grown 10% per
@@ -264,21 +319,26 @@ class _Env:
 def _load_env(out, quick, seed, data, smoothing_models) -> _Env:
     from .datasets import bundled_digits, load_images
 
-    path = Path(data) if data is not None else _DEFAULT_DATA
-    if data is not None and not path.exists():
-        raise FileNotFoundError(path)
-    if path.exists():
+    path, looked = find_data(data)
+    if path is not None:
         x, y = load_images(path)
         if y is None or len(x) != N_TRAIN + 2000:
             raise ValueError(f"data: expected mnist10k.npz (10,000 labelled digits), got {path}")
         x_eval, y_eval = x[N_TRAIN:], y[N_TRAIN:]
         x_train, y_train = x[:N_TRAIN], y[:N_TRAIN]
-        source = f"{path.name}: train 0-7999, evaluation from 8000"
+        source = f"{path.resolve()}: train 0-7999, evaluation from 8000"
+        logger.info("reproduce: data %s", source)
+    elif not quick:
+        raise ValueError(
+            f"data: mnist10k.npz not found (looked at {', '.join(looked)}); pass --data "
+            f"PATH or set {DATA_ENV} (the bundled digits stand in for --quick smoke tests "
+            "only)"
+        )
     else:
         x_eval, y_eval = bundled_digits()
         x_train = y_train = None
         source = "bundled digits (mnist10k.npz indices 8000-8499); mnist10k.npz not found"
-        logger.warning("reproduce: %s not found, using the bundled digits", path)
+        logger.warning("reproduce: mnist10k.npz not found, the quick run uses the bundled digits")
     return _Env(
         out=Path(out),
         quick=bool(quick),
@@ -410,16 +470,18 @@ def _claim_fig1(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     summary_rows = []
     for method in cfg["methods"]:
         t = _timer()
-        out = certify(
-            model,
-            x,
-            y,
-            method=method,
-            references=cfg["references"],
-            data=pool,
-            indices=idx,
-            seed=env.seed,
-        )
+        with warnings.catch_warnings():  # that they change nothing is the claim's finding
+            warnings.filterwarnings("ignore", message="references: ")
+            out = certify(
+                model,
+                x,
+                y,
+                method=method,
+                references=cfg["references"],
+                data=pool,
+                indices=idx,
+                seed=env.seed,
+            )
         secs = t()
         radii = np.array([[r.per_reference[nm] for nm in names] for r in out])  # (n, k)
         best = np.array([r.radius for r in out])
@@ -1364,7 +1426,7 @@ def _check_args(*, out, quick, n, data, smoothing_models, seed, threads) -> None
     if data is not None:
         if not isinstance(data, (str, os.PathLike)):
             raise TypeError(f"data: expected a path to mnist10k.npz, got {type(data).__name__}")
-        if not Path(data).exists():
+        if not Path(data).is_file():
             raise FileNotFoundError(f"data: no such file: {str(data)!r}")
     if not isinstance(quick, (bool, np.bool_)):
         raise TypeError(f"quick: expected True or False, got {quick!r}")
@@ -1406,8 +1468,10 @@ def run_claim(
     n : int, optional
         Number of evaluation digits (``fig2``: digits shown), overriding the default.
     data : str or path-like, optional
-        ``mnist10k.npz``; default ``<repo>/../shared/data/mnist10k.npz`` when it exists,
-        else the bundled digits (no training pool: see the module docstring).
+        ``mnist10k.npz``; default: found by :func:`find_data` (``FLOWVERIFY_DATA``,
+        ``./shared/data``, ``../shared/data``, next to a source checkout).  Without it a
+        full claim fails (ValueError naming ``data``); a ``quick`` run uses the bundled
+        digits (no training pool: see the module docstring) and says so in its outputs.
     smoothing_models : str or path-like
         Folder of the smoothed base nets ``smoothing_sigma<σ>.pt``
         (``scripts/train_smoothing.py``); missing ones are trained and saved there

@@ -464,6 +464,7 @@ def _read_existing(path: Path) -> tuple[list[tuple[int, str]], bool]:
 
 def _check_config(path: Path, groups: list[tuple[int, str]], config: dict) -> None:
     diffs: dict[str, tuple[Any, Any]] = {}
+    kinds: set[str] = set()
     for _, text in groups:
         for line in text.splitlines():
             rec = json.loads(line)
@@ -474,17 +475,37 @@ def _check_config(path: Path, groups: list[tuple[int, str]], config: dict) -> No
                     "resumed: choose another --out, or pass --overwrite"
                 )
             stored = rec["config"] if isinstance(rec["config"], dict) else {}
+            kinds.add(_run_kind(stored))
             for k in config_differences(stored, config):
                 diffs.setdefault(k, (stored.get(k, _MISSING), config.get(k, _MISSING)))
-    if diffs:
-        shown = "; ".join(
-            f"{k}: file {_short(a)} vs now {_short(b)}" for k, (a, b) in sorted(diffs.items())
-        )
+    if not diffs:
+        return
+    now = _run_kind(config)
+    other = sorted(kinds - {now, "other"})
+    if now != "other" and other:
         raise ValueError(
-            f"--out: {str(path)!r} was written with a different config (differing keys: "
-            f"{', '.join(sorted(diffs))}; {shown}); refusing to append. Re-run with the same "
-            "options, choose another --out, or pass --overwrite to start afresh"
+            f"--out: {str(path)!r} holds {' and '.join(other)} records, not {now} ones; "
+            f"write this {now} run to another --out (or pass --overwrite to replace the file)"
         )
+    keys = sorted(diffs)
+    shown = "; ".join(
+        f"{k}: file {_short(diffs[k][0])} vs now {_short(diffs[k][1])}" for k in keys[:3]
+    )
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    raise ValueError(
+        f"--out: {str(path)!r} was written with a different config (differing keys: "
+        f"{', '.join(keys[:3])}{more}; {shown}); refusing to append. Re-run with the same "
+        "options, choose another --out, or pass --overwrite to start afresh"
+    )
+
+
+def _run_kind(config: dict) -> str:
+    """``attack``, ``certify`` or ``other``: which command wrote a record's config."""
+    if "attack" in config:
+        return "attack"
+    if "method" in config:
+        return "certify"
+    return "other"
 
 
 def _fsync_dir(path: Path) -> None:

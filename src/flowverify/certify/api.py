@@ -26,10 +26,11 @@ Table 1):
     vanilla) radius from below and by a Frank-Wolfe attack from above.
 
 References (section 3.2.2): the reported radius is the maximum over references; every
-per-reference radius is kept.  (The engine's certificate does not depend on ``R``:
-``W̃δµ + b̃ = Wµ + b`` and the region's image set ``{µ + Aγ}`` do not, so it is computed
-once for every reference.  Complete methods use the first reference only: their radius
-does not depend on it, Table 1.)
+per-reference radius is kept.  (No certificate here depends on ``R``: ``W̃δµ + b̃ =
+Wµ + b`` and the region's image set ``{µ + Aγ}`` do not, so the engine's and the LP's
+radius is computed once and reported for every reference.  Complete methods use the
+first reference only: their radius does not depend on it, Table 1.  Several references
+therefore cost nothing but give nothing either; a warning says so, once per call.)
 
 Radii of incomplete methods come from a search on ``ε`` to a relative tolerance
 ``rtol`` (:func:`~flowverify.certify.bounds.search_radius`); the reported value is the
@@ -63,6 +64,7 @@ from torch import nn
 
 from .._arrays import check_device, check_labels, check_logits, model_errors
 from .._interrupt import raise_if_interrupted
+from ..datasets import channel_last_hint
 from ..flowmodel import (
     INPUT_SCALES,
     FlowModel,
@@ -77,7 +79,7 @@ from . import bounds as _b
 from ._chain import affine_chain
 from .complete import exact_radius
 
-__all__ = ["CERTIFIERS", "METHODS", "CertifyResult", "certify"]
+__all__ = ["CERTIFIERS", "METHODS", "CertifyResult", "certify", "check_certifiable"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +158,18 @@ class CertifyResult:
         Complete methods: the solver's status.
     message : str or None
         Error message (``status="error"``) or notes.
+    nodes : int or None
+        Complete methods: the branch-and-bound subdomains (nodes) bounded.
     witness : ndarray or None
-        ``(C, H, W)`` adversarial image (exact results, falsified decisions); excluded
+        ``(C, H, W)`` adversarial image (exact results, falsified decisions, and the
+        closest one found by a complete method that stopped at its limit); excluded
         from :meth:`to_dict`.  For ``complete-ball`` it may have negative pixels.
+    witness_kind : str or None
+        What ``witness`` is: ``"closest"`` (exact result: the closest adversarial image,
+        at W1 ``upper`` = ``radius``), ``"within-eps"`` (falsified decision) or
+        ``"closest-found"`` (``unknown`` result of a complete method: the closest
+        adversarial image found, at W1 ``upper``; it proves only that the radius is at
+        most ``upper``, not that no closer one exists); ``None`` without a witness.
     """
 
     index: int
@@ -184,6 +195,8 @@ class CertifyResult:
     solver_status: str | None = None
     message: str | None = None
     witness: np.ndarray | None = field(default=None, repr=False)
+    nodes: int | None = None
+    witness_kind: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field but ``witness`` (``inf`` -> ``"inf"``)."""
@@ -234,7 +247,10 @@ def _check_images(images) -> np.ndarray:
             f"images: expected shape (N, C, H, W), (C, H, W) or (H, W), got {images.shape}"
         )
     if x.shape[-1] < 2 or x.shape[-2] < 2:
-        raise ValueError(f"images: expected at least 2x2 pixels, got {images.shape}")
+        raise ValueError(
+            f"images: expected at least 2x2 pixels, got {images.shape}"
+            + channel_last_hint(images.shape)
+        )
     if x.shape[1] < 1:
         raise ValueError(f"images: expected at least one channel, got shape {images.shape}")
     if not np.isfinite(x).all():
@@ -244,7 +260,12 @@ def _check_images(images) -> np.ndarray:
     with np.errstate(over="ignore"):
         mass = x.sum(axis=(-2, -1))
     if x.shape[0] and (mass <= 0).any():
-        raise ValueError("images: every channel of every image needs positive mass")
+        bad = np.flatnonzero((mass <= 0).any(axis=1))
+        raise ValueError(
+            "images: every channel of every image needs positive mass (W1 compares "
+            f"distributions), got {bad.size} all-zero image(s) or channel(s), first at "
+            f"position {int(bad[0])}"
+        )
     if not np.isfinite(mass).all() or not np.isfinite(_e_max(x)).all():
         raise ValueError(
             f"images: expected a finite mass per channel (times the grid diameter), got one "
@@ -655,6 +676,7 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
     res = exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
     status = str(getattr(res, "status", "error"))
     out = {
+        "nodes": getattr(res, "nodes", None),
         "solver_status": str(getattr(res, "solver_status", status)),
         "lower": max(float(getattr(res, "lower", 0.0)), lower),
         "upper": min(float(getattr(res, "upper", math.inf)), upper),
@@ -805,26 +827,9 @@ def _iter_certify_modes(
         if data.shape[1:] != x.shape[1:]:
             raise ValueError(f"data: expected images of shape {x.shape[1:]}, got {data.shape[1:]}")
     idx = _check_indices(indices, n)
-    net_model = _resolve_model(model)
-    try:
-        _check_architecture(net_model)
-        chain_error = None
-    except ValueError as exc:
-        chain_error = exc
-    flat = _infer_flat(net_model)
-    num_classes = _probe_model(net_model, x, flat, input_scale)
-    if chain_error is not None and not (
-        (method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS) or certifier == "beta-crown"
-    ):
-        raise ValueError(
-            f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
-            f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
-            "certifier='crown' certify this model through the bound-propagation engine"
-        )
-    model64 = copy.deepcopy(net_model).to(torch.float64).eval()
-    for p in model64.parameters():
-        p.requires_grad_(False)
-    graph = _engine_graph(model64, x, flat, input_scale)
+    net_model, model64, flat, num_classes, graph = _prepare_model(
+        model, x, method, certifier, input_scale
+    )
     pred = _predict(net_model, x, flat, input_scale, check=True)
     lab = check_labels(labels, n, num_classes, pred)
     # resolve references once per image (data:K excludes the image itself)
@@ -841,6 +846,8 @@ def _iter_certify_modes(
         if n
         else []
     )
+    if n and len(ref_sets[0]) > 1:
+        _warn_references(method, certifier, [r.name for r in ref_sets[0]])
     ctx = _Ctx(
         net_model,
         model64,
@@ -870,6 +877,107 @@ def _iter_certify_modes(
     finally:
         if bar is not None:
             bar.close()
+
+
+def references_note(method: str, certifier: str, n_refs: int) -> str | None:
+    """Why ``n_refs`` references change nothing for ``method``/``certifier`` (``None``
+    for one reference, or for smoothing, which ignores them with its own warning)."""
+    if n_refs <= 1 or method == "smoothing":
+        return None
+    if method.startswith("complete"):
+        return (
+            f"method {method!r} uses the first of the {n_refs} references only: its exact "
+            "radius does not depend on the reference"
+        )
+    return (
+        f"method {method!r} (certifier {certifier!r}) does not depend on the reference "
+        f"(docs/REPRODUCTION.md): the radius is computed once and reported for each of the "
+        f"{n_refs} references"
+    )
+
+
+def _warn_references(method: str, certifier: str, names: list[str]) -> None:
+    note = references_note(method, certifier, len(names))
+    if note is not None:
+        warnings.warn(f"references: {note}", UserWarning, stacklevel=5)
+
+
+def _prepare_model(model, x: np.ndarray, method: str, certifier: str, input_scale: str):
+    """Check that ``method``/``certifier`` can certify ``model`` on images like ``x``
+    (raising a ValueError naming the layer or operator, before any work) and return
+    ``(model, float64 copy, flat, number of classes, engine graph)``."""
+    net_model = _resolve_model(model)
+    try:
+        _check_architecture(net_model)
+        chain_error = None
+    except ValueError as exc:
+        chain_error = exc
+    flat = _infer_flat(net_model)
+    num_classes = _probe_model(net_model, x, flat, input_scale)
+    if chain_error is not None and not (
+        (method in ENGINE_METHODS and certifier in ENGINE_CERTIFIERS) or certifier == "beta-crown"
+    ):
+        raise ValueError(
+            f"method: {method!r} with certifier {certifier!r} needs a chain of Linear, "
+            f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
+            "certifier='crown' certify this model through the bound-propagation engine"
+        )
+    model64 = copy.deepcopy(net_model).to(torch.float64).eval()
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    graph = _engine_graph(model64, x, flat, input_scale)
+    return net_model, model64, flat, num_classes, graph
+
+
+def check_certifiable(
+    model,
+    images,
+    *,
+    method: str = "vanilla",
+    certifier: str | None = None,
+    input_scale: str = "raw",
+) -> None:
+    """Raise, before any work, if ``method``/``certifier`` cannot certify ``model``.
+
+    The checks :func:`certify` makes before it starts (the images, the model's layers or
+    operators, its logits), without certifying anything: a command line tool calls it
+    once up front instead of reporting the same refusal for every image.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or str
+        As for :func:`certify`.
+    images : ndarray or Tensor
+        A few images of the data (the first one is run through the model).
+    method, certifier, input_scale : str
+        As for :func:`certify` (``"smoothing"`` takes any model: only the images are
+        checked).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Naming the argument (``images``, ``model``, ``method``, ``certifier``) and what
+        was expected.
+    """
+    _check_choice(method, "method", METHODS)
+    _check_choice(input_scale, "input_scale", INPUT_SCALES)
+    x = _check_images(images)
+    if method == "smoothing":
+        return
+    valid = CERTIFIERS[method]
+    certifier = valid[0] if certifier is None else certifier
+    if certifier not in valid:
+        raise ValueError(
+            f"certifier: unknown certifier {certifier!r} for method {method!r}; valid: "
+            f"{', '.join(valid)}"
+        )
+    net_model = _resolve_model(model)
+    modes = [(m, m.training) for m in net_model.modules()]
+    try:
+        _prepare_model(net_model, x[:1], method, certifier, input_scale)
+    finally:
+        for mod, training in modes:
+            mod.train(training)
 
 
 def _engine_graph(model64, x, flat, input_scale):
@@ -992,14 +1100,16 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
     n_refs = len(ref_sets[ok[0]])
     radii = np.zeros((n_refs, ok.size))
     conv = np.ones((n_refs, ok.size), dtype=bool)
-    # the engine works on images: no reference enters (one computation for all slots)
+    # No certifier here depends on the reference (module docstring): the engine works on
+    # images, and the LP over the fused chain of any reference has the same optimum.  So
+    # one computation fills every reference's slot.
     lp = ctx.certifier == "lp"
     radii[:], conv[:] = _engine_radii(
         ctx, x[ok], lab[ok], eps_raw, certifier="crown" if lp else ctx.certifier
     )
-    for j in range(n_refs if lp else 0):  # the LP reads the fused chain of each reference
-        refs = np.stack([_build_ref(ref_sets[i][j], x[i]) for i in ok])
-        radii[j], conv[j] = _lp_radii(ctx, x[ok], refs, lab[ok], eps_raw, radii[j].copy())
+    if lp:  # the LP reads the fused chain of the first reference
+        refs = np.stack([_build_ref(ref_sets[i][0], x[i]) for i in ok])
+        radii[:], conv[:] = _lp_radii(ctx, x[ok], refs, lab[ok], eps_raw, radii[0].copy())
     best = radii.argmax(axis=0)
     out = {}
     fals = np.zeros(ok.size, dtype=bool)
@@ -1045,7 +1155,7 @@ def _incomplete_results(ctx, x, lab, pred, idx, ref_sets, ok, eps, unit):
                 status = Status.FALSIFIED
                 img = adv[k]
                 w1 = float(w1_distance(img, x[i], unit="raw"))
-                kw.update(witness=img, upper=w1 / mass[k], upper_raw=w1)
+                kw.update(witness=img, upper=w1 / mass[k], upper_raw=w1, witness_kind="within-eps")
             else:
                 status = Status.UNKNOWN
         out[i] = _result(ctx, i, idx[i], lab[i], pred[i], names, status=status, **kw)
@@ -1059,13 +1169,6 @@ def _build_ref(ref: Reference, image: np.ndarray) -> np.ndarray:
 def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyResult:
     t0 = time.perf_counter()
     refs = ref_sets[i]
-    if len(refs) > 1:
-        logger.info(
-            "certify: method %r uses the first reference only (%s); the exact radius does "
-            "not depend on it",
-            ctx.method,
-            refs[0].name,
-        )
     mass = float(_mass(x[i : i + 1])[0])
     ref = _build_ref(refs[0], x[i])
     e_raw = None if eps is None else _eps_raw(eps, unit, mass)
@@ -1085,6 +1188,7 @@ def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyR
         solver_status=res["solver_status"],
         exact=bool(res["exact"]),
         message=res.get("message"),
+        nodes=res.get("nodes"),
     )
     names = [refs[0].name]
     if eps is None:
@@ -1103,6 +1207,13 @@ def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyR
             status = Status.UNKNOWN
     if res.get("message") and not res["exact"] and eps is None:
         status = Status.UNKNOWN
+    if status == Status.UNKNOWN and res["witness"] is not None and math.isfinite(upper):
+        kw["witness"] = res["witness"]  # the closest adversarial image found: not a proof
+    if kw.get("witness") is not None:
+        kw["witness_kind"] = {
+            Status.FALSIFIED: "within-eps",
+            Status.UNKNOWN: "closest-found",
+        }.get(status, "closest")
     kw["seconds"] = time.perf_counter() - t0
     return _result(ctx, i, idx[i], lab[i], pred[i], names, status=status, **kw)
 
