@@ -98,7 +98,7 @@ ENGINE_CERTIFIERS = ("crown", "alpha-crown")
 CERTIFIERS: dict[str, tuple[str, ...]] = {
     "vanilla": ("crown", "alpha-crown"),
     "feasible": ("crown", "alpha-crown", "lp"),
-    "complete": ("bab", "beta-crown", "milp"),
+    "complete": ("beta-crown", "bab", "milp"),
     "complete-ball": ("bab", "beta-crown", "milp"),
     "smoothing": ("laplace-cohen",),
 }
@@ -653,8 +653,9 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
     p_upper, p_adv = _pgd_min_radius(ctx, x, label)
     if p_upper < upper:
         upper, adv = p_upper, p_adv
-    if ctx.certifier == "beta-crown":
+    if ctx.certifier == "beta-crown" and (ctx.graph.activations() or not _is_chain(ctx.model)):
         return _complete_engine(ctx, x, label, eps_raw, lower, upper, adv, t_end)
+    # a linear chain: the polytope bound is exact (Lemma 8), the chain's LP gives the witness
     dmu = np.asarray(inverse_flow(ref, x, method=INVERSE_METHOD), dtype=np.float64)
     fm = FlowModel(ctx.model64, torch.as_tensor(ref), input_scale=ctx.input_scale, fuse=True)
     chain = affine_chain(fm, 0)
@@ -671,7 +672,7 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
         upper_bound=upper,
         witness_flow=witness_flow,
         bound_fn=functools.partial(_b.relu_bounds, height=h, width=w, device=str(ctx.device)),
-        algorithm=ctx.certifier,
+        algorithm="bab" if ctx.certifier == "beta-crown" else ctx.certifier,
     )
     res = exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
     status = str(getattr(res, "status", "error"))
@@ -697,6 +698,14 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
     elif status == "error":
         out["message"] = f"complete solver error ({out['solver_status']})"
     return out
+
+
+def _is_chain(model) -> bool:
+    try:
+        _check_architecture(model)
+    except ValueError:
+        return False
+    return True
 
 
 def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> dict:

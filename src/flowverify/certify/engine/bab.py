@@ -52,6 +52,9 @@ from .region import region_lp
 
 __all__ = ["BabDecision", "BabRadius", "SplitBab"]
 
+#: Bisection steps on the dual variable for the transport plans that serve as gradients.
+PLAN_ITERS = 12
+
 
 @dataclass
 class _Sub:
@@ -161,28 +164,37 @@ class SplitBab:
         eps_t = torch.full((1,), float(eps), dtype=torch.float64, device=self.prob.device)
         return self.prob.layer_bounds(np.zeros(1, dtype=np.int64), eps_t)
 
-    def _gain(self, q: torch.Tensor, eps: float, rows: torch.Tensor):
+    def _gain(self, q: torch.Tensor, eps: float, rows: torch.Tensor, *, bound=True, slopes=True):
         """Sound gains ``(D, m)`` of the rows ``q (D, m, C, H, W)`` where ``rows`` (``inf``
-        elsewhere) and, over the polytope, the slopes ``µ - ν*`` of each gain in ``q``
-        (its gradient, ``ν*`` the optimal plan's image; ``None`` over the ball)."""
+        elsewhere; ``None`` unless ``bound``) and, over the polytope with ``slopes``, the
+        gradient ``µ - ν*`` of each gain in ``q`` (``ν*`` the optimal plan's image; a
+        gradient only, no soundness rests on it, so a coarser search for the kink)."""
         d, m = q.shape[:2]
         if not self.feasible:
             gain = self.prob.domain.norm(q) * eps
             return torch.where(rows, gain, math.inf), None
-        out = torch.full((d, m), math.inf, dtype=q.dtype, device=q.device)
-        slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
+        out = slope = None
         kk, rr = torch.nonzero(rows, as_tuple=True)
-        if kk.numel():
-            sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), -1).cpu().numpy())
-            e = np.full(sel.shape[0], float(eps))
-            img = np.zeros(sel.shape[0], dtype=np.int64)
-            out[kk, rr] = torch.as_tensor(
-                _b.polytope_gain_rows(sel, self.mu[None], img, e), dtype=q.dtype, device=q.device
-            )
-            nu = _b.polytope_plan(sel, self.mu, e).reshape(sel.shape[0], -1)
-            slope[kk, rr] = torch.as_tensor(
-                self.mu.reshape(1, -1) - nu, dtype=q.dtype, device=q.device
-            )
+        sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), -1).cpu().numpy())
+        e = np.full(sel.shape[0], float(eps))
+        if bound:
+            out = torch.full((d, m), math.inf, dtype=q.dtype, device=q.device)
+            if kk.numel():
+                img = np.zeros(sel.shape[0], dtype=np.int64)
+                out[kk, rr] = torch.as_tensor(
+                    _b.polytope_gain_rows(sel, self.mu[None], img, e),
+                    dtype=q.dtype,
+                    device=q.device,
+                )
+        if slopes:
+            slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
+            if kk.numel():
+                nu = _b.polytope_plan(sel, self.mu, e, iters=PLAN_ITERS)
+                slope[kk, rr] = torch.as_tensor(
+                    self.mu.reshape(1, -1) - nu.reshape(sel.shape[0], -1),
+                    dtype=q.dtype,
+                    device=q.device,
+                )
         return out, slope
 
     def relaxations(self, subs: list[_Sub], root):
@@ -237,9 +249,10 @@ class SplitBab:
         refresh = 4
         slope = scores = q_best = None
         for it in range(iterations + 1):
-            sound = it % refresh == 0 or it == iterations
+            final = it == iterations
+            evaluate, replan = it == 0 or final, it % refresh == 0 and not final
             for v in params.values():
-                v.requires_grad_(not sound or it == 0)
+                v.requires_grad_(not final)
             rels, extra, record = dict(rel), {}, {}
             for i in self.relus:
                 op, shape = graph.nodes[i].op, graph.nodes[i].shape
@@ -257,9 +270,14 @@ class SplitBab:
                 extra[i] = (-beta * signs[i][:, None]).reshape(d, m, *shape)
             lin = prob.linear(idx, graph.output, spec, rels, extra=extra, record=record)
             q = prob.q(lin)
-            if sound:
+            if evaluate or replan:
                 with torch.no_grad():
-                    gain, slope = self._gain(q.detach(), eps, open_rows)
+                    gain, fresh = self._gain(
+                        q.detach(), eps, open_rows, bound=evaluate, slopes=replan
+                    )
+                slope = fresh if replan else slope
+            if evaluate:
+                with torch.no_grad():
                     val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
                 better = (val > best) & open_rows
                 if bool(better.any()):
@@ -267,12 +285,12 @@ class SplitBab:
                     rows = better.any(dim=1)
                     for key, v in params.items():
                         keep[key][rows] = v.detach()[rows]
-                if it == iterations:
+                if final:
                     scores = self._scores(record, lohi, unstable, signs, open_rows & (val <= 0))
                     q_best = q.detach()
                     break
-                if it > 0:
-                    continue
+            if not params:  # nothing to optimise (no ReLU)
+                continue
             if self.feasible:  # the gain linearised at the last plan
                 surrogate = lin.centre - (q.flatten(2) * slope).sum(dim=2)
             else:
