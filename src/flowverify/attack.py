@@ -37,15 +37,18 @@ unit of the paper and of the attack literature; L1 ground cost between pixel
 coordinates, whole grid).  ``w1_raw`` is in the units of the data (raw = mass x
 normalised for one channel).  Internally the flows act on the normalised image.
 
-Minimal-radius mode (``eps=None``): per image, DeepFool-W1 steps (:func:`_deepfool`: for
-every candidate class, the smallest W1 budget of mass moves whose first-order gain flips
-the class, solved exactly by a multiple-choice knapsack, see
-:func:`flowverify._projection.best_moves`; for a linear model the first step is the exact
-minimal perturbation) give an adversarial; where they fail, the budget is doubled from 0.5
-with PGD up to the grid diameter ``H + W - 2``.  Then ``search_steps`` bisection probes,
-each a PGD run warm-started from the best adversarial radially scaled into the smaller
-ball, shrink it.  The reported radius is the exact W1 of the closest adversarial found
-(``inf`` where none was found): an upper bound on the true minimal adversarial radius.
+Minimal-radius mode (``eps=None``, :mod:`flowverify._minimal`), per image, three
+candidates: DeepFool-W1 steps (:func:`_deepfool`: for every candidate class, the smallest
+W1 budget of mass moves whose first-order gain flips the class, solved exactly by a
+multiple-choice knapsack, see :func:`flowverify._projection.best_moves`; for a linear
+model the first step is the exact minimal perturbation); the budget schedule (PGD at
+0.05, 0.1, 0.2, 0.3, 0.5, 1.0, doubled further up to the grid diameter where none
+succeeds: the first success, as a fixed-budget run at those budgets would find it); and
+both shrunk by a fast-minimum-norm search (``search_steps * steps`` iterations that
+shrink the ball while the iterate is adversarial and grow it otherwise, several rates
+batched).  The returned adversarial is the re-checked candidate of smallest exact W1
+(``inf`` where none was found): an upper bound on the true minimal adversarial radius,
+never above the first success of the schedule.
 
 Every claimed success is re-checked by a forward pass of the original model on the
 returned image; the exact W1 of the returned image is computed by
@@ -66,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _minimal
 from ._arrays import check_device, check_labels, check_logits, model_errors
 from ._projection import (
     _pgd_step_torch,
@@ -99,11 +103,10 @@ LOSSES = ("ce", "margin", "cw", "dlr")
 #: Step-size schedules over the ``steps`` iterations of one run.
 SCHEDULES = ("cosine", "constant")
 
-_MIN_START = 0.5  # first budget of the doubling search (normalised)
 _DF_ITERS = 20  # DeepFool-W1 steps of the minimal-radius mode
 _REACH = 4  # longest single mass move of a DeepFool-W1 step (pixels, L1)
 _CANDIDATES = 9  # target classes compared per DeepFool-W1 step
-_PROBE_FLOOR = 0.8  # bisection probes are at least this fraction of the best radius
+_SHRINK_GAMMAS = (0.05, 0.15)  # radius change rates of the shrinking runs (one row each)
 _RADIUS_SAFETY = 1.0 - 1e-7  # iterates are kept inside a slightly smaller ball
 
 
@@ -157,6 +160,11 @@ class AttackResult:
         ``"normalised"`` (the unit of ``eps``, ``w1``, ``w1_bound``).
     config : dict
         The attack's resolved hyperparameters.
+    max_pixel : ndarray
+        ``(R,)`` the largest pixel of ``adversarial`` in data units.  In the default
+        threat model (``"w1"``: non-negative images of the input's mass, the paper's)
+        pixels are not bounded above, so an adversarial of a model trained on [0, 1]
+        images may exceed 1; ``clip_max`` bounds them.
     """
 
     adversarial: np.ndarray
@@ -175,6 +183,13 @@ class AttackResult:
     mode: str
     unit: str = "normalised"
     config: dict = field(default_factory=dict)
+    max_pixel: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pixel is None:
+            adv = np.asarray(self.adversarial)
+            flat = adv.reshape(adv.shape[0], int(np.prod(adv.shape[1:])))
+            self.max_pixel = flat.max(axis=1, initial=-np.inf).astype(np.float64)
 
     _ROW_KEYS = (
         "index",
@@ -188,6 +203,7 @@ class AttackResult:
         "prediction_adversarial",
         "iterations",
         "seconds",
+        "max_pixel",
     )
 
     def __len__(self) -> int:
@@ -206,8 +222,8 @@ class AttackResult:
         Keys: ``index`` (``indices[index]`` when ``indices`` maps batch positions to data
         set indices), ``label``, ``prediction``, ``eps``, ``success``, ``w1_bound``,
         ``w1``, ``w1_raw``, ``prediction_adversarial``, ``iterations``, ``seconds``,
-        ``unit``, ``threat_model``, ``mode``, and ``config`` if given.  Non-finite
-        numbers become the strings ``"inf"``/``"nan"`` (strict JSON).
+        ``max_pixel``, ``unit``, ``threat_model``, ``mode``, and ``config`` if given.
+        Non-finite numbers become the strings ``"inf"``/``"nan"`` (strict JSON).
         """
         rows = []
         for r in range(len(self)):
@@ -567,8 +583,8 @@ class WassersteinPGD:
         Extra runs from random feasible starting points for images not yet fooled
         (default 0: one run from :math:`\delta_\mu`, as in the paper).
     search_steps : int
-        Minimal-radius mode: bisection probes after the first success (default 6); each
-        probe is at least 0.8 times the best radius so far.
+        Minimal-radius mode: length of the shrinking search in units of ``steps``
+        (default 6: ``6 * steps`` iterations; 0: no shrinking).
     clip_max : float, optional
         Pixel upper bound in data units (e.g. 1.0): an extra constraint of the set and a
         different threat model (``"w1+pixels<=1"``).  The images must satisfy it.
@@ -828,8 +844,11 @@ class WassersteinPGD:
         rows: list[dict[str, np.ndarray]] = []
         if self.eps is None:
             t0 = time.perf_counter() - setup
-            flow, found, eps_found, iters = self._minimal(ctx)
-            rows.append(self._finalise(ctx, flow, found, eps_found, iters, t0, minimal=True))
+            cands = [
+                self._finalise(ctx, flow, found, eps_found, iters, t0, minimal=True)
+                for flow, found, eps_found, iters in self._minimal(ctx)
+            ]
+            rows.append(_closest(cands, time.perf_counter() - t0))
         else:
             prev = None
             for eps in self.eps:
@@ -924,13 +943,21 @@ class WassersteinPGD:
         return flow, found, iters
 
     def _minimal(self, ctx):
-        """DeepFool-W1, doubling for its failures, then bisection with warm-started PGD."""
+        """Candidates of the minimal-radius mode (see :mod:`flowverify._minimal`).
+
+        Returns a list of ``(flow, found, eps, iterations)``: DeepFool-W1, the budget
+        schedule (the first budget of :data:`~flowverify._minimal.BUDGET_SCHEDULE`, then
+        doubled up to the grid diameter, at which each image is fooled, as a fixed-budget
+        run at those budgets), and the shrunk best of both.  The caller keeps, per image,
+        the re-checked candidate of smallest exact W1.
+        """
         mu = ctx.mu
         n = mu.shape[0]
         device, dtype = mu.device, mu.dtype
         height, width = mu.shape[-2], mu.shape[-1]
-        cap = float(height + width - 2)  # the grid diameter: W1 of normalised images <= it
+        cap = float(mu.shape[1] * (height + width - 2))  # W1 of normalised images <= it
         all_idx = torch.arange(n, device=device)
+        inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
         df = _deepfool(
             ctx.objective,
             mu,
@@ -941,45 +968,61 @@ class WassersteinPGD:
             candidates=_CANDIDATES,
             upper=ctx.upper,
         )
-        best, found, iters = df.flow, df.success.clone(), df.iterations.clone()
-        hi = torch.where(found, best.abs().flatten(1).sum(1).double(), math.inf)
-        hi_eps = hi.clone()
-        lo = torch.zeros(n, dtype=torch.float64, device=device)
-        # Doubling with PGD where DeepFool failed.
-        todo = (~found).nonzero().squeeze(1)
-        eps = torch.full((n,), _MIN_START, dtype=torch.float64, device=device)
-        last = None
-        while todo.numel():
-            f, s, it = self._attempts(ctx, eps.to(dtype), todo, last)
-            iters[todo] += it
-            won = todo[s]
-            best[won], found[won] = f[s], True
-            hi[won] = f[s].abs().flatten(1).sum(1).double()
-            hi_eps[won] = eps[won]
-            lo[todo[~s]] = eps[todo[~s]]
-            keep = ~s & (eps[todo] * 2 <= cap)
-            todo, last = todo[keep], f[keep]
-            eps[todo] = eps[todo] * 2
-        # Bisection between the largest failed budget and the best success.
-        for _ in range(self.search_steps):
-            active = (found & (hi - lo > 1e-3 * hi)).nonzero().squeeze(1)
-            if active.numel() == 0:
+        df_norm = torch.where(df.success, df.flow.abs().flatten(1).sum(1).double(), inf)
+        df_cand = (df.flow, df.success.clone(), df_norm, df.iterations.clone())
+        # Budget schedule: what a fixed-budget run at these budgets finds first.
+        sched = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
+        s_found = torch.zeros(n, dtype=torch.bool, device=device)
+        s_eps = inf.clone()
+        s_iters = torch.zeros(n, dtype=torch.long, device=device)
+        budgets = list(_minimal.BUDGET_SCHEDULE)
+        while budgets[-1] * 2 <= cap:
+            budgets.append(budgets[-1] * 2)
+        for eps in budgets:
+            if eps > _minimal.BUDGET_SCHEDULE[-1]:  # beyond the schedule: only unfooled ones
+                todo = (~s_found & ~df.success).nonzero().squeeze(1)
+            else:
+                todo = (~s_found).nonzero().squeeze(1)
+            if todo.numel() == 0:
                 break
-            mid = torch.maximum(0.5 * (lo[active] + hi[active]), _PROBE_FLOOR * hi[active])
-            shrink = mid * _RADIUS_SAFETY / hi[active].clamp(min=1e-300)
-            init = best[active] * shrink.to(dtype)[:, None, None]
-            radius = torch.zeros(n, dtype=dtype, device=device)
-            radius[active] = mid.to(dtype)
-            f, s, it = self._attempts(ctx, radius, active, init)
-            iters[active] += it
-            norm = f.abs().flatten(1).sum(1).double()
-            better = s & (norm < hi[active])
-            won = active[better]
-            best[won] = f[better]
-            hi[won], hi_eps[won] = norm[better], mid[better]
-            lo[active[~s]] = mid[~s]
-        eps_found = torch.where(found, hi_eps, torch.full_like(hi_eps, math.inf))
-        return best, found, eps_found.cpu().numpy(), iters
+            radius = torch.full((n,), min(eps, cap), dtype=dtype, device=device)
+            f, s, it = self._attempts(ctx, radius, todo)
+            s_iters[todo] += it
+            won = todo[s]
+            sched[won], s_found[won], s_eps[won] = f[s], True, eps
+        s_cand = (sched, s_found, s_eps, s_iters)
+        # Shrink both starting points of every image (batched), keep the smaller.
+        iters = df_cand[3] + s_iters
+        starts = [(df.flow, df.success), (sched, s_found)]
+        rows = torch.cat([st[1].nonzero().squeeze(1) for st in starts])
+        init = torch.cat([st[0][st[1]] for st in starts])
+        gammas = _SHRINK_GAMMAS
+        gamma = torch.tensor(gammas, dtype=torch.float64, device=device)
+        gamma = gamma.repeat_interleave(rows.numel())
+        rows, init = rows.repeat(len(gammas)), init.repeat(len(gammas), 1, 1)
+        best = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
+        best_norm = inf.clone()
+        if rows.numel() and self.search_steps:
+            flows, norms = _minimal.shrink(
+                ctx.objective,
+                mu,
+                ctx.labels,
+                rows,
+                init,
+                steps=self.search_steps * self.steps,
+                step_size=self.step_size,
+                upper=ctx.upper,
+                gamma=gamma,
+            )
+            for r in range(rows.numel()):  # few rows: per-row bookkeeping is cheap
+                i = int(rows[r])
+                if norms[r] < best_norm[i]:
+                    best[i], best_norm[i] = flows[r], norms[r]
+            iters += torch.bincount(rows, minlength=n) * (self.search_steps * self.steps)
+        found = torch.isfinite(best_norm)
+        eps_found = torch.where(found, best_norm * (1 + 1e-6), inf)
+        cands = (df_cand[:3], s_cand[:3], (best, found, eps_found))
+        return [(flow, ok, e.cpu().numpy(), iters) for flow, ok, e in cands]
 
     def _finalise(self, ctx, flow, found, eps_arr, iters, t0, *, minimal):
         """Float64 repair, output image, re-check by the model, exact W1, rows."""
@@ -1048,6 +1091,16 @@ class WassersteinPGD:
             "iterations": iters.cpu().numpy(),
             "seconds": np.full(n, seconds),
         }
+
+
+def _closest(cands: list[dict[str, np.ndarray]], seconds: float) -> dict[str, np.ndarray]:
+    """Per image, the re-checked candidate row of smallest exact W1 (``inf``: failed)."""
+    w1 = np.stack([c["w1"] for c in cands])  # (K, n), inf where the re-check failed
+    pick = np.argmin(w1, axis=0)
+    n = pick.shape[0]
+    out = {k: np.stack([c[k] for c in cands])[pick, np.arange(n)] for k in cands[0]}
+    out["seconds"] = np.full(n, seconds / max(n, 1))
+    return out
 
 
 @dataclass
@@ -1122,10 +1175,93 @@ def _predict(model, images: np.ndarray, input_scale, flat, device, dtype) -> np.
     return model(x).argmax(1).cpu().numpy()
 
 
-def attack(model: nn.Module, images, labels=None, **kwargs: Any) -> AttackResult:
-    """Functional form: ``WassersteinPGD(**kwargs)(model, images, labels)``.
+def attack(
+    model: nn.Module,
+    images,
+    labels=None,
+    *,
+    eps: float | Sequence[float] | None = None,
+    steps: int = 30,
+    step_size: float = 0.15,
+    loss: str = "ce",
+    schedule: str = "cosine",
+    restarts: int = 0,
+    search_steps: int = 6,
+    clip_max: float | None = None,
+    input_scale: str = "raw",
+    reference: Any = None,
+    fuse: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> AttackResult:
+    r"""Wasserstein PGD attack of a batch (functional form of :class:`WassersteinPGD`).
 
-    See :class:`WassersteinPGD` for the keyword options (``eps``, ``steps``,
-    ``step_size``, ``loss``, ``reference``, ``clip_max``, ``seed``, ``device``, ...).
+    Finds images :math:`\bar\mu = \mu + Aw` with :math:`\|w\|_1 \le \varepsilon`
+    (normalised W1, L1 ground cost), non-negative, of the mass of :math:`\mu` per channel
+    (and ``<= clip_max`` if set), that ``model`` does not classify as ``labels``; or, with
+    ``eps=None``, the smallest such W1 found per image.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or flowverify.FlowModel
+        Classifier on images ``(N, C, H, W)`` (or flat ``(N, C*H*W)`` when it starts with
+        an ``nn.Linear``), returning logits ``(N, K)``.
+    images : ndarray or Tensor
+        ``(N, C, H, W)`` non-negative images in data units, positive mass per channel.
+    labels : array-like of int, optional
+        ``(N,)`` classes to move away from; default: the model's predictions.
+    eps : float, sequence of float or None
+        Budget(s) in normalised W1 (image mass 1); one result row per (image, budget),
+        budget-major.  ``None`` (default): minimal-radius mode, one row per image.
+    steps : int
+        Gradient steps per run (default 30).
+    step_size : float
+        Euclidean step length as a fraction of the budget (default 0.15).
+    loss : {"ce", "margin", "cw", "dlr"}
+        Adversarial loss (default ``"ce"``).
+    schedule : {"cosine", "constant"}
+        Step-size schedule (default ``"cosine"``).
+    restarts : int
+        Random restarts for images not yet fooled (default 0).
+    search_steps : int
+        Minimal-radius mode: shrinking-search length in units of ``steps`` (default 6).
+    clip_max : float, optional
+        Pixel upper bound in data units (threat model ``"w1+pixels<=U"``).  Default: none,
+        the paper's threat model, where pixels may exceed the data's range
+        (see :attr:`AttackResult.max_pixel`).
+    input_scale : {"raw", "normalised"}
+        What the model consumes (default ``"raw"``: data units).
+    reference : None, str or array
+        ``None`` (default): ``R = µ``; or a reference to run Algorithm 1 literally.
+    fuse : bool
+        With a reference: fuse the first affine layer (Corollary 2.1).
+    seed : int
+        Seed of restarts and random references (default 0).
+    device : str or torch.device, optional
+        Where to compute (default: the model's device).
+
+    Returns
+    -------
+    AttackResult
+        ``success``, ``w1`` (exact W1 of each returned image, normalised), ``w1_raw``,
+        ``adversarial`` ``(R, C, H, W)``, ``max_pixel``, ...
+
+    See Also
+    --------
+    WassersteinPGD : the same as a reusable object, with the maths of each option.
     """
-    return WassersteinPGD(**kwargs)(model, images, labels)
+    return WassersteinPGD(
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        loss=loss,
+        schedule=schedule,
+        restarts=restarts,
+        search_steps=search_steps,
+        clip_max=clip_max,
+        input_scale=input_scale,
+        reference=reference,
+        fuse=fuse,
+        seed=seed,
+        device=device,
+    )(model, images, labels)
