@@ -32,6 +32,14 @@ Each step (batched over images, per-image early exit on success):
    onto the L1 ball (sorting), flow limiting per pixel (keeps ``0 <= µ + Aw <= u``), and
    a radial shrink onto the ball if needed.  Every iterate is a point of ``S``.
 
+Fixed budget, for the images the run (and its ``restarts``) does not fool: the closest
+adversarial found without a budget (DeepFool-W1, else PGD at doubled budgets, then shrunk
+as in the minimal-radius mode; computed once per batch) if it lies in the ball, else a
+PGD run started from it scaled radially into the ball.  PGD from 0 at a large budget
+takes long steps that pile mass on a few pixels and can miss adversarials that smaller
+budgets find (issue 15); the fallback makes a larger budget find at least what the
+minimal search finds within it.
+
 Units: budgets and radii are *normalised* (the image scaled to mass 1 per channel, the
 unit of the paper and of the attack literature; L1 ground cost between pixel
 coordinates, whole grid).  ``w1_raw`` is in the units of the data (raw = mass x
@@ -583,8 +591,8 @@ class WassersteinPGD:
         Extra runs from random feasible starting points for images not yet fooled
         (default 0: one run from :math:`\delta_\mu`, as in the paper).
     search_steps : int
-        Minimal-radius mode: length of the shrinking search in units of ``steps``
-        (default 6: ``6 * steps`` iterations; 0: no shrinking).
+        Length of the shrinking search (minimal-radius mode, and the fixed-budget
+        fallback) in units of ``steps`` (default 6: ``6 * steps`` iterations; 0: none).
     clip_max : float, optional
         Pixel upper bound in data units (e.g. 1.0): an extra constraint of the set and a
         different threat model (``"w1+pixels<=1"``).  The images must satisfy it.
@@ -938,91 +946,155 @@ class WassersteinPGD:
             todo = ~reuse
         idx = todo.nonzero().squeeze(1)
         if idx.numel():
-            f, s, it = self._attempts(ctx, radius, idx)
+            f, s, it = self._budget_run(ctx, radius, idx)
             flow[idx], found[idx], iters[idx] = f, s, it
+        return flow, found, iters
+
+    def _deepfool_all(self, ctx) -> _Run:
+        """DeepFool-W1 of every image of the batch (computed once, then cached)."""
+        if ctx.deepfool is None:
+            n = ctx.mu.shape[0]
+            ctx.deepfool = _deepfool(
+                ctx.objective,
+                ctx.mu,
+                ctx.labels,
+                torch.arange(n, device=ctx.mu.device),
+                iters=_DF_ITERS,
+                reach=_REACH,
+                candidates=_CANDIDATES,
+                upper=ctx.upper,
+            )
+        return ctx.deepfool
+
+    def _budget_run(self, ctx, radius, idx):
+        """The attack of the images ``idx`` within ``radius``: :meth:`_attempts`, then,
+        for its failures, the closest adversarial found without a budget
+        (:meth:`_anchor`, computed once per batch) if it lies in the ball, else
+        a PGD run started from it scaled radially into the ball (feasible: the set is
+        convex and contains 0).  PGD from 0 at a large budget takes long steps that pile
+        mass on a few pixels and can miss adversarials that smaller budgets find.
+        """
+        flow, found, iters = self._attempts(ctx, radius, idx)
+        todo = (~found).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return flow, found, iters
+        a_flow, a_norm, shrunk, shrunk_norm = self._anchor(ctx)
+        sub = idx[todo]
+        use_shrunk = shrunk_norm[sub] < a_norm[sub]
+        start = torch.where(use_shrunk[:, None, None], shrunk[sub], a_flow[sub]).to(flow.dtype)
+        norm = torch.minimum(a_norm[sub], shrunk_norm[sub])
+        ok = torch.isfinite(norm)
+        rad = (radius[sub] * _RADIUS_SAFETY).double()
+        inside = ok & (norm <= rad)
+        flow[todo[inside]], found[todo[inside]] = start[inside], True
+        again = ok & ~inside
+        if bool(again.any()):
+            pick, rows = todo[again], sub[again]
+            scale = (rad[again] / norm[again]).to(flow.dtype)
+            init = start[again] * scale[:, None, None]
+            run = self._run(ctx, radius[rows], rows, init)
+            flow[pick[run.success]], found[pick[run.success]] = run.flow[run.success], True
+            iters[pick] += run.iterations
         return flow, found, iters
 
     def _minimal(self, ctx):
         """Candidates of the minimal-radius mode (see :mod:`flowverify._minimal`).
 
-        Returns a list of ``(flow, found, eps, iterations)``: DeepFool-W1, the budget
-        schedule (the first budget of :data:`~flowverify._minimal.BUDGET_SCHEDULE`, then
-        doubled up to the grid diameter, at which each image is fooled, as a fixed-budget
-        run at those budgets), and the shrunk best of both.  The caller keeps, per image,
-        the re-checked candidate of smallest exact W1.
+        Returns a list of ``(flow, found, eps, iterations)``: the adversarials found
+        without a budget (:meth:`_anchor`: DeepFool-W1, else PGD at doubled budgets) and
+        their shrunk forms, the budget schedule's (for each image the first budget of
+        :data:`~flowverify._minimal.BUDGET_SCHEDULE` at which :meth:`_budget_run` fools
+        it, as a fixed-budget run at those budgets) and theirs shrunk.  The caller keeps,
+        per image, the re-checked candidate of smallest exact W1.
         """
         mu = ctx.mu
         n = mu.shape[0]
         device, dtype = mu.device, mu.dtype
-        height, width = mu.shape[-2], mu.shape[-1]
-        cap = float(mu.shape[1] * (height + width - 2))  # W1 of normalised images <= it
-        all_idx = torch.arange(n, device=device)
         inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
-        df = _deepfool(
-            ctx.objective,
-            mu,
-            ctx.labels,
-            all_idx,
-            iters=_DF_ITERS,
-            reach=_REACH,
-            candidates=_CANDIDATES,
-            upper=ctx.upper,
-        )
-        df_norm = torch.where(df.success, df.flow.abs().flatten(1).sum(1).double(), inf)
-        df_cand = (df.flow, df.success.clone(), df_norm, df.iterations.clone())
+        a_flow, a_norm, a_shrunk, a_shrunk_norm = self._anchor(ctx)
         # Budget schedule: what a fixed-budget run at these budgets finds first.
         sched = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
         s_found = torch.zeros(n, dtype=torch.bool, device=device)
         s_eps = inf.clone()
-        s_iters = torch.zeros(n, dtype=torch.long, device=device)
-        budgets = list(_minimal.BUDGET_SCHEDULE)
-        while budgets[-1] * 2 <= cap:
-            budgets.append(budgets[-1] * 2)
-        for eps in budgets:
-            if eps > _minimal.BUDGET_SCHEDULE[-1]:  # beyond the schedule: only unfooled ones
-                todo = (~s_found & ~df.success).nonzero().squeeze(1)
-            else:
-                todo = (~s_found).nonzero().squeeze(1)
+        iters = ctx.deepfool.iterations.clone()
+        for eps in _minimal.BUDGET_SCHEDULE:
+            todo = (~s_found).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            radius = torch.full((n,), min(eps, cap), dtype=dtype, device=device)
-            f, s, it = self._attempts(ctx, radius, todo)
-            s_iters[todo] += it
-            won = todo[s]
-            sched[won], s_found[won], s_eps[won] = f[s], True, eps
-        s_cand = (sched, s_found, s_eps, s_iters)
-        # Shrink both starting points of every image (batched), keep the smaller.
-        iters = df_cand[3] + s_iters
-        starts = [(df.flow, df.success), (sched, s_found)]
-        rows = torch.cat([st[1].nonzero().squeeze(1) for st in starts])
-        init = torch.cat([st[0][st[1]] for st in starts])
-        gammas = _SHRINK_GAMMAS
-        gamma = torch.tensor(gammas, dtype=torch.float64, device=device)
-        gamma = gamma.repeat_interleave(rows.numel())
-        rows, init = rows.repeat(len(gammas)), init.repeat(len(gammas), 1, 1)
-        best = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
-        best_norm = inf.clone()
-        if rows.numel() and self.search_steps:
-            flows, norms = _minimal.shrink(
-                ctx.objective,
-                mu,
-                ctx.labels,
-                rows,
-                init,
-                steps=self.search_steps * self.steps,
-                step_size=self.step_size,
-                upper=ctx.upper,
-                gamma=gamma,
-            )
-            for r in range(rows.numel()):  # few rows: per-row bookkeeping is cheap
-                i = int(rows[r])
-                if norms[r] < best_norm[i]:
-                    best[i], best_norm[i] = flows[r], norms[r]
-            iters += torch.bincount(rows, minlength=n) * (self.search_steps * self.steps)
-        found = torch.isfinite(best_norm)
-        eps_found = torch.where(found, best_norm * (1 + 1e-6), inf)
-        cands = (df_cand[:3], s_cand[:3], (best, found, eps_found))
-        return [(flow, ok, e.cpu().numpy(), iters) for flow, ok, e in cands]
+            radius = torch.full((n,), eps, dtype=dtype, device=device)
+            f, won, it = self._budget_run(ctx, radius, todo)
+            iters[todo] += it
+            sched[todo[won]], s_found[todo[won]], s_eps[todo[won]] = f[won], True, eps
+        s_shrunk, s_shrunk_norm = self._shrink_starts(ctx, sched, s_found)
+        iters += (s_found.long() + torch.isfinite(a_norm).long()) * self.search_steps * self.steps
+        cands = [(a_flow, a_norm), (sched, s_eps), (a_shrunk, a_shrunk_norm)]
+        cands.append((s_shrunk, s_shrunk_norm))
+        out = []
+        for flow, bound in cands:
+            found = torch.isfinite(bound)
+            eps = torch.where(found, bound * (1 + 1e-6), inf)  # norms: slack for rounding
+            out.append((flow, found, eps.cpu().numpy(), iters))
+        return out
+
+    def _shrink_starts(self, ctx, flows, ok):
+        """Shrink the adversarial flows ``flows[ok]`` (:func:`flowverify._minimal.shrink`,
+        one row per rate of :data:`_SHRINK_GAMMAS`, batched); per image the smallest
+        adversarial found and its L1 norm (``inf`` where none)."""
+        n = flows.shape[0]
+        device = flows.device
+        best = torch.zeros_like(flows)
+        best_norm = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        rows = ok.nonzero().squeeze(1)
+        if rows.numel() == 0 or self.search_steps == 0:
+            return best, best_norm
+        k = len(_SHRINK_GAMMAS)
+        gamma = torch.tensor(_SHRINK_GAMMAS, dtype=torch.float64, device=device)
+        out, norms = _minimal.shrink(
+            ctx.objective,
+            ctx.mu,
+            ctx.labels,
+            rows.repeat(k),
+            flows[rows].repeat(k, 1, 1),
+            steps=self.search_steps * self.steps,
+            step_size=self.step_size,
+            upper=ctx.upper,
+            gamma=gamma.repeat_interleave(rows.numel()),
+        )
+        norms = norms.reshape(k, rows.numel())
+        pick = norms.argmin(0)
+        cols = torch.arange(rows.numel(), device=device)
+        best[rows] = out.reshape(k, rows.numel(), *out.shape[1:])[pick, cols].to(flows.dtype)
+        best_norm[rows] = norms[pick, cols]
+        return best, best_norm
+
+    def _anchor(self, ctx):
+        """Adversarials found without a budget (computed once per batch, then cached).
+
+        DeepFool-W1; for the images it does not fool, PGD at budgets doubled from twice
+        the last budget of the schedule up to the grid diameter; then shrunk
+        (:meth:`_shrink_starts`).  Returns ``(start, start_norm, shrunk, shrunk_norm)``:
+        per image the unshrunk and the shrunk adversarial flows and their L1 norms
+        (``inf`` where none).
+        """
+        if ctx.anchor is None:
+            mu = ctx.mu
+            n = mu.shape[0]
+            device, dtype = mu.device, mu.dtype
+            cap = float(mu.shape[1] * (mu.shape[-2] + mu.shape[-1] - 2))
+            df = self._deepfool_all(ctx)
+            start, ok = df.flow.clone(), df.success.clone()
+            eps = 2 * _minimal.BUDGET_SCHEDULE[-1]
+            while eps <= cap:
+                todo = (~ok).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    break
+                radius = torch.full((n,), eps, dtype=dtype, device=device)
+                f, won, _ = self._attempts(ctx, radius, todo)
+                start[todo[won]], ok[todo[won]] = f[won], True
+                eps *= 2
+            norm = torch.where(ok, start.abs().flatten(1).sum(1).double(), math.inf)
+            ctx.anchor = (start, norm, *self._shrink_starts(ctx, start, ok))
+        return ctx.anchor
 
     def _finalise(self, ctx, flow, found, eps_arr, iters, t0, *, minimal):
         """Float64 repair, output image, re-check by the model, exact W1, rows."""
@@ -1042,7 +1114,22 @@ class WassersteinPGD:
         upper64 = None
         if self.clip_max is not None:
             upper64 = torch.as_tensor(self.clip_max / mass64)[:, :, None, None]
+        w_in = w64
         w64, x64 = fix_rounding(mu64, w64, upper=upper64)
+        x_ref = x64  # the image of w64; the certificate accounts for adv - x_ref
+        lost = (w_in - w64).abs().flatten(1).sum(1) > 1e-6 * w_in.abs().flatten(1).sum(1)
+        if upper64 is None and bool(lost.any()):
+            # fix_rounding fell back to shrinking the flow (rounding deficits on pixels
+            # that mass only passes through, along cycles of the flow): keep the flow and
+            # clamp its image's rounding negatives instead, same mass; the certificate
+            # below adds the (tiny) distance between the two images.
+            raw = mu64 + divergence(w_in, height, width)
+            alt = raw.clamp(min=0)
+            alt = alt / alt.sum(dim=(2, 3), keepdim=True)
+            keep = lost[:, None, None, None]
+            w64 = torch.where(lost[:, None, None], w_in, w64)
+            x64 = torch.where(keep, alt, x64)
+            x_ref = torch.where(keep, raw, x_ref)
         adv64 = (x64 * torch.as_tensor(mass64)[:, :, None, None]).numpy()  # data units
         adv = np.maximum(adv64, 0.0)  # x64 >= 0 already; removes signed zeros only
         if self.clip_max is not None:  # x64 <= clip_max / mass; the product may round up
@@ -1063,7 +1150,7 @@ class WassersteinPGD:
         w1_raw = (per_channel * mass64).sum(1)
         adv_norm = adv_f64 / adv_f64.sum(axis=(2, 3), keepdims=True)
         diam = height + width - 2
-        rounding = 0.5 * diam * np.abs(adv_norm - x64.numpy()).sum(axis=(2, 3)).sum(1)
+        rounding = 0.5 * diam * np.abs(adv_norm - x_ref.numpy()).sum(axis=(2, 3)).sum(1)
         w1_bound = (w64.abs().flatten(1).sum(1).numpy() + rounding) * (1 + 1e-12)
         claimed = found.cpu().numpy()
         revoked = claimed & ~success
@@ -1117,6 +1204,8 @@ class _Ctx:
     prediction: np.ndarray
     input_scale: str
     flat: bool
+    deepfool: _Run | None = None  # DeepFool-W1 of the whole batch, once needed
+    anchor: tuple[torch.Tensor, ...] | None = None  # see WassersteinPGD._anchor
 
     @property
     def flow_shape(self) -> tuple[int, int]:
@@ -1224,7 +1313,8 @@ def attack(
     restarts : int
         Random restarts for images not yet fooled (default 0).
     search_steps : int
-        Minimal-radius mode: shrinking-search length in units of ``steps`` (default 6).
+        Shrinking-search length in units of ``steps`` (default 6; minimal-radius mode
+        and the fixed-budget fallback).
     clip_max : float, optional
         Pixel upper bound in data units (threat model ``"w1+pixels<=U"``).  Default: none,
         the paper's threat model, where pixels may exceed the data's range
