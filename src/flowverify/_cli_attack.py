@@ -142,8 +142,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--search-steps",
         type=int,
         default=6,
-        help="length of the shrinking search (--minimize, and the fallback of --eps for "
-        "images PGD does not fool) in units of --steps (default 6: 6 x --steps iterations)",
+        help="--minimize: length of the shrinking search, in units of --steps "
+        "(default 6: 6 x --steps iterations)",
     )
     p.add_argument(
         "--clip-max",

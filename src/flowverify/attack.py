@@ -34,11 +34,10 @@ Each step (batched over images, per-image early exit on success):
 
 Fixed budget, for the images the run (and its ``restarts``) does not fool: the closest
 adversarial found without a budget (DeepFool-W1, else PGD at doubled budgets, then shrunk
-as in the minimal-radius mode; computed once per batch) if it lies in the ball, else a
+for ``steps`` iterations; computed once per batch) if it lies in the ball, else a
 PGD run started from it scaled radially into the ball.  PGD from 0 at a large budget
 takes long steps that pile mass on a few pixels and can miss adversarials that smaller
-budgets find (issue 15); the fallback makes a larger budget find at least what the
-minimal search finds within it.
+budgets find (issue 15).
 
 Units: budgets and radii are *normalised* (the image scaled to mass 1 per channel, the
 unit of the paper and of the attack literature; L1 ground cost between pixel
@@ -591,8 +590,8 @@ class WassersteinPGD:
         Extra runs from random feasible starting points for images not yet fooled
         (default 0: one run from :math:`\delta_\mu`, as in the paper).
     search_steps : int
-        Length of the shrinking search (minimal-radius mode, and the fixed-budget
-        fallback) in units of ``steps`` (default 6: ``6 * steps`` iterations; 0: none).
+        Minimal-radius mode: length of the shrinking search in units of ``steps``
+        (default 6: ``6 * steps`` iterations; 0: none).
     clip_max : float, optional
         Pixel upper bound in data units (e.g. 1.0): an extra constraint of the set and a
         different threat model (``"w1+pixels<=1"``).  The images must satisfy it.
@@ -1004,7 +1003,8 @@ class WassersteinPGD:
         without a budget (:meth:`_anchor`: DeepFool-W1, else PGD at doubled budgets) and
         their shrunk forms, the budget schedule's (for each image the first budget of
         :data:`~flowverify._minimal.BUDGET_SCHEDULE` at which :meth:`_budget_run` fools
-        it, as a fixed-budget run at those budgets) and theirs shrunk.  The caller keeps,
+        it, as a fixed-budget run at those budgets), and both shrunk further for
+        ``search_steps * steps`` iterations.  The caller keeps,
         per image, the re-checked candidate of smallest exact W1.
         """
         mu = ctx.mu
@@ -1025,10 +1025,14 @@ class WassersteinPGD:
             f, won, it = self._budget_run(ctx, radius, todo)
             iters[todo] += it
             sched[todo[won]], s_found[todo[won]], s_eps[todo[won]] = f[won], True, eps
-        s_shrunk, s_shrunk_norm = self._shrink_starts(ctx, sched, s_found)
-        iters += (s_found.long() + torch.isfinite(a_norm).long()) * self.search_steps * self.steps
+        # Shrink further: the schedule's adversarials and the anchor's shrunk ones.
+        steps = self.search_steps * self.steps
+        s_shrunk, s_shrunk_norm = self._shrink_starts(ctx, sched, s_found, steps)
+        a_ok = torch.isfinite(a_shrunk_norm)
+        a_more, a_more_norm = self._shrink_starts(ctx, a_shrunk, a_ok, steps)
+        iters += (s_found.long() + a_ok.long()) * steps + torch.isfinite(a_norm).long() * self.steps
         cands = [(a_flow, a_norm), (sched, s_eps), (a_shrunk, a_shrunk_norm)]
-        cands.append((s_shrunk, s_shrunk_norm))
+        cands += [(s_shrunk, s_shrunk_norm), (a_more, a_more_norm)]
         out = []
         for flow, bound in cands:
             found = torch.isfinite(bound)
@@ -1036,16 +1040,17 @@ class WassersteinPGD:
             out.append((flow, found, eps.cpu().numpy(), iters))
         return out
 
-    def _shrink_starts(self, ctx, flows, ok):
-        """Shrink the adversarial flows ``flows[ok]`` (:func:`flowverify._minimal.shrink`,
-        one row per rate of :data:`_SHRINK_GAMMAS`, batched); per image the smallest
-        adversarial found and its L1 norm (``inf`` where none)."""
+    def _shrink_starts(self, ctx, flows, ok, steps):
+        """Shrink the adversarial flows ``flows[ok]`` for ``steps`` iterations
+        (:func:`flowverify._minimal.shrink`, one row per rate of :data:`_SHRINK_GAMMAS`,
+        batched); per image the smallest adversarial found and its L1 norm (``inf`` where
+        none)."""
         n = flows.shape[0]
         device = flows.device
         best = torch.zeros_like(flows)
         best_norm = torch.full((n,), math.inf, dtype=torch.float64, device=device)
         rows = ok.nonzero().squeeze(1)
-        if rows.numel() == 0 or self.search_steps == 0:
+        if rows.numel() == 0 or steps == 0:
             return best, best_norm
         k = len(_SHRINK_GAMMAS)
         gamma = torch.tensor(_SHRINK_GAMMAS, dtype=torch.float64, device=device)
@@ -1055,7 +1060,7 @@ class WassersteinPGD:
             ctx.labels,
             rows.repeat(k),
             flows[rows].repeat(k, 1, 1),
-            steps=self.search_steps * self.steps,
+            steps=steps,
             step_size=self.step_size,
             upper=ctx.upper,
             gamma=gamma.repeat_interleave(rows.numel()),
@@ -1072,7 +1077,8 @@ class WassersteinPGD:
 
         DeepFool-W1; for the images it does not fool, PGD at budgets doubled from twice
         the last budget of the schedule up to the grid diameter; then shrunk
-        (:meth:`_shrink_starts`).  Returns ``(start, start_norm, shrunk, shrunk_norm)``:
+        (:meth:`_shrink_starts`, ``steps`` iterations: cheap enough for every
+        fixed-budget run).  Returns ``(start, start_norm, shrunk, shrunk_norm)``:
         per image the unshrunk and the shrunk adversarial flows and their L1 norms
         (``inf`` where none).
         """
@@ -1093,7 +1099,7 @@ class WassersteinPGD:
                 start[todo[won]], ok[todo[won]] = f[won], True
                 eps *= 2
             norm = torch.where(ok, start.abs().flatten(1).sum(1).double(), math.inf)
-            ctx.anchor = (start, norm, *self._shrink_starts(ctx, start, ok))
+            ctx.anchor = (start, norm, *self._shrink_starts(ctx, start, ok, self.steps))
         return ctx.anchor
 
     def _finalise(self, ctx, flow, found, eps_arr, iters, t0, *, minimal):
@@ -1313,8 +1319,7 @@ def attack(
     restarts : int
         Random restarts for images not yet fooled (default 0).
     search_steps : int
-        Shrinking-search length in units of ``steps`` (default 6; minimal-radius mode
-        and the fixed-budget fallback).
+        Minimal-radius mode: shrinking-search length in units of ``steps`` (default 6).
     clip_max : float, optional
         Pixel upper bound in data units (threat model ``"w1+pixels<=U"``).  Default: none,
         the paper's threat model, where pixels may exceed the data's range
