@@ -32,20 +32,30 @@ Each step (batched over images, per-image early exit on success):
    onto the L1 ball (sorting), flow limiting per pixel (keeps ``0 <= µ + Aw <= u``), and
    a radial shrink onto the ball if needed.  Every iterate is a point of ``S``.
 
+Fixed budget, for the images the run (and its ``restarts``) does not fool: the closest
+adversarial found without a budget (DeepFool-W1, else PGD at doubled budgets, then shrunk
+for ``steps`` iterations; computed once per batch) if it lies in the ball, else a
+PGD run started from it scaled radially into the ball.  PGD from 0 at a large budget
+takes long steps that pile mass on a few pixels and can miss adversarials that smaller
+budgets find (issue 15).
+
 Units: budgets and radii are *normalised* (the image scaled to mass 1 per channel, the
 unit of the paper and of the attack literature; L1 ground cost between pixel
 coordinates, whole grid).  ``w1_raw`` is in the units of the data (raw = mass x
 normalised for one channel).  Internally the flows act on the normalised image.
 
-Minimal-radius mode (``eps=None``): per image, DeepFool-W1 steps (:func:`_deepfool`: for
-every candidate class, the smallest W1 budget of mass moves whose first-order gain flips
-the class, solved exactly by a multiple-choice knapsack, see
-:func:`flowverify._projection.best_moves`; for a linear model the first step is the exact
-minimal perturbation) give an adversarial; where they fail, the budget is doubled from 0.5
-with PGD up to the grid diameter ``H + W - 2``.  Then ``search_steps`` bisection probes,
-each a PGD run warm-started from the best adversarial radially scaled into the smaller
-ball, shrink it.  The reported radius is the exact W1 of the closest adversarial found
-(``inf`` where none was found): an upper bound on the true minimal adversarial radius.
+Minimal-radius mode (``eps=None``, :mod:`flowverify._minimal`), per image, three
+candidates: DeepFool-W1 steps (:func:`_deepfool`: for every candidate class, the smallest
+W1 budget of mass moves whose first-order gain flips the class, solved exactly by a
+multiple-choice knapsack, see :func:`flowverify._projection.best_moves`; for a linear
+model the first step is the exact minimal perturbation); the budget schedule (PGD at
+0.05, 0.1, 0.2, 0.3, 0.5, 1.0, doubled further up to the grid diameter where none
+succeeds: the first success, as a fixed-budget run at those budgets would find it); and
+both shrunk by a fast-minimum-norm search (``search_steps * steps`` iterations that
+shrink the ball while the iterate is adversarial and grow it otherwise, several rates
+batched).  The returned adversarial is the re-checked candidate of smallest exact W1
+(``inf`` where none was found): an upper bound on the true minimal adversarial radius,
+never above the first success of the schedule.
 
 Every claimed success is re-checked by a forward pass of the original model on the
 returned image; the exact W1 of the returned image is computed by
@@ -66,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _minimal
 from ._arrays import check_device, check_labels, check_logits, model_errors
 from ._projection import (
     _pgd_step_torch,
@@ -99,11 +110,10 @@ LOSSES = ("ce", "margin", "cw", "dlr")
 #: Step-size schedules over the ``steps`` iterations of one run.
 SCHEDULES = ("cosine", "constant")
 
-_MIN_START = 0.5  # first budget of the doubling search (normalised)
 _DF_ITERS = 20  # DeepFool-W1 steps of the minimal-radius mode
 _REACH = 4  # longest single mass move of a DeepFool-W1 step (pixels, L1)
 _CANDIDATES = 9  # target classes compared per DeepFool-W1 step
-_PROBE_FLOOR = 0.8  # bisection probes are at least this fraction of the best radius
+_SHRINK_GAMMAS = (0.05, 0.15)  # radius change rates of the shrinking runs (one row each)
 _RADIUS_SAFETY = 1.0 - 1e-7  # iterates are kept inside a slightly smaller ball
 
 
@@ -157,6 +167,11 @@ class AttackResult:
         ``"normalised"`` (the unit of ``eps``, ``w1``, ``w1_bound``).
     config : dict
         The attack's resolved hyperparameters.
+    max_pixel : ndarray
+        ``(R,)`` the largest pixel of ``adversarial`` in data units.  In the default
+        threat model (``"w1"``: non-negative images of the input's mass, the paper's)
+        pixels are not bounded above, so an adversarial of a model trained on [0, 1]
+        images may exceed 1; ``clip_max`` bounds them.
     """
 
     adversarial: np.ndarray
@@ -175,6 +190,13 @@ class AttackResult:
     mode: str
     unit: str = "normalised"
     config: dict = field(default_factory=dict)
+    max_pixel: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_pixel is None:
+            adv = np.asarray(self.adversarial)
+            flat = adv.reshape(adv.shape[0], int(np.prod(adv.shape[1:])))
+            self.max_pixel = flat.max(axis=1, initial=-np.inf).astype(np.float64)
 
     _ROW_KEYS = (
         "index",
@@ -188,6 +210,7 @@ class AttackResult:
         "prediction_adversarial",
         "iterations",
         "seconds",
+        "max_pixel",
     )
 
     def __len__(self) -> int:
@@ -206,8 +229,8 @@ class AttackResult:
         Keys: ``index`` (``indices[index]`` when ``indices`` maps batch positions to data
         set indices), ``label``, ``prediction``, ``eps``, ``success``, ``w1_bound``,
         ``w1``, ``w1_raw``, ``prediction_adversarial``, ``iterations``, ``seconds``,
-        ``unit``, ``threat_model``, ``mode``, and ``config`` if given.  Non-finite
-        numbers become the strings ``"inf"``/``"nan"`` (strict JSON).
+        ``max_pixel``, ``unit``, ``threat_model``, ``mode``, and ``config`` if given.
+        Non-finite numbers become the strings ``"inf"``/``"nan"`` (strict JSON).
         """
         rows = []
         for r in range(len(self)):
@@ -567,8 +590,8 @@ class WassersteinPGD:
         Extra runs from random feasible starting points for images not yet fooled
         (default 0: one run from :math:`\delta_\mu`, as in the paper).
     search_steps : int
-        Minimal-radius mode: bisection probes after the first success (default 6); each
-        probe is at least 0.8 times the best radius so far.
+        Minimal-radius mode: length of the shrinking search in units of ``steps``
+        (default 6: ``6 * steps`` iterations; 0: none).
     clip_max : float, optional
         Pixel upper bound in data units (e.g. 1.0): an extra constraint of the set and a
         different threat model (``"w1+pixels<=1"``).  The images must satisfy it.
@@ -828,8 +851,11 @@ class WassersteinPGD:
         rows: list[dict[str, np.ndarray]] = []
         if self.eps is None:
             t0 = time.perf_counter() - setup
-            flow, found, eps_found, iters = self._minimal(ctx)
-            rows.append(self._finalise(ctx, flow, found, eps_found, iters, t0, minimal=True))
+            cands = [
+                self._finalise(ctx, flow, found, eps_found, iters, t0, minimal=True)
+                for flow, found, eps_found, iters in self._minimal(ctx)
+            ]
+            rows.append(_closest(cands, time.perf_counter() - t0))
         else:
             prev = None
             for eps in self.eps:
@@ -919,67 +945,162 @@ class WassersteinPGD:
             todo = ~reuse
         idx = todo.nonzero().squeeze(1)
         if idx.numel():
-            f, s, it = self._attempts(ctx, radius, idx)
+            f, s, it = self._budget_run(ctx, radius, idx)
             flow[idx], found[idx], iters[idx] = f, s, it
         return flow, found, iters
 
+    def _deepfool_all(self, ctx) -> _Run:
+        """DeepFool-W1 of every image of the batch (computed once, then cached)."""
+        if ctx.deepfool is None:
+            n = ctx.mu.shape[0]
+            ctx.deepfool = _deepfool(
+                ctx.objective,
+                ctx.mu,
+                ctx.labels,
+                torch.arange(n, device=ctx.mu.device),
+                iters=_DF_ITERS,
+                reach=_REACH,
+                candidates=_CANDIDATES,
+                upper=ctx.upper,
+            )
+        return ctx.deepfool
+
+    def _budget_run(self, ctx, radius, idx):
+        """The attack of the images ``idx`` within ``radius``: :meth:`_attempts`, then,
+        for its failures, the closest adversarial found without a budget
+        (:meth:`_anchor`, computed once per batch) if it lies in the ball, else
+        a PGD run started from it scaled radially into the ball (feasible: the set is
+        convex and contains 0).  PGD from 0 at a large budget takes long steps that pile
+        mass on a few pixels and can miss adversarials that smaller budgets find.
+        """
+        flow, found, iters = self._attempts(ctx, radius, idx)
+        todo = (~found).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return flow, found, iters
+        a_flow, a_norm, shrunk, shrunk_norm = self._anchor(ctx)
+        sub = idx[todo]
+        use_shrunk = shrunk_norm[sub] < a_norm[sub]
+        start = torch.where(use_shrunk[:, None, None], shrunk[sub], a_flow[sub]).to(flow.dtype)
+        norm = torch.minimum(a_norm[sub], shrunk_norm[sub])
+        ok = torch.isfinite(norm)
+        rad = (radius[sub] * _RADIUS_SAFETY).double()
+        inside = ok & (norm <= rad)
+        flow[todo[inside]], found[todo[inside]] = start[inside], True
+        again = ok & ~inside
+        if bool(again.any()):
+            pick, rows = todo[again], sub[again]
+            scale = (rad[again] / norm[again]).to(flow.dtype)
+            init = start[again] * scale[:, None, None]
+            run = self._run(ctx, radius[rows], rows, init)
+            flow[pick[run.success]], found[pick[run.success]] = run.flow[run.success], True
+            iters[pick] += run.iterations
+        return flow, found, iters
+
     def _minimal(self, ctx):
-        """DeepFool-W1, doubling for its failures, then bisection with warm-started PGD."""
+        """Candidates of the minimal-radius mode (see :mod:`flowverify._minimal`).
+
+        Returns a list of ``(flow, found, eps, iterations)``: the adversarials found
+        without a budget (:meth:`_anchor`: DeepFool-W1, else PGD at doubled budgets) and
+        their shrunk forms, the budget schedule's (for each image the first budget of
+        :data:`~flowverify._minimal.BUDGET_SCHEDULE` at which :meth:`_budget_run` fools
+        it, as a fixed-budget run at those budgets), and both shrunk further for
+        ``search_steps * steps`` iterations.  The caller keeps,
+        per image, the re-checked candidate of smallest exact W1.
+        """
         mu = ctx.mu
         n = mu.shape[0]
         device, dtype = mu.device, mu.dtype
-        height, width = mu.shape[-2], mu.shape[-1]
-        cap = float(height + width - 2)  # the grid diameter: W1 of normalised images <= it
-        all_idx = torch.arange(n, device=device)
-        df = _deepfool(
-            ctx.objective,
-            mu,
-            ctx.labels,
-            all_idx,
-            iters=_DF_ITERS,
-            reach=_REACH,
-            candidates=_CANDIDATES,
-            upper=ctx.upper,
-        )
-        best, found, iters = df.flow, df.success.clone(), df.iterations.clone()
-        hi = torch.where(found, best.abs().flatten(1).sum(1).double(), math.inf)
-        hi_eps = hi.clone()
-        lo = torch.zeros(n, dtype=torch.float64, device=device)
-        # Doubling with PGD where DeepFool failed.
-        todo = (~found).nonzero().squeeze(1)
-        eps = torch.full((n,), _MIN_START, dtype=torch.float64, device=device)
-        last = None
-        while todo.numel():
-            f, s, it = self._attempts(ctx, eps.to(dtype), todo, last)
-            iters[todo] += it
-            won = todo[s]
-            best[won], found[won] = f[s], True
-            hi[won] = f[s].abs().flatten(1).sum(1).double()
-            hi_eps[won] = eps[won]
-            lo[todo[~s]] = eps[todo[~s]]
-            keep = ~s & (eps[todo] * 2 <= cap)
-            todo, last = todo[keep], f[keep]
-            eps[todo] = eps[todo] * 2
-        # Bisection between the largest failed budget and the best success.
-        for _ in range(self.search_steps):
-            active = (found & (hi - lo > 1e-3 * hi)).nonzero().squeeze(1)
-            if active.numel() == 0:
+        inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        a_flow, a_norm, a_shrunk, a_shrunk_norm = self._anchor(ctx)
+        # Budget schedule: what a fixed-budget run at these budgets finds first.
+        sched = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
+        s_found = torch.zeros(n, dtype=torch.bool, device=device)
+        s_eps = inf.clone()
+        iters = ctx.deepfool.iterations.clone()
+        for eps in _minimal.BUDGET_SCHEDULE:
+            todo = (~s_found).nonzero().squeeze(1)
+            if todo.numel() == 0:
                 break
-            mid = torch.maximum(0.5 * (lo[active] + hi[active]), _PROBE_FLOOR * hi[active])
-            shrink = mid * _RADIUS_SAFETY / hi[active].clamp(min=1e-300)
-            init = best[active] * shrink.to(dtype)[:, None, None]
-            radius = torch.zeros(n, dtype=dtype, device=device)
-            radius[active] = mid.to(dtype)
-            f, s, it = self._attempts(ctx, radius, active, init)
-            iters[active] += it
-            norm = f.abs().flatten(1).sum(1).double()
-            better = s & (norm < hi[active])
-            won = active[better]
-            best[won] = f[better]
-            hi[won], hi_eps[won] = norm[better], mid[better]
-            lo[active[~s]] = mid[~s]
-        eps_found = torch.where(found, hi_eps, torch.full_like(hi_eps, math.inf))
-        return best, found, eps_found.cpu().numpy(), iters
+            radius = torch.full((n,), eps, dtype=dtype, device=device)
+            f, won, it = self._budget_run(ctx, radius, todo)
+            iters[todo] += it
+            sched[todo[won]], s_found[todo[won]], s_eps[todo[won]] = f[won], True, eps
+        # Shrink further: the schedule's adversarials and the anchor's shrunk ones.
+        steps = self.search_steps * self.steps
+        s_shrunk, s_shrunk_norm = self._shrink_starts(ctx, sched, s_found, steps)
+        a_ok = torch.isfinite(a_shrunk_norm)
+        a_more, a_more_norm = self._shrink_starts(ctx, a_shrunk, a_ok, steps)
+        iters += (s_found.long() + a_ok.long()) * steps + torch.isfinite(a_norm).long() * self.steps
+        cands = [(a_flow, a_norm), (sched, s_eps), (a_shrunk, a_shrunk_norm)]
+        cands += [(s_shrunk, s_shrunk_norm), (a_more, a_more_norm)]
+        out = []
+        for flow, bound in cands:
+            found = torch.isfinite(bound)
+            eps = torch.where(found, bound * (1 + 1e-6), inf)  # norms: slack for rounding
+            out.append((flow, found, eps.cpu().numpy(), iters))
+        return out
+
+    def _shrink_starts(self, ctx, flows, ok, steps):
+        """Shrink the adversarial flows ``flows[ok]`` for ``steps`` iterations
+        (:func:`flowverify._minimal.shrink`, one row per rate of :data:`_SHRINK_GAMMAS`,
+        batched); per image the smallest adversarial found and its L1 norm (``inf`` where
+        none)."""
+        n = flows.shape[0]
+        device = flows.device
+        best = torch.zeros_like(flows)
+        best_norm = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        rows = ok.nonzero().squeeze(1)
+        if rows.numel() == 0 or steps == 0:
+            return best, best_norm
+        k = len(_SHRINK_GAMMAS)
+        gamma = torch.tensor(_SHRINK_GAMMAS, dtype=torch.float64, device=device)
+        out, norms = _minimal.shrink(
+            ctx.objective,
+            ctx.mu,
+            ctx.labels,
+            rows.repeat(k),
+            flows[rows].repeat(k, 1, 1),
+            steps=steps,
+            step_size=self.step_size,
+            upper=ctx.upper,
+            gamma=gamma.repeat_interleave(rows.numel()),
+        )
+        norms = norms.reshape(k, rows.numel())
+        pick = norms.argmin(0)
+        cols = torch.arange(rows.numel(), device=device)
+        best[rows] = out.reshape(k, rows.numel(), *out.shape[1:])[pick, cols].to(flows.dtype)
+        best_norm[rows] = norms[pick, cols]
+        return best, best_norm
+
+    def _anchor(self, ctx):
+        """Adversarials found without a budget (computed once per batch, then cached).
+
+        DeepFool-W1; for the images it does not fool, PGD at budgets doubled from twice
+        the last budget of the schedule up to the grid diameter; then shrunk
+        (:meth:`_shrink_starts`, ``steps`` iterations: cheap enough for every
+        fixed-budget run).  Returns ``(start, start_norm, shrunk, shrunk_norm)``:
+        per image the unshrunk and the shrunk adversarial flows and their L1 norms
+        (``inf`` where none).
+        """
+        if ctx.anchor is None:
+            mu = ctx.mu
+            n = mu.shape[0]
+            device, dtype = mu.device, mu.dtype
+            cap = float(mu.shape[1] * (mu.shape[-2] + mu.shape[-1] - 2))
+            df = self._deepfool_all(ctx)
+            start, ok = df.flow.clone(), df.success.clone()
+            eps = 2 * _minimal.BUDGET_SCHEDULE[-1]
+            while eps <= cap:
+                todo = (~ok).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    break
+                radius = torch.full((n,), eps, dtype=dtype, device=device)
+                f, won, _ = self._attempts(ctx, radius, todo)
+                start[todo[won]], ok[todo[won]] = f[won], True
+                eps *= 2
+            norm = torch.where(ok, start.abs().flatten(1).sum(1).double(), math.inf)
+            ctx.anchor = (start, norm, *self._shrink_starts(ctx, start, ok, self.steps))
+        return ctx.anchor
 
     def _finalise(self, ctx, flow, found, eps_arr, iters, t0, *, minimal):
         """Float64 repair, output image, re-check by the model, exact W1, rows."""
@@ -999,7 +1120,22 @@ class WassersteinPGD:
         upper64 = None
         if self.clip_max is not None:
             upper64 = torch.as_tensor(self.clip_max / mass64)[:, :, None, None]
+        w_in = w64
         w64, x64 = fix_rounding(mu64, w64, upper=upper64)
+        x_ref = x64  # the image of w64; the certificate accounts for adv - x_ref
+        lost = (w_in - w64).abs().flatten(1).sum(1) > 1e-6 * w_in.abs().flatten(1).sum(1)
+        if upper64 is None and bool(lost.any()):
+            # fix_rounding fell back to shrinking the flow (rounding deficits on pixels
+            # that mass only passes through, along cycles of the flow): keep the flow and
+            # clamp its image's rounding negatives instead, same mass; the certificate
+            # below adds the (tiny) distance between the two images.
+            raw = mu64 + divergence(w_in, height, width)
+            alt = raw.clamp(min=0)
+            alt = alt / alt.sum(dim=(2, 3), keepdim=True)
+            keep = lost[:, None, None, None]
+            w64 = torch.where(lost[:, None, None], w_in, w64)
+            x64 = torch.where(keep, alt, x64)
+            x_ref = torch.where(keep, raw, x_ref)
         adv64 = (x64 * torch.as_tensor(mass64)[:, :, None, None]).numpy()  # data units
         adv = np.maximum(adv64, 0.0)  # x64 >= 0 already; removes signed zeros only
         if self.clip_max is not None:  # x64 <= clip_max / mass; the product may round up
@@ -1020,7 +1156,7 @@ class WassersteinPGD:
         w1_raw = (per_channel * mass64).sum(1)
         adv_norm = adv_f64 / adv_f64.sum(axis=(2, 3), keepdims=True)
         diam = height + width - 2
-        rounding = 0.5 * diam * np.abs(adv_norm - x64.numpy()).sum(axis=(2, 3)).sum(1)
+        rounding = 0.5 * diam * np.abs(adv_norm - x_ref.numpy()).sum(axis=(2, 3)).sum(1)
         w1_bound = (w64.abs().flatten(1).sum(1).numpy() + rounding) * (1 + 1e-12)
         claimed = found.cpu().numpy()
         revoked = claimed & ~success
@@ -1050,6 +1186,16 @@ class WassersteinPGD:
         }
 
 
+def _closest(cands: list[dict[str, np.ndarray]], seconds: float) -> dict[str, np.ndarray]:
+    """Per image, the re-checked candidate row of smallest exact W1 (``inf``: failed)."""
+    w1 = np.stack([c["w1"] for c in cands])  # (K, n), inf where the re-check failed
+    pick = np.argmin(w1, axis=0)
+    n = pick.shape[0]
+    out = {k: np.stack([c[k] for c in cands])[pick, np.arange(n)] for k in cands[0]}
+    out["seconds"] = np.full(n, seconds / max(n, 1))
+    return out
+
+
 @dataclass
 class _Ctx:
     objective: _Objective
@@ -1064,6 +1210,8 @@ class _Ctx:
     prediction: np.ndarray
     input_scale: str
     flat: bool
+    deepfool: _Run | None = None  # DeepFool-W1 of the whole batch, once needed
+    anchor: tuple[torch.Tensor, ...] | None = None  # see WassersteinPGD._anchor
 
     @property
     def flow_shape(self) -> tuple[int, int]:
@@ -1122,10 +1270,93 @@ def _predict(model, images: np.ndarray, input_scale, flat, device, dtype) -> np.
     return model(x).argmax(1).cpu().numpy()
 
 
-def attack(model: nn.Module, images, labels=None, **kwargs: Any) -> AttackResult:
-    """Functional form: ``WassersteinPGD(**kwargs)(model, images, labels)``.
+def attack(
+    model: nn.Module,
+    images,
+    labels=None,
+    *,
+    eps: float | Sequence[float] | None = None,
+    steps: int = 30,
+    step_size: float = 0.15,
+    loss: str = "ce",
+    schedule: str = "cosine",
+    restarts: int = 0,
+    search_steps: int = 6,
+    clip_max: float | None = None,
+    input_scale: str = "raw",
+    reference: Any = None,
+    fuse: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> AttackResult:
+    r"""Wasserstein PGD attack of a batch (functional form of :class:`WassersteinPGD`).
 
-    See :class:`WassersteinPGD` for the keyword options (``eps``, ``steps``,
-    ``step_size``, ``loss``, ``reference``, ``clip_max``, ``seed``, ``device``, ...).
+    Finds images :math:`\bar\mu = \mu + Aw` with :math:`\|w\|_1 \le \varepsilon`
+    (normalised W1, L1 ground cost), non-negative, of the mass of :math:`\mu` per channel
+    (and ``<= clip_max`` if set), that ``model`` does not classify as ``labels``; or, with
+    ``eps=None``, the smallest such W1 found per image.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or flowverify.FlowModel
+        Classifier on images ``(N, C, H, W)`` (or flat ``(N, C*H*W)`` when it starts with
+        an ``nn.Linear``), returning logits ``(N, K)``.
+    images : ndarray or Tensor
+        ``(N, C, H, W)`` non-negative images in data units, positive mass per channel.
+    labels : array-like of int, optional
+        ``(N,)`` classes to move away from; default: the model's predictions.
+    eps : float, sequence of float or None
+        Budget(s) in normalised W1 (image mass 1); one result row per (image, budget),
+        budget-major.  ``None`` (default): minimal-radius mode, one row per image.
+    steps : int
+        Gradient steps per run (default 30).
+    step_size : float
+        Euclidean step length as a fraction of the budget (default 0.15).
+    loss : {"ce", "margin", "cw", "dlr"}
+        Adversarial loss (default ``"ce"``).
+    schedule : {"cosine", "constant"}
+        Step-size schedule (default ``"cosine"``).
+    restarts : int
+        Random restarts for images not yet fooled (default 0).
+    search_steps : int
+        Minimal-radius mode: shrinking-search length in units of ``steps`` (default 6).
+    clip_max : float, optional
+        Pixel upper bound in data units (threat model ``"w1+pixels<=U"``).  Default: none,
+        the paper's threat model, where pixels may exceed the data's range
+        (see :attr:`AttackResult.max_pixel`).
+    input_scale : {"raw", "normalised"}
+        What the model consumes (default ``"raw"``: data units).
+    reference : None, str or array
+        ``None`` (default): ``R = µ``; or a reference to run Algorithm 1 literally.
+    fuse : bool
+        With a reference: fuse the first affine layer (Corollary 2.1).
+    seed : int
+        Seed of restarts and random references (default 0).
+    device : str or torch.device, optional
+        Where to compute (default: the model's device).
+
+    Returns
+    -------
+    AttackResult
+        ``success``, ``w1`` (exact W1 of each returned image, normalised), ``w1_raw``,
+        ``adversarial`` ``(R, C, H, W)``, ``max_pixel``, ...
+
+    See Also
+    --------
+    WassersteinPGD : the same as a reusable object, with the maths of each option.
     """
-    return WassersteinPGD(**kwargs)(model, images, labels)
+    return WassersteinPGD(
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        loss=loss,
+        schedule=schedule,
+        restarts=restarts,
+        search_steps=search_steps,
+        clip_max=clip_max,
+        input_scale=input_scale,
+        reference=reference,
+        fuse=fuse,
+        seed=seed,
+        device=device,
+    )(model, images, labels)
