@@ -197,12 +197,14 @@ def test_unsupported_layer_is_refused_once_up_front(tmp_path, capsys):
     path = tmp_path / "pool.pt"
     save_checkpoint(net, path)
     out = tmp_path / "o.jsonl"
-    argv = ["certify", "--model", str(path), "--method", "complete", "--out", str(out)]
+    # the per-node-LP search needs a Linear/Conv2d/ReLU chain (beta-crown takes MaxPool2d)
+    argv = ["certify", "--model", str(path), "--method", "complete", "--certifier", "bab"]
+    argv += ["--out", str(out)]
     assert main([*argv, "--indices", "0:3", "--no-progress"]) == 2
     _one_error_line(capsys, "MaxPool2d")
     assert not out.exists()
     with pytest.raises(ValueError, match="MaxPool2d"):
-        fv.certify(net, bundled_digits()[0][:1], method="complete")
+        fv.certify(net, bundled_digits()[0][:1], method="complete", certifier="bab")
 
 
 # ----------------------------------------------------------------- item 8: references
