@@ -209,6 +209,18 @@ class CertifyResult:
 # --------------------------------------------------------------------------- validation
 
 
+def _resolve_certifier(method: str, certifier: str | None) -> str:
+    """``certifier``, or the method's default; ValueError listing the valid ones."""
+    valid = CERTIFIERS[method]
+    certifier = valid[0] if certifier is None else certifier
+    if certifier not in valid:
+        raise ValueError(
+            f"certifier: unknown certifier {certifier!r} for method {method!r}; valid: "
+            f"{', '.join(valid)}"
+        )
+    return certifier
+
+
 def _check_choice(value, name: str, valid: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in valid:
         raise ValueError(f"{name}: expected one of {', '.join(valid)}, got {value!r}")
@@ -808,13 +820,7 @@ def _iter_certify_modes(
             "method: 'smoothing' certifies a smoothed classifier; call flowverify.certify "
             "(or flowverify.smoothing.smoothed_certify) with sigma=..."
         )
-    valid = CERTIFIERS[method]
-    certifier = valid[0] if certifier is None else certifier
-    if certifier not in valid:
-        raise ValueError(
-            f"certifier: unknown certifier {certifier!r} for method {method!r}; valid: "
-            f"{', '.join(valid)}"
-        )
+    certifier = _resolve_certifier(method, certifier)
     _check_choice(unit, "unit", UNITS)
     _check_choice(input_scale, "input_scale", INPUT_SCALES)
     eps = _check_positive(eps, "eps", allow_zero=True)
@@ -973,13 +979,7 @@ def check_certifiable(
     x = _check_images(images)
     if method == "smoothing":
         return
-    valid = CERTIFIERS[method]
-    certifier = valid[0] if certifier is None else certifier
-    if certifier not in valid:
-        raise ValueError(
-            f"certifier: unknown certifier {certifier!r} for method {method!r}; valid: "
-            f"{', '.join(valid)}"
-        )
+    certifier = _resolve_certifier(method, certifier)
     net_model = _resolve_model(model)
     modes = [(m, m.training) for m in net_model.modules()]
     try:
