@@ -26,10 +26,6 @@ Examples
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as flowverify/__init__.py (see there)
-
 import argparse
 import math
 import platform

@@ -19,12 +19,9 @@ Usage::
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as flowverify/__init__.py (see there)
-
 import argparse
 import functools
+import os
 import platform
 import time
 from pathlib import Path

@@ -18,16 +18,6 @@ modules stay importable as ``from flowverify.certify import bounds`` or
 ``from flowverify.attack import WassersteinPGD``.
 """
 
-import os as _os
-
-# Two OpenMP runtimes share the cores: torch's and numba's (the W1 kernels).  Threads that
-# spin after a parallel region starve the other runtime's work: certification and branch
-# and bound alternate between the two hundreds of times a second and ran up to 10x slower
-# on 2 cores.  Sleeping threads cost a few microseconds per region instead.  Read when
-# each runtime starts, so it takes effect where flowverify is imported before torch
-# (always from the command line); set OMP_WAIT_POLICY yourself to choose otherwise.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 # The entry points shadow their modules' names on the package (``flowverify.certify(...)``,
 # ``flowverify.attack(...)``); ``sys.modules`` keeps the modules for ``from ... import``.
 from .attack import AttackResult, WassersteinPGD, attack
