@@ -170,22 +170,16 @@ class SplitBab:
         gradient ``µ - ν*`` of each gain in ``q`` (``ν*`` the optimal plan's image; a
         gradient only, no soundness rests on it, so a coarser search for the kink)."""
         d, m = q.shape[:2]
-        if not self.feasible:
-            gain = self.prob.domain.norm(q) * eps
-            return torch.where(rows, gain, math.inf), None
         out = slope = None
+        if bound:  # the domain's own (sound) gain, on one image
+            eps_t = torch.full((d,), float(eps), dtype=q.dtype, device=q.device)
+            gain = self.prob.domain.gain(q, eps_t, np.zeros(d, dtype=np.int64), rows=rows)
+            out = torch.where(rows, gain, math.inf)
+        if not self.feasible:
+            return out, None
         kk, rr = torch.nonzero(rows, as_tuple=True)
         sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), -1).cpu().numpy())
         e = np.full(sel.shape[0], float(eps))
-        if bound:
-            out = torch.full((d, m), math.inf, dtype=q.dtype, device=q.device)
-            if kk.numel():
-                img = np.zeros(sel.shape[0], dtype=np.int64)
-                out[kk, rr] = torch.as_tensor(
-                    _b.polytope_gain_rows(sel, self.mu[None], img, e),
-                    dtype=q.dtype,
-                    device=q.device,
-                )
         if slopes:
             slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
             if kk.numel():
@@ -198,9 +192,10 @@ class SplitBab:
         return out, slope
 
     def relaxations(self, subs: list[_Sub], root):
-        """Root bounds clamped by each subdomain's splits: the relaxations of the other
-        activations ``{i: relax}``, per ReLU ``(lo, up) (D, n)``, its unstable neurons,
-        split signs ``(D, n)``, and which subdomains are empty ``(D,)``."""
+        """Root bounds clamped by each subdomain's splits: the relaxation of every
+        activation ``{i: relax}`` (for a ReLU flat, ``(D, n)``), per ReLU ``(lo, up)
+        (D, n)``, its unstable neurons, split signs ``(D, n)``, and which subdomains are
+        empty ``(D,)``."""
         bounds, relax = root
         d = len(subs)
         rel, lohi, unstable, signs = {}, {}, {}, {}
@@ -218,6 +213,7 @@ class SplitBab:
             up = torch.maximum(up, lo)
             lohi[i], signs[i] = (lo, up), s
             unstable[i] = (lo < 0) & (up > 0)
+            rel[i] = node.op.relax(lo, up)  # (s_lo, None, s_up, b_up), each (D, n)
         return rel, lohi, unstable, signs, empty
 
     def _bound(self, subs: list[_Sub], eps: float, root, iterations: int):
@@ -256,8 +252,7 @@ class SplitBab:
             rels, extra, record = dict(rel), {}, {}
             for i in self.relus:
                 op, shape = graph.nodes[i].op, graph.nodes[i].shape
-                lo, up = lohi[i]
-                s_lo, _, s_up, b_up = op.relax(lo, up)
+                s_lo, _, s_up, b_up = rel[i]
                 alpha = params[("a", i)].clamp(op.a, 1.0)
                 slope_lo = torch.where(unstable[i][:, None], alpha, s_lo[:, None])
                 rels[i] = (
@@ -286,7 +281,9 @@ class SplitBab:
                     for key, v in params.items():
                         keep[key][rows] = v.detach()[rows]
                 if final:
-                    scores = self._scores(record, lohi, unstable, signs, open_rows & (val <= 0))
+                    scores = self._scores(
+                        record, rel, lohi, unstable, signs, open_rows & (val <= 0)
+                    )
                     q_best = q.detach()
                     break
             if not params:  # nothing to optimise (no ReLU)
@@ -314,17 +311,14 @@ class SplitBab:
             sub.bound = float(best[k][sub.open].min()) if bool(sub.open.any()) else math.inf
         return best, scores, q_best
 
-    def _scores(self, record, lohi, unstable, signs, rows):
+    def _scores(self, record, rel, lohi, unstable, signs, rows):
         """BaBSR-like branching scores ``{relu: (D, n)}`` (``-inf``: not a candidate)."""
         out = {}
         w = rows.to(torch.float64)[:, :, None]
         for i in self.relus:
             lam = record[i].detach().reshape(*rows.shape, -1)
             lo, up = lohi[i]
-            a = self.graph.nodes[i].op.a
-            width = torch.where(unstable[i], up - lo, torch.ones_like(up))
-            s_up = (up - a * lo) / width
-            b_up = torch.where(unstable[i], lo * (a - s_up), torch.zeros_like(lo))
+            b_up = rel[i][3]  # the upper line's intercept (0 on stable neurons)
             score = ((-lam.clamp(max=0.0)) * w).sum(dim=1) * b_up
             tie = (lam.abs() * w).sum(dim=1) * torch.minimum(up, -lo).clamp(min=0.0)
             cand = unstable[i] & (signs[i] == 0)

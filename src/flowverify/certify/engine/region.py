@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linprog
 
-from ...flows import incidence_matrix
+from ..complete import _block_incidence
 
 __all__ = ["region_lp"]
 
@@ -32,22 +32,17 @@ def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
     graph, prob = bab.graph, bab.prob
     if any(i not in bab.relus for i in graph.activations()):
         return None  # not affine on the subdomain
-    rel, lohi, _, signs, empty = bab.relaxations([sub], root)
+    rel, _, _, signs, empty = bab.relaxations([sub], root)
     if bool(empty[0]):
         return None
     idx = np.zeros(1, dtype=np.int64)
     rels = dict(rel)
     for i in bab.relus:
         shape = graph.nodes[i].shape
-        s_lo, _, s_up, b_up = graph.nodes[i].op.relax(*lohi[i])
-        rels[i] = (
-            s_lo.reshape(1, *shape),
-            None,
-            s_up.reshape(1, *shape),
-            b_up.reshape(1, *shape),
-        )
+        s_lo, _, s_up, b_up = rel[i]
+        rels[i] = (s_lo.reshape(1, *shape), None, s_up.reshape(1, *shape), b_up.reshape(1, *shape))
     c, h, w = bab.x.shape[1:]
-    amat = sp.block_diag([incidence_matrix(h, w)] * c, format="csr")
+    amat = _block_incidence(h, w, c)
     n_e = amat.shape[1]
     mu = bab.mu.reshape(-1)
     split_rows, split_rhs, where = [], [], []
