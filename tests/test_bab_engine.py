@@ -116,3 +116,66 @@ def test_networks_outside_the_chain_family():
     atk = fv.attack(model, img[None], np.array([label]), eps=None)
     w1 = float(np.asarray(atk.w1).ravel()[0]) * img.sum()
     assert res.radius_raw <= w1 * (1 + 1e-6)
+
+
+def test_refined_bounds_of_a_subdomain_hold_on_its_points():
+    """The second layer's bounds recomputed through the first layer's splits are tighter
+    than the root's and hold at every sampled image of ``D_ε`` that obeys the splits."""
+    from flowverify.certify.engine.bab import SplitBab
+    from flowverify.certify.engine.graph import build_graph
+
+    model, _, _, _, label, img = _setup(8, [6, 6, 3])
+    graph = build_graph(model.double().eval(), torch.as_tensor(img[None]))
+    bab = SplitBab(graph, img, label)
+    first, second = bab.relus
+    eps = 0.5 * img.sum()
+    root = bab._root(eps)
+
+    def pre_activations(images):
+        z, out = torch.as_tensor(images), []
+        with torch.no_grad():
+            for layer in model:
+                z = layer(z)
+                if isinstance(layer, nn.Linear):
+                    out.append(z.numpy().copy())
+        return out
+
+    lo1, up1 = (t.reshape(-1) for t in root[0][graph.nodes[first].inputs[0]])
+    unstable = torch.nonzero((lo1 < 0) & (up1 > 0)).flatten()[:2]
+    assert unstable.numel() == 2
+    sign = np.where(pre_activations(img[None])[0][0, unstable] >= 0, 1, -1)
+    sub = bab._fresh()
+    sub.splits[first][unstable] = torch.as_tensor(sign, dtype=torch.int8)
+    _, lohi, _, _, empty = bab.relaxations([sub], root, eps)
+    assert not bool(empty[0])
+    lo2, up2 = (t[0].numpy() for t in lohi[second])
+    r_lo, r_up = (t.reshape(-1).numpy() for t in root[0][graph.nodes[second].inputs[0]])
+    assert (lo2 >= r_lo).all() and (up2 <= r_up).all()
+    assert (up2 - lo2).sum() < (r_up - r_lo).sum()  # tighter somewhere
+    # images of D_ε: µ + s(ν' - µ) for random ν' of the same mass, s W1(µ, ν') <= ε
+    rng = np.random.default_rng(0)
+    other = rng.exponential(size=(3000, *img.shape)) ** 3
+    other *= img.sum() / other.sum(axis=(1, 2, 3), keepdims=True)
+    w1 = np.array([float(fv.w1_distance(o, img, unit="raw")) for o in other])
+    s = np.minimum(1.0, eps * rng.uniform(size=len(other)) / w1)
+    nus = img[None] + s[:, None, None, None] * (other - img[None])
+    # and the images of D_ε that push each second-layer neuron furthest, linearised at µ
+    from flowverify.certify.bounds import polytope_plan
+
+    x = torch.tensor(img[None], requires_grad=True)
+    z = x
+    for layer in list(model)[:4]:
+        z = layer(z)
+    rows = np.stack(
+        [
+            torch.autograd.grad(z[0, j], x, retain_graph=True)[0][0].numpy()
+            for j in range(z.shape[1])
+        ]
+    ).reshape(z.shape[1], -1)
+    for frac in (0.5, 1.0):
+        ext = polytope_plan(np.concatenate([rows, -rows]), img, frac * eps * (1 - 1e-9))
+        nus = np.concatenate([nus, ext])
+    z1, z2 = pre_activations(nus)[:2]
+    inside = ((z1[:, unstable] * sign) >= 0).all(axis=1)
+    assert inside.sum() >= 100
+    assert (z2[inside] >= lo2 - 1e-9).all() and (z2[inside] <= up2 + 1e-9).all()

@@ -67,6 +67,12 @@ class _Sub:
     open: torch.Tensor | None = None
     bound: float = -math.inf
     depth: int = 0
+    #: refined pre-activation bounds ``{relu: (lo (n,), up (n,))}`` at ``ε`` (sound on
+    #: the subdomain) and the first ReLU whose bounds no longer reflect the splits above
+    #: (0: none)
+    bounds: dict | None = None
+    eps: float = math.nan
+    stale: int = 0
 
 
 @dataclass
@@ -121,6 +127,9 @@ class SplitBab:
         Subdomains bounded together.
     iterations : int
         Adam steps on ``α``, ``β`` per batch (the root gets twice as many).
+    refine : bool
+        Recompute a subdomain's intermediate bounds through its splits (see
+        :meth:`relaxations`); otherwise the root's, clamped by the splits.
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class SplitBab:
         batch: int = 64,
         iterations: int = 8,
         lr: float = 0.1,
+        refine: bool = True,
     ):
         self.graph = graph
         self.x = np.asarray(x, dtype=np.float64)[None]
@@ -151,6 +161,7 @@ class SplitBab:
         )
         self.mu = self.prob.domain.mu[0]
         self.batch, self.iterations, self.lr = int(batch), int(iterations), float(lr)
+        self.refine = bool(refine)
         self.relus = [
             i for i in graph.activations() if isinstance(graph.nodes[i].op, act.LeakyReLUOp)
         ]
@@ -191,21 +202,42 @@ class SplitBab:
                 )
         return out, slope
 
-    def relaxations(self, subs: list[_Sub], root):
-        """Root bounds clamped by each subdomain's splits: the relaxation of every
-        activation ``{i: relax}`` (for a ReLU flat, ``(D, n)``), per ReLU ``(lo, up)
-        (D, n)``, its unstable neurons, split signs ``(D, n)``, and which subdomains are
-        empty ``(D,)``."""
+    def relaxations(self, subs: list[_Sub], root, eps: float):
+        """The relaxation of every activation on each subdomain ``{i: relax}`` (for a ReLU
+        flat, ``(D, n)``), per ReLU ``(lo, up) (D, n)``, its unstable neurons, split signs
+        ``(D, n)``, and which subdomains are empty ``(D,)``.
+
+        A ReLU's pre-activation bounds are the root's, intersected with the subdomain's
+        own (inherited from its parent) and, where a split above it is newer than them,
+        recomputed by CROWN through the split-clamped relaxations above (beta-CROWN's
+        intermediate bounds, without their multipliers): sound on the subdomain, where a
+        split neuron is linear on its side.  The result is clamped by the ReLU's own
+        splits; a subdomain whose bounds cross is empty."""
         bounds, relax = root
         d = len(subs)
         rel, lohi, unstable, signs = {}, {}, {}, {}
         empty = torch.zeros(d, dtype=torch.bool, device=self.prob.device)
+        for sub in subs:
+            if sub.bounds is None or sub.eps != eps:  # new, or of another ε
+                sub.bounds, sub.eps, sub.stale = {}, eps, 0
+                for j in self.relus:
+                    if bool(sub.splits[j].any()):
+                        sub.stale = self._stale(sub.stale, j)
         for i, r in relax.items():
             node = self.graph.nodes[i]
             if i not in self.relus:
                 rel[i] = tuple(None if t is None else t.expand(d, *t.shape[1:]) for t in r)
                 continue
             lo, up = (t.reshape(1, -1).expand(d, -1) for t in bounds[node.inputs[0]])
+            own = [sub.bounds.get(i) for sub in subs]
+            if any(o is not None for o in own):
+                lo = torch.stack([lo[0] if o is None else o[0] for o in own])
+                up = torch.stack([up[0] if o is None else o[1] for o in own])
+            todo = [k for k, sub in enumerate(subs) if 0 < sub.stale <= i]
+            if todo and self.refine and node.inputs[0] not in self.prob.front:
+                lo, up = self._refine(i, todo, lo, up, rel, eps)
+                for k in todo:
+                    subs[k].bounds[i] = (lo[k], up[k])
             s = torch.stack([sub.splits[i] for sub in subs]).to(lo.dtype)
             lo = torch.where(s > 0, lo.clamp(min=0.0), lo)
             up = torch.where(s < 0, up.clamp(max=0.0), up)
@@ -214,7 +246,37 @@ class SplitBab:
             lohi[i], signs[i] = (lo, up), s
             unstable[i] = (lo < 0) & (up > 0)
             rel[i] = node.op.relax(lo, up)  # (s_lo, None, s_up, b_up), each (D, n)
+        for sub in subs:
+            sub.stale = 0
         return rel, lohi, unstable, signs, empty
+
+    def _stale(self, stale: int, split_at: int) -> int:
+        """The first ReLU whose bounds a new split at ReLU ``split_at`` makes stale (0:
+        none), combined with ``stale``."""
+        later = [j for j in self.relus if j > split_at][:1]
+        return min([j for j in (stale, *later) if j > 0], default=0)
+
+    def _refine(self, i: int, todo: list, lo, up, rel: dict, eps: float):
+        """CROWN bounds of ReLU ``i``'s input on the subdomains ``todo`` through the
+        relaxations ``rel`` of the activations above, intersected with ``lo``, ``up``."""
+        prob, at = self.prob, self.graph.nodes[i].inputs[0]
+        rows = torch.as_tensor(todo, device=lo.device)
+        sub_rel = {j: tuple(None if t is None else t[rows] for t in r) for j, r in rel.items()}
+        k, shape = len(todo), (len(todo), *self.graph.nodes[at].shape)
+        eps_t = torch.full((k,), float(eps), dtype=torch.float64, device=lo.device)
+        with torch.no_grad():
+            lo2, up2 = prob._crown_bounds(
+                np.zeros(k, dtype=np.int64),
+                eps_t,
+                at,
+                lo[rows].reshape(shape),
+                up[rows].reshape(shape),
+                sub_rel,
+            )
+        lo, up = lo.clone(), up.clone()
+        lo[rows] = torch.maximum(lo[rows], lo2.reshape(k, -1))
+        up[rows] = torch.minimum(up[rows], up2.reshape(k, -1))
+        return lo, up
 
     def _bound(self, subs: list[_Sub], eps: float, root, iterations: int):
         """Bound the subdomains ``subs`` at ``ε``; updates their ``α``, ``β``, ``open`` and
@@ -226,7 +288,7 @@ class SplitBab:
         graph, prob, m = self.graph, self.prob, self.m
         d = len(subs)
         idx = np.zeros(d, dtype=np.int64)
-        rel, lohi, unstable, signs, empty = self.relaxations(subs, root)
+        rel, lohi, unstable, signs, empty = self.relaxations(subs, root, eps)
         params = {}
         for i in self.relus:
             lo, up = lohi[i]
@@ -364,7 +426,17 @@ class SplitBab:
             splits = {i: t.clone() for i, t in sub.splits.items()}
             splits[best_i][best_j] = sign
             kids.append(
-                _Sub(splits, sub.alpha, sub.beta, sub.open.clone(), sub.bound, sub.depth + 1)
+                _Sub(
+                    splits,
+                    sub.alpha,
+                    sub.beta,
+                    sub.open.clone(),
+                    sub.bound,
+                    sub.depth + 1,
+                    bounds=None if sub.bounds is None else dict(sub.bounds),
+                    eps=sub.eps,
+                    stale=self._stale(sub.stale, best_i),
+                )
             )
         return kids
 

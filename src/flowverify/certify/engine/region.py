@@ -32,7 +32,7 @@ def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
     graph, prob = bab.graph, bab.prob
     if any(i not in bab.relus for i in graph.activations()):
         return None  # not affine on the subdomain
-    rel, _, _, signs, empty = bab.relaxations([sub], root)
+    rel, _, _, signs, empty = bab.relaxations([sub], root, eps)
     if bool(empty[0]):
         return None
     idx = np.zeros(1, dtype=np.int64)
