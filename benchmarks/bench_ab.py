@@ -28,8 +28,8 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[1]))
 import flowverify as fv
-from flowverify.datasets import bundled_digits
-from flowverify.models import load_model
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.loading import load_model
 x, y = bundled_digits()
 out = {}
 for name, n in (("fc", int(sys.argv[2])), ("cnn", int(sys.argv[3]))):

@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from flowverify import __version__  # noqa: E402
-from flowverify.attack import WassersteinPGD  # noqa: E402
-from flowverify.flows import w1_distance  # noqa: E402
+from flowverify.attacks.pgd import WassersteinPGD  # noqa: E402
+from flowverify.transport.flows import w1_distance  # noqa: E402
 
 CACHE = REPO / "benchmarks" / ".cache"
 BUDGETS = (0.1, 0.3, 0.5, 1.0)
@@ -285,7 +285,7 @@ def run_art(net, x, y, log) -> list[dict] | None:
 
 def run_complete(net, x, y, k: int, timeout: float, minimal: dict, log) -> dict | None:
     try:
-        from flowverify.certify import certify
+        from flowverify.verification import certify
     except ImportError as exc:
         log(f"complete certifier unavailable ({exc}): skipped")
         return None
@@ -319,8 +319,8 @@ def run_complete(net, x, y, k: int, timeout: float, minimal: dict, log) -> dict 
 def run_linear(data_digits, log) -> dict | None:
     """Bundled linear model: exact radius (LP, Lemma 8) vs our minimal radius."""
     try:
-        from flowverify.certify import certify
-        from flowverify.models import load_model
+        from flowverify.model.loading import load_model
+        from flowverify.verification import certify
     except ImportError as exc:
         log(f"linear comparison unavailable ({exc})")
         return None

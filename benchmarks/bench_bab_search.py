@@ -1,7 +1,7 @@
 """Cost of one branch-and-bound search over ``P_ε`` as ``ε`` grows (complete certifier).
 
 For one bundled digit and the bundled ``fc`` model, runs the searches of
-:mod:`flowverify.certify._bab` at fixed radii ``ε = k · r_feasible`` (``r_feasible`` the
+:mod:`flowverify.verification._bab` at fixed radii ``ε = k · r_feasible`` (``r_feasible`` the
 feasible CROWN radius) and prints, per radius, whether the search closed (a proof of
 ``r* ≥ ε``) within the node budget, the nodes expanded, the LPs solved, the simplex
 iterations, and the seconds, once with children warm-started from their parent's LP basis
@@ -22,7 +22,7 @@ Examples
 root tightened by LP (min/max of each pre-activation over the triangle relaxation over
 ``P_ε``, layer by layer): the best single-neuron intermediate bounds, against the
 CROWN/Kantorovich ones the certifier uses.  ``--milp SECONDS`` decides the same radius
-with HiGHS's own branch and cut on the big-M MILP (:mod:`flowverify.certify._milp`,
+with HiGHS's own branch and cut on the big-M MILP (:mod:`flowverify.verification._milp`,
 bounds over ``P_ε``).
 """
 
@@ -38,17 +38,17 @@ import numpy as np
 import torch
 
 import flowverify
-from flowverify.certify import _bab, _relaxlp
-from flowverify.certify import bounds as _b
-from flowverify.certify._chain import affine_chain
-from flowverify.certify._milp import milp_exact
-from flowverify.certify.api import INVERSE_METHOD
-from flowverify.certify.complete import _block_incidence
-from flowverify.datasets import bundled_digits
-from flowverify.flowmodel import FlowModel
-from flowverify.flows import inverse_flow
-from flowverify.models import load_model
-from flowverify.references import make_reference
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.flow_model import FlowModel
+from flowverify.model.loading import load_model
+from flowverify.transport.flows import inverse_flow
+from flowverify.transport.references import make_reference
+from flowverify.verification import _bab, _relaxlp
+from flowverify.verification import bounds as _b
+from flowverify.verification._chain import affine_chain
+from flowverify.verification._exact import _block_incidence
+from flowverify.verification._milp import milp_exact
+from flowverify.verification.api import INVERSE_METHOD
 
 ITERATIONS = {"simplex": 0}
 

@@ -1,4 +1,4 @@
-"""Benchmark of :func:`flowverify.certify.certify` (issue 4, "Performance").
+"""Benchmark of :func:`flowverify.verification.certify` (issue 4, "Performance").
 
 On the bundled ``fc`` model (784-100-100-10) and the first ``--n`` bundled evaluation
 digits (the held-out part of ``mnist10k.npz``), with ``--threads`` CPU threads:
@@ -53,8 +53,8 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from flowverify.certify import certify
-    from flowverify.datasets import load_images
+    from flowverify.io.datasets import load_images
+    from flowverify.verification import certify
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

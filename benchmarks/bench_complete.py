@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 import flowverify as fv
-from flowverify.datasets import bundled_digits
-from flowverify.models import load_model
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.loading import load_model
 
 
 def _parse(argv):

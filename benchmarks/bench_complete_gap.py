@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 import flowverify
-from flowverify.attack import WassersteinPGD
-from flowverify.datasets import load_images
-from flowverify.models import load_model
+from flowverify.attacks.pgd import WassersteinPGD
+from flowverify.io.datasets import load_images
+from flowverify.model.loading import load_model
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Benchmark of the bound-propagation engine (:mod:`flowverify.certify.engine`).
+"""Benchmark of the bound-propagation engine (:mod:`flowverify.verification.engine`).
 
 Rows (median radius normalised; digits are the bundled evaluation digits, indices
 8000+ of ``mnist10k.npz``, never used for training):
@@ -53,7 +53,7 @@ def _base_net(args):
     import torch
     from torch import nn
 
-    from flowverify.datasets import load_images
+    from flowverify.io.datasets import load_images
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -125,9 +125,9 @@ def main() -> int:
     import torch
 
     import flowverify as fv
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
-    from flowverify.results import Status
+    from flowverify.core.results import Status
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

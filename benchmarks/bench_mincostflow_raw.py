@@ -1,4 +1,4 @@
-"""Raw speed of the grid min-cost-flow solver (``flowverify._mincostflow``) against POT.
+"""Raw speed of the grid min-cost-flow solver (``flowverify.transport.mincostflow``) against POT.
 
 On real MNIST evaluation digits (mnist10k.npz indices 8000.., the first 8,000 are the
 training pool), normalised to mass 1, float64, reference uniform 1/784: ``grid_w1`` and
@@ -27,7 +27,7 @@ import numba
 import numpy as np
 import ot
 
-from flowverify._mincostflow import grid_min_cost_flow, grid_w1
+from flowverify.transport.mincostflow import grid_min_cost_flow, grid_w1
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,10 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from flowverify import __version__, w1_distance  # noqa: E402
-from flowverify.attack import WassersteinPGD  # noqa: E402
-from flowverify.datasets import bundled_digits  # noqa: E402
-from flowverify.flowmodel import _infer_flat  # noqa: E402
-from flowverify.models import load_model  # noqa: E402
+from flowverify.attacks.pgd import WassersteinPGD  # noqa: E402
+from flowverify.io.datasets import bundled_digits  # noqa: E402
+from flowverify.model.flow_model import _infer_flat  # noqa: E402
+from flowverify.model.loading import load_model  # noqa: E402
 
 VNN = Path("/work/shared/models/mnist-net_256x2.onnx")
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)

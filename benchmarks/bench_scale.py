@@ -8,7 +8,7 @@ function (wall time per task when there is nothing to compute), and the start-up
 (time to start the pool or Ray and run one no-op task per worker) separately; each timed
 run is preceded by an untimed warm-up run of a few other digits on the same backend.
 
-When :func:`flowverify.certify.certify` is not importable, or with ``--stand-in``, the
+When :func:`flowverify.verification.certify` is not importable, or with ``--stand-in``, the
 methods are replaced by a clearly labelled STAND-IN work function (a fixed amount of
 single-threaded CPU work per image), so that the runner itself can still be measured.
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowverify.runner import run_jobs
+from flowverify.runner.jobs import run_jobs
 
 try:  # imported here, so that the runner's forkserver preloads it for the workers
-    from flowverify.certify import certify
+    from flowverify.verification import certify
 except ImportError:  # the certifiers are not there yet: the STAND-IN is used
     certify = None
 
@@ -47,8 +47,8 @@ except ImportError:  # the certifiers are not there yet: the STAND-IN is used
 @functools.lru_cache(maxsize=4)
 def _setup(model: str):
     """Model and bundled digits, loaded once per worker process."""
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
 
     x, y = bundled_digits()
     return load_model(model), x, y
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         ray_ok = False
     stand_in = args.stand_in
     if not stand_in and certify is None:
-        logging.warning("flowverify.certify.certify not importable: using the STAND-IN")
+        logging.warning("flowverify.verification.certify not importable: using the STAND-IN")
         stand_in = True
 
     # Work functions are passed by reference to this file as the module `bench_scale`

@@ -31,7 +31,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from flowverify.models import build_architecture, load_checkpoint, save_checkpoint  # noqa: E402
+from flowverify.model.loading import build_architecture, load_checkpoint, save_checkpoint  # noqa: E402
 
 ASSETS = REPO / "src" / "flowverify" / "assets"
 N_TRAIN = 8000

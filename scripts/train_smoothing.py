@@ -2,10 +2,10 @@
 
 Data: ``mnist10k.npz`` (10,000 MNIST digits). The FIRST 8,000 digits train the base
 nets; the LAST 2,000 evaluate them. For each noise level ``sigma`` (normalised flow
-units, Laplace scale ``b = sigma/sqrt(2)``; see :mod:`flowverify.smoothing`) it
+units, Laplace scale ``b = sigma/sqrt(2)``; see :mod:`flowverify.baselines.smoothing`) it
 
 * trains the ``smoothing_base`` architecture on flow-noised images
-  (:func:`flowverify.smoothing.train_smoothed_model`) and writes the checkpoint
+  (:func:`flowverify.baselines.smoothing.train_smoothed_model`) and writes the checkpoint
   ``OUT/smoothing_sigma<sigma>.pt`` (flowverify checkpoint; metadata: settings and
   accuracies);
 * prints the clean accuracy of the base net (no noise), its accuracy under one noise
@@ -36,10 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from flowverify.models import load_checkpoint, save_checkpoint  # noqa: E402
-from flowverify.report import load_results, summarize  # noqa: E402
-from flowverify.results import JsonlWriter  # noqa: E402
-from flowverify.smoothing import (  # noqa: E402
+from flowverify.baselines.smoothing import (  # noqa: E402
     ABSTAIN,
     add_flow_noise,
     laplace_scale,
@@ -47,6 +44,9 @@ from flowverify.smoothing import (  # noqa: E402
     smoothed_predict,
     train_smoothed_model,
 )
+from flowverify.core.results import JsonlWriter  # noqa: E402
+from flowverify.model.loading import load_checkpoint, save_checkpoint  # noqa: E402
+from flowverify.report.writer import load_results, summarize  # noqa: E402
 
 N_TRAIN = 8000
 N_EVAL = 2000

@@ -21,6 +21,6 @@ def outside_onnx() -> Path:
 @pytest.fixture(scope="session")
 def outside_net(outside_onnx):
     """The outside network loaded by flowverify (native ONNX converter)."""
-    from flowverify.models import load_model
+    from flowverify.model.loading import load_model
 
     return load_model(str(outside_onnx))

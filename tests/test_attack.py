@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from flowverify import _cli_attack
-from flowverify.attack import LOSSES, AttackResult, WassersteinPGD, attack
-from flowverify.flowmodel import FlowModel
-from flowverify.flows import w1_distance
+from flowverify.attacks.pgd import LOSSES, AttackResult, WassersteinPGD, attack
+from flowverify.cli import attack_cmd as _cli_attack
+from flowverify.model.flow_model import FlowModel
+from flowverify.transport.flows import w1_distance
 
 
 def _mlp(seed: int = 0, side: int = 8, hidden: int = 16, classes: int = 4, dtype=torch.float32):
@@ -50,8 +50,8 @@ def _images(seed: int, n: int = 6, c: int = 1, side: int = 8) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def digits():
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
 
     x, y = bundled_digits()
     model = load_model("fc")
@@ -140,7 +140,7 @@ def test_minimal_radius_never_below_the_exact_radius():
 def test_linear_model_minimal_radius_is_near_exact(digits):
     """For a linear model DeepFool-W1 solves the LP of Lemma 8 (up to the reach)."""
     from flowverify import certify
-    from flowverify.models import load_model
+    from flowverify.model.loading import load_model
 
     _, x, y = digits
     model = load_model("linear")
@@ -193,7 +193,7 @@ def test_reference_and_fused_flow_model_agree_with_default():
         np.testing.assert_array_equal(res.success, base.success)
         np.testing.assert_allclose(res.w1_bound, base.w1_bound, rtol=1e-6, atol=1e-9)
     # a FlowModel as the model: its reference and fusion are used
-    from flowverify.references import make_reference
+    from flowverify.transport.references import make_reference
 
     fm = FlowModel(net, make_reference("uniform", x), fuse=True)
     res = attack(fm, x, eps=0.4, steps=10)
@@ -362,7 +362,7 @@ def test_minimal_radius_never_above_a_fixed_budget(digits):
 
 def test_minimal_radius_on_the_outside_network(outside_net):
     """Issue 15.1 on the VNN-COMP net (digits 19 and 1 of the report: 0.713 and 0.967)."""
-    from flowverify.datasets import bundled_digits
+    from flowverify.io.datasets import bundled_digits
 
     x, y = bundled_digits()
     pick = [1, 19]

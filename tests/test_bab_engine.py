@@ -1,5 +1,5 @@
 """Complete verification on the engine (``certifier="beta-crown"``): branch and bound on
-ReLU splits with optimised slopes and split multipliers (:mod:`flowverify.certify.engine.bab`).
+ReLU splits with optimised slopes and split multipliers (:mod:`flowverify.verification.engine.bab`).
 
 Exactness against a brute-force enumeration of activation patterns (one LP per pattern and
 target, ``tests/test_complete.py``) and the MILP on small seeded networks; fixed-ε
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import flowverify as fv
-from flowverify.results import Status
+from flowverify.core.results import Status
 from test_complete import H, W, _brute_force, _setup
 
 
@@ -121,8 +121,8 @@ def test_networks_outside_the_chain_family():
 def test_refined_bounds_of_a_subdomain_hold_on_its_points():
     """The second layer's bounds recomputed through the first layer's splits are tighter
     than the root's and hold at every sampled image of ``D_ε`` that obeys the splits."""
-    from flowverify.certify.engine.bab import SplitBab
-    from flowverify.certify.engine.graph import build_graph
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
 
     model, _, _, _, label, img = _setup(8, [6, 6, 3])
     graph = build_graph(model.double().eval(), torch.as_tensor(img[None]))
@@ -160,7 +160,7 @@ def test_refined_bounds_of_a_subdomain_hold_on_its_points():
     s = np.minimum(1.0, eps * rng.uniform(size=len(other)) / w1)
     nus = img[None] + s[:, None, None, None] * (other - img[None])
     # and the images of D_ε that push each second-layer neuron furthest, linearised at µ
-    from flowverify.certify.bounds import polytope_plan
+    from flowverify.verification.bounds import polytope_plan
 
     x = torch.tensor(img[None], requires_grad=True)
     z = x

@@ -15,10 +15,10 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
-from flowverify.certify import bounds as B
-from flowverify.certify._chain import affine_chain
-from flowverify.datasets import load_images
-from flowverify.flows import apply_flow_adjoint, incidence_matrix
+from flowverify.io.datasets import load_images
+from flowverify.transport.flows import apply_flow_adjoint, incidence_matrix
+from flowverify.verification import bounds as B
+from flowverify.verification._chain import affine_chain
 
 
 def _lp_gain(q, mu, eps):
@@ -203,7 +203,7 @@ def test_linear_ball_radius_is_lemma_7():
     d_t = chain.biases[0][label] - chain.biases[0]
     others = [t for t in range(4) if t != label]
     lemma7 = min((w_t[t] @ dmu + d_t[t]) / np.abs(w_t[t]).max() for t in others)
-    from flowverify.certify.engine import EngineProblem, build_graph, make_domain
+    from flowverify.verification.engine import EngineProblem, build_graph, make_domain
 
     m64 = model.double().eval()
     graph = build_graph(m64, torch.as_tensor(x[None]))

@@ -16,10 +16,10 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
-from flowverify.certify import CERTIFIERS, METHODS, CertifyResult, certify
-from flowverify.certify import api as _api
-from flowverify.flows import incidence_matrix
-from flowverify.results import Status
+from flowverify.core.results import Status
+from flowverify.transport.flows import incidence_matrix
+from flowverify.verification import CERTIFIERS, METHODS, CertifyResult, certify
+from flowverify.verification import api as _api
 
 
 def _images(seed, n=4, c=1, h=6, w=6):
@@ -155,7 +155,7 @@ def test_soundness_chain_on_random_nets(conv):
 
 
 def test_bundled_fc_soundness():
-    from flowverify.datasets import load_images
+    from flowverify.io.datasets import load_images
 
     x, y = load_images("bundled", indices="0:3")
     van = certify("fc", x, y, method="vanilla")
@@ -298,7 +298,7 @@ def test_validation_errors():
 
 
 def _cli(argv):
-    from flowverify import _cli_certify
+    from flowverify.cli import certify_cmd as _cli_certify
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -402,8 +402,8 @@ def test_complete_chain_and_timeout():
 def test_complete_on_bundled_fc_brackets_the_attacks():
     """Bundled fc digits with a short limit: the proven radius is at least the feasible
     CROWN radius, and the reported adversarial is no farther than the PGD attack's."""
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
 
     x, y = bundled_digits()
     model = load_model("fc")
@@ -436,7 +436,7 @@ def test_device_and_smoothing_validation():
 
 
 def test_smoothing_through_certify_matches_smoothed_certify():
-    from flowverify.smoothing import smoothed_certify
+    from flowverify.baselines.smoothing import smoothed_certify
 
     x = _images(23, n=2)
     model = _relu_net(24, conv=True)

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from flowverify.cli import main
+from flowverify.cli.app import main
 
 
 def _write_png(path, img: np.ndarray) -> None:

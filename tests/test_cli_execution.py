@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowverify.cli import main
+from flowverify.cli.app import main
 
 
 def run_cli(argv):
@@ -112,7 +112,7 @@ def test_attack_bad_argument_one_line_no_output(tmp_path, argv, flag):
 
 def test_certify_failing_image_gives_error_record(tmp_path, monkeypatch):
     """An exception on one image: its record says so, the others are as usual."""
-    from flowverify.certify import api
+    from flowverify.verification import api
 
     argv = [
         "certify",
@@ -146,14 +146,14 @@ def test_certify_failing_image_gives_error_record(tmp_path, monkeypatch):
     ref = lines(good)
     assert same == [{k: v for k, v in r.items() if k not in drop} for r in (ref[0], ref[1], ref[3])]
     # the record is a certify record for `flowverify report` (which skips errors)
-    from flowverify.report import load_results
+    from flowverify.report.writer import load_results
 
     assert len(load_results([out])[0].records) == 4
 
 
 def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeypatch):
-    from flowverify.attack import WassersteinPGD
-    from flowverify.datasets import bundled_digits
+    from flowverify.attacks.pgd import WassersteinPGD
+    from flowverify.io.datasets import bundled_digits
 
     bad_image = bundled_digits()[0][1]
     real = WassersteinPGD.__call__
@@ -182,9 +182,9 @@ def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeyp
 
 def test_certify_smoothing_cli_matches_the_api(tmp_path):
     """--method smoothing runs Levine & Feizi's CERTIFY, the same records as the API."""
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
-    from flowverify.smoothing import smoothed_certify
+    from flowverify.baselines.smoothing import smoothed_certify
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
 
     out = tmp_path / "s.jsonl"
     argv = ["certify", "--model", "cnn", "--indices", "0:3", "--method", "smoothing"]

@@ -17,11 +17,11 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from flowverify.certify._chain import affine_chain
-from flowverify.certify.complete import ExactResult, exact_radius
-from flowverify.flowmodel import FlowModel
-from flowverify.flows import incidence_matrix, inverse_flow, w1_distance
-from flowverify.references import make_reference
+from flowverify.model.flow_model import FlowModel
+from flowverify.transport.flows import incidence_matrix, inverse_flow, w1_distance
+from flowverify.transport.references import make_reference
+from flowverify.verification._chain import affine_chain
+from flowverify.verification.complete import ExactResult, exact_radius
 
 H = W = 6
 
@@ -325,7 +325,7 @@ def test_hints_and_misclassified():
 
 
 def test_w1_ball_oracle_matches_lp():
-    from flowverify.certify._w1ball import InputDomain
+    from flowverify.verification._w1ball import InputDomain
 
     rng = np.random.default_rng(3)
     img = _image(9).reshape(-1)
@@ -361,7 +361,7 @@ def test_w1_ball_oracle_matches_lp():
 )
 def test_unverified_witnesses_never_claim_no_adversarial(monkeypatch, sizes, feasible, algorithm):
     """If no witness passes the exact check, the result is a bound, not "infeasible"."""
-    from flowverify.certify import _bab, _milp, complete
+    from flowverify.verification import _bab, _milp, complete
 
     _, chain, dmu, ref, label, _ = _setup(3, sizes)
     truth = exact_radius(
@@ -413,7 +413,7 @@ def test_highs_time_limit_is_per_run():
     gives every run of a re-used solver its own budget."""
     import highspy
 
-    from flowverify.certify._highs import new_highs, set_time_limit
+    from flowverify.verification._highs import new_highs, set_time_limit
 
     rng = np.random.default_rng(0)
     n, m = 300, 200
@@ -447,7 +447,7 @@ def test_branch_and_bound_search_options_stay_exact(monkeypatch, opts):
     """One search over ``P_U``, or steps cut after every node: the same exact radius."""
     import functools
 
-    from flowverify.certify import _bab, complete
+    from flowverify.verification import _bab, complete
 
     monkeypatch.setattr(
         complete, "branch_and_bound", functools.partial(_bab.branch_and_bound, **opts)

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from flowverify.datasets import (
+from flowverify.io.datasets import (
     bundled_digits,
     load_images,
     parse_indices,

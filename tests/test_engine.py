@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 import flowverify as fv
-from flowverify.certify import bounds as B
-from flowverify.certify.engine import DOMAINS, EngineProblem, build_graph, make_domain
-from flowverify.datasets import bundled_digits
-from flowverify.flows import apply_flow, flow_dim
-from flowverify.models import Elementwise, load_model
-from flowverify.results import Status
+from flowverify.core.results import Status
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.loading import Elementwise, load_model
+from flowverify.transport.flows import apply_flow, flow_dim
+from flowverify.verification import bounds as B
+from flowverify.verification.engine import DOMAINS, EngineProblem, build_graph, make_domain
 
 
 class Residual(nn.Module):
@@ -243,7 +243,7 @@ def test_cli_certifies_an_onnx_file_with_a_normalisation_front(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from flowverify.cli import main
+    from flowverify.cli.app import main
 
     fc = load_model("fc")
     lin = [m for m in fc.modules() if isinstance(m, nn.Linear)]
@@ -380,7 +380,7 @@ def test_alpha_crown_on_the_outside_network(outside_net):
 @pytest.mark.parametrize("domain", sorted(DOMAINS))
 def test_domain_radii_hold_at_the_radius(domain, digits):
     """``domain_radii``: sampled points of the domain at the radius keep the class."""
-    from flowverify.certify.engine import domain_radii
+    from flowverify.verification.engine import domain_radii
 
     net = _seeded("bn-leaky-tanh")
     net64 = copy.deepcopy(net).double()

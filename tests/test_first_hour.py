@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import flowverify as fv
-from flowverify.cli import main
-from flowverify.datasets import bundled_digits
-from flowverify.models import Elementwise, load_model
+from flowverify.cli.app import main
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.loading import Elementwise, load_model
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -188,7 +188,7 @@ def test_api_refuses_bad_images_naming_them():
 
 
 def test_unsupported_layer_is_refused_once_up_front(tmp_path, capsys):
-    from flowverify.models import save_checkpoint
+    from flowverify.model.loading import save_checkpoint
 
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -251,7 +251,7 @@ def test_api_warns_once_that_references_change_nothing(method, certifier):
 
 
 def test_unknown_complete_result_writes_the_closest_found_witness(tmp_path):
-    from flowverify.flows import w1_distance
+    from flowverify.transport.flows import w1_distance
 
     out, wdir = tmp_path / "exact.jsonl", tmp_path / "w"
     argv = ["certify", "--model", "fc", "--indices", "0:2", "--method", "complete"]
@@ -341,7 +341,7 @@ def test_report_tables_minimal_attacks_apart_and_one_certified_column(tmp_path):
 
 
 def test_sandwich_ticks_are_indices():
-    from flowverify.report import sandwich_ticks
+    from flowverify.report.writer import sandwich_ticks
 
     assert sandwich_ticks([9, 3, 120]) == ([0, 1, 2], ["9", "3", "120"])
     pos, labels = sandwich_ticks(list(range(1000, 1100)), max_ticks=5)
@@ -353,7 +353,7 @@ def test_sandwich_ticks_are_indices():
 
 
 def test_find_data_order(tmp_path, monkeypatch):
-    from flowverify import reproduce as rp
+    from flowverify.paper import claims as rp
 
     monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # an installed copy
     monkeypatch.delenv(rp.DATA_ENV, raising=False)
@@ -380,7 +380,7 @@ def test_find_data_order(tmp_path, monkeypatch):
 def test_reproduce_without_data_fails_clearly_or_says_it_uses_the_bundled_digits(
     tmp_path, monkeypatch, capsys
 ):
-    from flowverify import reproduce as rp
+    from flowverify.paper import claims as rp
 
     monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # not a checkout
     monkeypatch.delenv(rp.DATA_ENV, raising=False)
@@ -418,7 +418,7 @@ def test_warnings_and_logs_start_their_own_line_under_a_progress_bar(capsys):
 
     from tqdm import tqdm
 
-    from flowverify import cli
+    from flowverify.cli import app as cli
 
     def after_last_cr(text: str, needle: str) -> str:
         line = next(ln for ln in text.split("\n") if needle in ln)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import flowverify as fv
-from flowverify.certify._chain import affine_chain
-from flowverify.flows import flow_dim
+from flowverify.transport.flows import flow_dim
+from flowverify.verification._chain import affine_chain
 
 
 def _nets(dtype):

@@ -27,10 +27,10 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import flowverify as fv
-from flowverify.cli import main
-from flowverify.datasets import load_images, parse_indices
-from flowverify.flows import INVERSE_METHODS, flow_dim
-from flowverify.models import build_architecture, load_model, save_checkpoint
+from flowverify.cli.app import main
+from flowverify.io.datasets import load_images, parse_indices
+from flowverify.model.loading import build_architecture, load_model, save_checkpoint
+from flowverify.transport.flows import INVERSE_METHODS, flow_dim
 
 CLEAR = (ValueError, TypeError, FileNotFoundError)
 SETTINGS = settings(

@@ -29,12 +29,12 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import flowverify as fv
-from flowverify.attack import LOSSES, SCHEDULES, WassersteinPGD
-from flowverify.certify.api import CERTIFIERS, METHODS, UNITS
-from flowverify.flowmodel import INPUT_SCALES
-from flowverify.report import PLOT_FORMATS, write_report
-from flowverify.reproduce import CLAIMS, reproduce, run_claim
-from flowverify.smoothing import smoothed_certify
+from flowverify.attacks.pgd import LOSSES, SCHEDULES, WassersteinPGD
+from flowverify.baselines.smoothing import smoothed_certify
+from flowverify.model.flow_model import INPUT_SCALES
+from flowverify.paper.claims import CLAIMS, reproduce, run_claim
+from flowverify.report.writer import PLOT_FORMATS, write_report
+from flowverify.verification.api import CERTIFIERS, METHODS, UNITS
 
 SETTINGS = settings(
     max_examples=25,

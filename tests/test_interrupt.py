@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowverify.runner import run_jobs
+from flowverify.runner.jobs import run_jobs
 
 N = 60
 SCRIPT = """
 import functools, logging, os, sys, time
 
-from flowverify.runner import run_jobs
+from flowverify.runner.jobs import run_jobs
 
 
 def slow(batch, *, pidfile, delay):
@@ -228,7 +228,7 @@ def killed_cli_runs(tmp_path_factory):
         _, err = proc.communicate(timeout=180)
         results[name].update(resume_rc=proc.returncode, resume_stderr=err)
     # uninterrupted serial references, in this process
-    from flowverify.cli import main
+    from flowverify.cli.app import main
 
     for name in CLI_VARIANTS:
         ref = base / f"{name}-ref"
@@ -303,7 +303,7 @@ def _wrapped_interrupt(*args, **kwargs):
 
 
 def test_raise_if_interrupted_finds_an_interrupt_in_the_chain():
-    from flowverify._interrupt import raise_if_interrupted
+    from flowverify.core.interrupt import raise_if_interrupted
 
     with pytest.raises(SystemError) as info:
         _wrapped_interrupt()
@@ -317,9 +317,9 @@ def test_raise_if_interrupted_finds_an_interrupt_in_the_chain():
 
 def test_wrapped_interrupt_in_certify_stops_it(monkeypatch):
     import flowverify
-    from flowverify.certify import api
-    from flowverify.datasets import bundled_digits
-    from flowverify.models import load_model
+    from flowverify.io.datasets import bundled_digits
+    from flowverify.model.loading import load_model
+    from flowverify.verification import api
 
     x, y = bundled_digits()
     model = load_model("linear")

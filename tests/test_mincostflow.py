@@ -1,4 +1,4 @@
-"""Exactness of the grid min-cost-flow solver (``flowverify._mincostflow``) against POT."""
+"""Exactness of the grid min-cost-flow solver (``flowverify.transport.mincostflow``) against POT."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowverify import _mincostflow as mcf
-from flowverify._mincostflow import grid_min_cost_flow, grid_w1
+from flowverify.transport import mincostflow as mcf
+from flowverify.transport.mincostflow import grid_min_cost_flow, grid_w1
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowverify.datasets import bundled_digits
-from flowverify.models import (
+from flowverify.io.datasets import bundled_digits
+from flowverify.model.loading import (
     ARCHITECTURES,
     BUNDLED_MODELS,
     Elementwise,
@@ -27,7 +27,7 @@ from flowverify.models import (
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from flowverify._onnx import load_onnx  # noqa: E402
+from flowverify.model.onnx_import import load_onnx  # noqa: E402
 
 TARGETS = {"linear": 0.88, "fc": 0.95, "cnn": 0.95}
 

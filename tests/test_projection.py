@@ -1,4 +1,4 @@
-"""The feasible maps of the attack (flowverify._projection): points of the set, exactness."""
+"""The feasible maps of the attack (flowverify.transport.projection): the set, exactness."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from flowverify._projection import (
+from flowverify.transport.flows import apply_flow, apply_flow_adjoint, flow_dim, incidence_matrix
+from flowverify.transport.projection import (
     adjoint,
     best_moves,
     divergence,
@@ -22,7 +23,6 @@ from flowverify._projection import (
     route,
     shrink_to_ball,
 )
-from flowverify.flows import apply_flow, apply_flow_adjoint, flow_dim, incidence_matrix
 
 
 def _l1(w: torch.Tensor) -> torch.Tensor:
@@ -231,7 +231,7 @@ def test_best_moves_respects_room():
 @pytest.mark.parametrize("with_upper", [False, True])
 def test_compiled_step_equals_torch_step(with_upper):
     """The numba CPU kernel and the torch operations compute the same map."""
-    from flowverify._projection import _pgd_step_torch, compiled_available, pgd_step_images
+    from flowverify.transport.projection import _pgd_step_torch, compiled_available, pgd_step_images
 
     if not compiled_available():  # pragma: no cover - numba is a dependency
         pytest.skip("numba unavailable")

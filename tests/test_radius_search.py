@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import flowverify as fv
-from flowverify.certify import bounds as B
-from flowverify.datasets import bundled_digits
-from flowverify.results import Status
+from flowverify.core.results import Status
+from flowverify.io.datasets import bundled_digits
+from flowverify.verification import bounds as B
 
 
 def _cliff_oracle(e_star):

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from flowverify.report import (
+from flowverify.baselines.smoothing import SmoothingResult
+from flowverify.core.results import JsonlWriter, Status
+from flowverify.report.writer import (
     attack_radii,
     certified_accuracy,
     load_results,
@@ -18,8 +20,6 @@ from flowverify.report import (
     summarize,
     write_report,
 )
-from flowverify.results import JsonlWriter, Status
-from flowverify.smoothing import SmoothingResult
 
 
 def _cert(index, status, radius, *, method="vanilla", exact=False, label=1, prediction=None):
@@ -262,7 +262,7 @@ def test_bad_inputs(files, tmp_path):
 
 def test_cli_report(files, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from flowverify.cli import main
+    from flowverify.cli.app import main
 
     cert, att, npz = files
     out = tmp_path / "cli"
@@ -306,7 +306,7 @@ def test_cli_report(files, tmp_path, capsys):
 
 
 def test_cli_report_help_mentions_units(capsys):
-    from flowverify.cli import main
+    from flowverify.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main(["report", "--help"])

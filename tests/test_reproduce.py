@@ -15,8 +15,8 @@ import math
 
 import pytest
 
-from flowverify import cli
-from flowverify.reproduce import CLAIMS, reproduce, run_claim
+from flowverify.cli import app as cli
+from flowverify.paper.claims import CLAIMS, reproduce, run_claim
 
 REL = 1e-9
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from flowverify import runner
-from flowverify.runner import (
+from flowverify.runner import jobs as runner
+from flowverify.runner.jobs import (
     NEUTRAL_CONFIG_KEYS,
     WorkerCrashedError,
     add_runner_args,
@@ -416,7 +416,7 @@ CERTIFY = certify_argv()
 
 
 def _cli(argv, capsys=None):
-    from flowverify.cli import main
+    from flowverify.cli.app import main
 
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err if capsys is not None else ""

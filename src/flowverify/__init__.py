@@ -6,25 +6,21 @@ and the first affine layer of a model absorbs ``A`` (Corollary 2.1).  A W1 ball 
 becomes an L1 ball (vanilla) or an L1 ball intersected with ``{R + Aδ >= 0}``
 (fine-tuned) in flow space, where certifiers and a PGD attack apply.
 
-Modules follow the pipeline: :mod:`~flowverify.flows` (Δ, A, Δ⁻¹, W1),
-:mod:`~flowverify.references`, :mod:`~flowverify.flowmodel` (Corollary 2.1),
-:mod:`~flowverify.certify` (section 3, Appendix A), :mod:`~flowverify.attack` (section 4,
-Algorithm 1), :mod:`~flowverify.smoothing` (the Levine-Feizi baseline),
-:mod:`~flowverify.datasets` and :mod:`~flowverify.models` (I/O),
-:mod:`~flowverify.runner` (parallel, resumable runs), :mod:`~flowverify.cli`.
-
-``flowverify.certify`` and ``flowverify.attack`` are the entry-point *functions*; their
-modules stay importable as ``from flowverify.certify import bounds`` or
-``from flowverify.attack import WassersteinPGD``.
+Packages follow the pipeline, each importing only from those before it:
+:mod:`~flowverify.core` (results, validation), :mod:`~flowverify.transport` (Δ, A, Δ⁻¹,
+W1, references, min-cost flow, W1 projection), :mod:`~flowverify.model` (Corollary 2.1,
+loading, ONNX), :mod:`~flowverify.verification` (section 3, Appendix A: the bound
+engine, LP, branch and bound, MILP), :mod:`~flowverify.attacks` (section 4, Algorithm 1),
+:mod:`~flowverify.baselines` (randomised smoothing), :mod:`~flowverify.io` (images),
+:mod:`~flowverify.runner` (parallel, resumable runs), :mod:`~flowverify.report`,
+:mod:`~flowverify.paper` (the paper's claims) and :mod:`~flowverify.cli`.
 """
 
-# The entry points shadow their modules' names on the package (``flowverify.certify(...)``,
-# ``flowverify.attack(...)``); ``sys.modules`` keeps the modules for ``from ... import``.
-from .attack import AttackResult, WassersteinPGD, attack
-from .certify import CertifyResult, certify
-from .flowmodel import FlowModel
-from .flows import apply_flow, incidence_matrix, inverse_flow, w1_distance
-from .references import make_reference, parse_references
+from flowverify.attacks.pgd import AttackResult, WassersteinPGD, attack
+from flowverify.model.flow_model import FlowModel
+from flowverify.transport.flows import apply_flow, incidence_matrix, inverse_flow, w1_distance
+from flowverify.transport.references import make_reference, parse_references
+from flowverify.verification import CertifyResult, certify
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
-"""``python -m flowverify``: the ``flowverify`` command (:func:`flowverify.cli.main`)."""
+"""``python -m flowverify``: the ``flowverify`` command (:func:`flowverify.cli.app`)."""
 
 import sys
 
-from .cli import main
+from flowverify.cli.app import main
 
 sys.exit(main())

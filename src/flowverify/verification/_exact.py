@@ -1,0 +1,68 @@
+"""The result of an exact-radius search (:func:`~.complete.exact_radius`) and the helpers
+its searches share (the block incidence matrix of a multi-channel image, the W1 diameter,
+the class of a witness)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from flowverify.transport.flows import incidence_matrix
+from flowverify.verification._relaxlp import Problem
+
+__all__ = ["ExactResult"]
+
+
+@dataclass
+class ExactResult:
+    """Result of :func:`exact_radius` (radii in flow-L1 units = raw W1 data units).
+
+    Attributes
+    ----------
+    status : str
+        ``"optimal"`` (``lower`` and ``upper`` agree to ``rtol``), ``"timeout"``,
+        ``"infeasible"`` (no adversarial image exists) or ``"error"``.
+    lower : float
+        Proven lower bound on the radius.
+    upper : float
+        ``‖δ* - δµ‖₁`` of the best verified adversarial flow; ``inf`` if none.
+    witness_flow : ndarray or None
+        ``(C*D,)`` flow ``δ*`` with ``argmax f̃(δ*) ≠ label`` and (if feasible)
+        ``R + Aδ* ≥ 0``.
+    target : int or None
+        The class of the witness.
+    solver_status : str
+        Details (algorithm, solver messages).
+    seconds : float
+    nodes : int
+        Branch-and-bound nodes expanded (MILP: HiGHS nodes).
+    """
+
+    status: str
+    lower: float
+    upper: float
+    witness_flow: np.ndarray | None
+    target: int | None
+    solver_status: str
+    seconds: float
+    nodes: int
+
+
+def _block_incidence(height: int, width: int, channels: int) -> sp.csr_matrix:
+    a = incidence_matrix(height, width)
+    if channels == 1:
+        return a.tocsr()
+    return sp.block_diag([a] * channels, format="csr")
+
+
+def _diameter(prob: Problem) -> float:
+    """Largest W1 distance between two images of the same mass (L1 ground metric)."""
+    return float(np.sum(np.maximum(prob.channel_mass, 0.0))) * (prob.height + prob.width - 2)
+
+
+def _witness_target(prob: Problem, delta: np.ndarray) -> int:
+    logits = prob.forward(delta)
+    others = [t for t in range(prob.num_classes) if t != prob.label]
+    return int(others[int(np.argmax(logits[others]))])

@@ -1,0 +1,550 @@
+r"""Complete verification on the engine: branch and bound on ReLU splits (beta-CROWN).
+
+A *subdomain* fixes the phase of some (leaky) ReLU neurons, ``s_j z_j >= 0`` with
+``s_j = ±1``.  Its lower bound on each margin ``f_y - f_t`` over the input domain
+``D_ε`` (the W1 polytope of Theorem 6, or the ball of Theorem 3) is a CROWN bound
+(:func:`~.crown.backward`) with
+
+* the pre-activation bounds of the root (:meth:`~.crown.EngineProblem.layer_bounds` at
+  ``ε``), clamped by the splits: a split neuron is linear on its side, and a split that
+  contradicts the root bounds leaves an empty subdomain (closed);
+* lower slopes ``α`` of the unsplit unstable neurons (alpha-CROWN) and Lagrange
+  multipliers ``β >= 0`` of the split constraints, which add ``-β_j s_j`` to the
+  coefficients of the split neurons' inputs: for every ``β >= 0``,
+  ``min_ν f(ν) - Σ_j β_j s_j z_j(ν)`` is at most the minimum of ``f`` over the subdomain
+  (Wang et al. 2021, beta-CROWN);
+* ``α`` and ``β`` optimised by Adam for the bound, projected on ``[a, 1]`` and
+  ``[0, ∞)``, warm-started from the parent, for a batch of subdomains at once.  Every
+  iterate is a sound bound; the best is kept.  The polytope enters through its
+  Kantorovich dual (:func:`~..bounds.polytope_gain_rows`), whose gradient in ``q`` is
+  ``µ - ν*`` with ``ν*`` the image of the optimal transport plan
+  (:func:`~..bounds.polytope_plan`).
+
+Branching (BaBSR-like): in each subdomain, the unstable neuron whose triangle relaxation
+costs the bound most, ``Σ_t -min(Λ_tj, 0) b_j`` over the open margins (``b_j`` the upper
+line's intercept), ties broken by ``|Λ_j| min(u_j, -l_j)``.  Falsification: the
+minimiser ``ν*`` of the worst open margin's bound (a point of ``D_ε``) is run through the
+float64 model; a misclassified ``ν*`` is a witness.
+
+:class:`SplitBab` decides one image at one ``ε`` (:meth:`~SplitBab.decide`, like a
+VNN-COMP verifier) and searches the exact radius (:meth:`~SplitBab.radius`) with one
+partition across radii: the leaves of a proof at ``ε`` are re-bounded at the next,
+larger ``ε`` instead of restarting from the root.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flowverify.verification import bounds as _b
+from flowverify.verification.engine import activations as act
+from flowverify.verification.engine.crown import EngineProblem
+from flowverify.verification.engine.domains import make_domain
+from flowverify.verification.engine.graph import Graph
+from flowverify.verification.engine.region import region_lp
+
+__all__ = ["BabDecision", "BabRadius", "SplitBab"]
+
+#: Bisection steps on the dual variable for the transport plans that serve as gradients.
+PLAN_ITERS = 12
+
+
+@dataclass
+class _Sub:
+    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β``, the
+    margins still to prove (``open (m,)``) and its current bound (worst open margin)."""
+
+    splits: dict
+    alpha: dict | None = None
+    beta: dict | None = None
+    open: torch.Tensor | None = None
+    bound: float = -math.inf
+    depth: int = 0
+    #: refined pre-activation bounds ``{relu: (lo (n,), up (n,))}`` at ``ε`` (sound on
+    #: the subdomain) and the first ReLU whose bounds no longer reflect the splits above
+    #: (0: none)
+    bounds: dict | None = None
+    eps: float = math.nan
+    stale: int = 0
+
+
+@dataclass
+class BabDecision:
+    """Outcome of :meth:`SplitBab.decide` at one ``ε`` (raw units).
+
+    ``status``: ``certified`` (every subdomain closed: no image of ``D_ε`` is
+    misclassified), ``falsified`` (``witness``, an image of ``D_ε`` the model
+    misclassifies, at W1 ``witness_w1`` from the image, re-checked by the caller) or
+    ``unknown`` (``message`` says why).  ``leaves``: the splits of the closed subdomains
+    (a partition of the search space, reused at a larger ``ε``).
+    """
+
+    status: str
+    nodes: int
+    witness: np.ndarray | None = None
+    message: str = ""
+    leaves: list = field(default_factory=list)
+    worst: float = -math.inf
+
+
+@dataclass
+class BabRadius:
+    """Outcome of :meth:`SplitBab.radius`: ``lower`` proven, ``upper`` the W1 of the
+    closest misclassified image found (``witness``), ``exact`` when ``upper <= lower
+    (1 + rtol)``; ``nodes`` bounded; ``message`` when the bracket stayed open."""
+
+    lower: float
+    upper: float
+    witness: np.ndarray | None
+    exact: bool
+    nodes: int
+    seconds: float
+    message: str = ""
+
+
+class SplitBab:
+    """Branch and bound for one image over the W1 polytope (or ball) of the engine.
+
+    Parameters
+    ----------
+    graph : Graph
+        The model (float64).
+    x : ndarray
+        ``(C, H, W)`` the image, data units.
+    label : int
+    feasible : bool
+        The W1 polytope (Theorem 6) if true, else the ball (Theorem 3).
+    inv_scale : ndarray or None
+        ``(C,)``: the model reads ``ν / s`` per channel.
+    batch : int
+        Subdomains bounded together.
+    iterations : int
+        Adam steps on ``α``, ``β`` per batch (the root gets twice as many).
+    refine : bool
+        Recompute a subdomain's intermediate bounds through its splits (see
+        :meth:`relaxations`); otherwise the root's, clamped by the splits.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        x: np.ndarray,
+        label: int,
+        *,
+        feasible: bool = True,
+        inv_scale=None,
+        device="cpu",
+        batch: int = 64,
+        iterations: int = 8,
+        lr: float = 0.1,
+        refine: bool = True,
+    ):
+        self.graph = graph
+        self.x = np.asarray(x, dtype=np.float64)[None]
+        self.label = int(label)
+        self.feasible = feasible
+        inv = None if inv_scale is None else np.asarray(inv_scale, np.float64).reshape(1, -1)
+        self.prob = EngineProblem(
+            graph,
+            self.x,
+            np.array([label]),
+            make_domain("w1-polytope" if feasible else "w1-ball", self.x),
+            inv_scale=inv,
+            device=device,
+        )
+        self.mu = self.prob.domain.mu[0]
+        self.batch, self.iterations, self.lr = int(batch), int(iterations), float(lr)
+        self.refine = bool(refine)
+        self.relus = [
+            i for i in graph.activations() if isinstance(graph.nodes[i].op, act.LeakyReLUOp)
+        ]
+        self.m = self.prob.spec.shape[1]
+        self.nodes = 0
+        self._tick = itertools.count()
+
+    # ------------------------------------------------------------------ bounding
+
+    def _root(self, eps: float):
+        eps_t = torch.full((1,), float(eps), dtype=torch.float64, device=self.prob.device)
+        return self.prob.layer_bounds(np.zeros(1, dtype=np.int64), eps_t)
+
+    def _gain(self, q: torch.Tensor, eps: float, rows: torch.Tensor, *, bound=True, slopes=True):
+        """Sound gains ``(D, m)`` of the rows ``q (D, m, C, H, W)`` where ``rows`` (``inf``
+        elsewhere; ``None`` unless ``bound``) and, over the polytope with ``slopes``, the
+        gradient ``µ - ν*`` of each gain in ``q`` (``ν*`` the optimal plan's image; a
+        gradient only, no soundness rests on it, so a coarser search for the kink)."""
+        d, m = q.shape[:2]
+        out = slope = None
+        if bound:  # the domain's own (sound) gain, on one image
+            eps_t = torch.full((d,), float(eps), dtype=q.dtype, device=q.device)
+            gain = self.prob.domain.gain(q, eps_t, np.zeros(d, dtype=np.int64), rows=rows)
+            out = torch.where(rows, gain, math.inf)
+        if not self.feasible:
+            return out, None
+        kk, rr = torch.nonzero(rows, as_tuple=True)
+        sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), -1).cpu().numpy())
+        e = np.full(sel.shape[0], float(eps))
+        if slopes:
+            slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
+            if kk.numel():
+                nu = _b.polytope_plan(sel, self.mu, e, iters=PLAN_ITERS)
+                slope[kk, rr] = torch.as_tensor(
+                    self.mu.reshape(1, -1) - nu.reshape(sel.shape[0], -1),
+                    dtype=q.dtype,
+                    device=q.device,
+                )
+        return out, slope
+
+    def relaxations(self, subs: list[_Sub], root, eps: float):
+        """The relaxation of every activation on each subdomain ``{i: relax}`` (for a ReLU
+        flat, ``(D, n)``), per ReLU ``(lo, up) (D, n)``, its unstable neurons, split signs
+        ``(D, n)``, and which subdomains are empty ``(D,)``.
+
+        A ReLU's pre-activation bounds are the root's, intersected with the subdomain's
+        own (inherited from its parent) and, where a split above it is newer than them,
+        recomputed by CROWN through the split-clamped relaxations above (beta-CROWN's
+        intermediate bounds, without their multipliers): sound on the subdomain, where a
+        split neuron is linear on its side.  The result is clamped by the ReLU's own
+        splits; a subdomain whose bounds cross is empty."""
+        bounds, relax = root
+        d = len(subs)
+        rel, lohi, unstable, signs = {}, {}, {}, {}
+        empty = torch.zeros(d, dtype=torch.bool, device=self.prob.device)
+        for sub in subs:
+            if sub.bounds is None or sub.eps != eps:  # new, or of another ε
+                sub.bounds, sub.eps, sub.stale = {}, eps, 0
+                for j in self.relus:
+                    if bool(sub.splits[j].any()):
+                        sub.stale = self._stale(sub.stale, j)
+        for i, r in relax.items():
+            node = self.graph.nodes[i]
+            if i not in self.relus:
+                rel[i] = tuple(None if t is None else t.expand(d, *t.shape[1:]) for t in r)
+                continue
+            lo, up = (t.reshape(1, -1).expand(d, -1) for t in bounds[node.inputs[0]])
+            own = [sub.bounds.get(i) for sub in subs]
+            if any(o is not None for o in own):
+                lo = torch.stack([lo[0] if o is None else o[0] for o in own])
+                up = torch.stack([up[0] if o is None else o[1] for o in own])
+            todo = [k for k, sub in enumerate(subs) if 0 < sub.stale <= i]
+            if todo and self.refine and node.inputs[0] not in self.prob.front:
+                lo, up = self._refine(i, todo, lo, up, rel, eps)
+                for k in todo:
+                    subs[k].bounds[i] = (lo[k], up[k])
+            s = torch.stack([sub.splits[i] for sub in subs]).to(lo.dtype)
+            lo = torch.where(s > 0, lo.clamp(min=0.0), lo)
+            up = torch.where(s < 0, up.clamp(max=0.0), up)
+            empty |= (lo > up).any(dim=1)
+            up = torch.maximum(up, lo)
+            lohi[i], signs[i] = (lo, up), s
+            unstable[i] = (lo < 0) & (up > 0)
+            rel[i] = node.op.relax(lo, up)  # (s_lo, None, s_up, b_up), each (D, n)
+        for sub in subs:
+            sub.stale = 0
+        return rel, lohi, unstable, signs, empty
+
+    def _stale(self, stale: int, split_at: int) -> int:
+        """The first ReLU whose bounds a new split at ReLU ``split_at`` makes stale (0:
+        none), combined with ``stale``."""
+        later = [j for j in self.relus if j > split_at][:1]
+        return min([j for j in (stale, *later) if j > 0], default=0)
+
+    def _refine(self, i: int, todo: list, lo, up, rel: dict, eps: float):
+        """CROWN bounds of ReLU ``i``'s input on the subdomains ``todo`` through the
+        relaxations ``rel`` of the activations above, intersected with ``lo``, ``up``."""
+        prob, at = self.prob, self.graph.nodes[i].inputs[0]
+        rows = torch.as_tensor(todo, device=lo.device)
+        sub_rel = {j: tuple(None if t is None else t[rows] for t in r) for j, r in rel.items()}
+        k, shape = len(todo), (len(todo), *self.graph.nodes[at].shape)
+        eps_t = torch.full((k,), float(eps), dtype=torch.float64, device=lo.device)
+        with torch.no_grad():
+            lo2, up2 = prob._crown_bounds(
+                np.zeros(k, dtype=np.int64),
+                eps_t,
+                at,
+                lo[rows].reshape(shape),
+                up[rows].reshape(shape),
+                sub_rel,
+            )
+        lo, up = lo.clone(), up.clone()
+        lo[rows] = torch.maximum(lo[rows], lo2.reshape(k, -1))
+        up[rows] = torch.minimum(up[rows], up2.reshape(k, -1))
+        return lo, up
+
+    def _bound(self, subs: list[_Sub], eps: float, root, iterations: int):
+        """Bound the subdomains ``subs`` at ``ε``; updates their ``α``, ``β``, ``open`` and
+        ``bound``.  Returns ``(lb (D, m), scores {relu: (D, n)}, q (D, m, C, H, W))``.
+
+        The sound bound (the polytope's dual gain) is evaluated at the warm start, at the
+        last iterate and every ``refresh`` steps; in between, Adam follows the bound with
+        the gain linearised at the last plan (its gradient, by the envelope theorem)."""
+        graph, prob, m = self.graph, self.prob, self.m
+        d = len(subs)
+        idx = np.zeros(d, dtype=np.int64)
+        rel, lohi, unstable, signs, empty = self.relaxations(subs, root, eps)
+        params = {}
+        for i in self.relus:
+            lo, up = lohi[i]
+            n = lo.shape[1]
+            a0 = (up >= -lo).to(lo.dtype)[:, None, :].expand(d, m, n).clone()
+            b0 = torch.zeros((d, m, n), dtype=lo.dtype, device=lo.device)
+            for k, sub in enumerate(subs):
+                if sub.alpha is not None:
+                    a0[k], b0[k] = sub.alpha[i], sub.beta[i]
+            params[("a", i)], params[("b", i)] = a0, b0
+        open_rows = torch.stack([sub.open for sub in subs]).to(prob.device) & ~empty[:, None]
+        best = torch.full((d, m), -math.inf, dtype=torch.float64, device=prob.device)
+        keep = {key: v.clone() for key, v in params.items()}
+        spec = prob.spec[:1].expand(d, *prob.spec.shape[1:])
+        moments = {key: (torch.zeros_like(v), torch.zeros_like(v)) for key, v in params.items()}
+        refresh = 4
+        slope = scores = q_best = None
+        for it in range(iterations + 1):
+            final = it == iterations
+            evaluate, replan = it == 0 or final, it % refresh == 0 and not final
+            for v in params.values():
+                v.requires_grad_(not final)
+            rels, extra, record = dict(rel), {}, {}
+            for i in self.relus:
+                op, shape = graph.nodes[i].op, graph.nodes[i].shape
+                s_lo, _, s_up, b_up = rel[i]
+                alpha = params[("a", i)].clamp(op.a, 1.0)
+                slope_lo = torch.where(unstable[i][:, None], alpha, s_lo[:, None])
+                rels[i] = (
+                    slope_lo.reshape(d, m, *shape),
+                    None,
+                    s_up.reshape(d, *shape),
+                    b_up.reshape(d, *shape),
+                )
+                beta = params[("b", i)].clamp(min=0.0)
+                extra[i] = (-beta * signs[i][:, None]).reshape(d, m, *shape)
+            lin = prob.linear(idx, graph.output, spec, rels, extra=extra, record=record)
+            q = prob.q(lin)
+            if evaluate or replan:
+                with torch.no_grad():
+                    gain, fresh = self._gain(
+                        q.detach(), eps, open_rows, bound=evaluate, slopes=replan
+                    )
+                slope = fresh if replan else slope
+            if evaluate:
+                with torch.no_grad():
+                    val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
+                better = (val > best) & open_rows
+                if bool(better.any()):
+                    best = torch.where(better, val, best)
+                    rows = better.any(dim=1)
+                    for key, v in params.items():
+                        keep[key][rows] = v.detach()[rows]
+                if final:
+                    scores = self._scores(
+                        record, rel, lohi, unstable, signs, open_rows & (val <= 0)
+                    )
+                    q_best = q.detach()
+                    break
+            if not params:  # nothing to optimise (no ReLU)
+                continue
+            if self.feasible:  # the gain linearised at the last plan
+                surrogate = lin.centre - (q.flatten(2) * slope).sum(dim=2)
+            else:
+                surrogate = lin.centre - self.prob.domain.norm(q) * eps
+            loss = -torch.where(open_rows, surrogate, torch.zeros_like(surrogate)).sum()
+            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.no_grad():
+                for (key, v), g in zip(params.items(), grads, strict=True):
+                    g = torch.where(g.abs() < 1e-30, torch.zeros_like(g), g)  # no subnormals
+                    m1, m2 = moments[key]
+                    m1.mul_(0.9).add_(g, alpha=0.1)
+                    m2.mul_(0.999).add_(g * g, alpha=0.001)
+                    step = m1 / (1 - 0.9 ** (it + 1))
+                    den = (m2 / (1 - 0.999 ** (it + 1))).sqrt_().add_(1e-8)
+                    v.sub_(self.lr * step / den)
+        best = torch.where(empty[:, None], math.inf, best)
+        for k, sub in enumerate(subs):
+            sub.alpha = {i: keep[("a", i)][k] for i in self.relus}
+            sub.beta = {i: keep[("b", i)][k] for i in self.relus}
+            sub.open = sub.open & (best[k] <= 0)
+            sub.bound = float(best[k][sub.open].min()) if bool(sub.open.any()) else math.inf
+        return best, scores, q_best
+
+    def _scores(self, record, rel, lohi, unstable, signs, rows):
+        """BaBSR-like branching scores ``{relu: (D, n)}`` (``-inf``: not a candidate)."""
+        out = {}
+        w = rows.to(torch.float64)[:, :, None]
+        for i in self.relus:
+            lam = record[i].detach().reshape(*rows.shape, -1)
+            lo, up = lohi[i]
+            b_up = rel[i][3]  # the upper line's intercept (0 on stable neurons)
+            score = ((-lam.clamp(max=0.0)) * w).sum(dim=1) * b_up
+            tie = (lam.abs() * w).sum(dim=1) * torch.minimum(up, -lo).clamp(min=0.0)
+            cand = unstable[i] & (signs[i] == 0)
+            out[i] = torch.where(cand, score + 1e-3 * tie, -math.inf)
+        return out
+
+    # ---------------------------------------------------------------- falsification
+
+    def _falsify(self, subs, lb, q, eps) -> np.ndarray | None:
+        """Run the minimiser of each subdomain's worst open bound through the model."""
+        if not self.feasible:
+            return None
+        rows = [(k, int(torch.argmin(lb[k]))) for k, s in enumerate(subs) if s.bound <= 0]
+        if not rows:
+            return None
+        qs = np.stack([q[k, r].reshape(-1).cpu().numpy() for k, r in rows])
+        nu = _b.polytope_plan(qs, self.mu, float(eps) * (1 - 1e-9))  # inside D_ε after rounding
+        logits = self.logits(nu)
+        bad = np.flatnonzero(logits.argmax(axis=1) != self.label)
+        return nu[bad[0]] if bad.size else None
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        prob = self.prob
+        t = torch.as_tensor(images, dtype=torch.float64, device=prob.device)
+        u = t * prob.inv_scale[:1][:, :, None, None]
+        u = u.reshape(u.shape[0], *self.graph.nodes[0].shape)
+        with torch.no_grad():
+            return self.graph.values(u)[self.graph.output].reshape(len(images), -1).cpu().numpy()
+
+    # ------------------------------------------------------------------ search
+
+    def _branch(self, sub: _Sub, scores, k: int) -> list[_Sub] | None:
+        best_i, best_j, best_s = None, None, -math.inf
+        for i in self.relus:
+            j = int(torch.argmax(scores[i][k]))
+            s = float(scores[i][k, j])
+            if s > best_s:
+                best_i, best_j, best_s = i, j, s
+        if best_i is None or not math.isfinite(best_s):
+            return None
+        kids = []
+        for sign in (1, -1):
+            splits = {i: t.clone() for i, t in sub.splits.items()}
+            splits[best_i][best_j] = sign
+            kids.append(
+                _Sub(
+                    splits,
+                    sub.alpha,
+                    sub.beta,
+                    sub.open.clone(),
+                    sub.bound,
+                    sub.depth + 1,
+                    bounds=None if sub.bounds is None else dict(sub.bounds),
+                    eps=sub.eps,
+                    stale=self._stale(sub.stale, best_i),
+                )
+            )
+        return kids
+
+    def _fresh(self) -> _Sub:
+        splits = {
+            i: torch.zeros(self.graph.nodes[i].size, dtype=torch.int8, device=self.prob.device)
+            for i in self.relus
+        }
+        return _Sub(splits, open=torch.ones(self.m, dtype=torch.bool, device=self.prob.device))
+
+    def decide(self, eps: float, *, deadline: float | None = None, leaves=None) -> BabDecision:
+        """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``."""
+        root = self._root(eps)
+        if leaves:
+            start = [
+                _Sub({i: t.clone() for i, t in sp.items()}, a, b, torch.ones_like(o), depth=dp)
+                for sp, a, b, o, dp in leaves
+            ]
+        else:
+            start = [self._fresh()]
+        closed: list = []
+        heap: list = []
+        todo, first = start, True
+        while todo:
+            for c0 in range(0, len(todo), self.batch):
+                if c0 and deadline is not None and time.perf_counter() >= deadline:
+                    return BabDecision("unknown", self.nodes, message="time limit reached")
+                chunk = todo[c0 : c0 + self.batch]
+                iters = 2 * self.iterations if first else self.iterations
+                lb, scores, q = self._bound(chunk, eps, root, iters)
+                self.nodes += len(chunk)
+                wit = self._falsify(chunk, lb, q, eps)
+                if wit is not None:
+                    return BabDecision("falsified", self.nodes, witness=wit)
+                for k, sub in enumerate(chunk):
+                    if not bool(sub.open.any()):
+                        closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
+                        continue
+                    kids = self._branch(sub, scores, k)
+                    if kids is None:  # affine on the subdomain: an LP, longer optimisation
+                        wit = region_lp(self, sub, root, eps)
+                        if wit is not None:
+                            return BabDecision("falsified", self.nodes, witness=wit)
+                        self._bound([sub], eps, root, 0)
+                        if not bool(sub.open.any()):
+                            closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
+                            continue
+                        return BabDecision(
+                            "unknown",
+                            self.nodes,
+                            message="a subdomain with every unstable neuron split still has "
+                            "a negative bound (the multipliers did not converge)",
+                            worst=sub.bound,
+                        )
+                    for kid in kids:
+                        heapq.heappush(heap, (kid.bound, next(self._tick), kid))
+            first = False
+            if not heap:
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                return BabDecision(
+                    "unknown", self.nodes, message="time limit reached", worst=heap[0][0]
+                )
+            todo = [heapq.heappop(heap)[2] for _ in range(min(self.batch // 2, len(heap)))]
+        return BabDecision("certified", self.nodes, leaves=closed)
+
+    def radius(
+        self,
+        lower: float,
+        upper: float,
+        witness: np.ndarray | None = None,
+        *,
+        deadline: float | None = None,
+        rtol: float = 1e-3,
+    ) -> BabRadius:
+        """The exact radius (raw units) between a proven ``lower`` and the W1 ``upper`` of
+        a known adversarial ``witness``.
+
+        Decisions climb from the proven side, ``ε = lower (1 + step)``: the step doubles
+        after a proof and shrinks after a decision that ran out of its share of the time
+        (a quarter of what is left); each proof's partition is reused at the next ``ε``.
+        A witness found on the way lowers ``upper``."""
+        from flowverify.transport.flows import w1_distance
+
+        t0 = time.perf_counter()
+        lo, hi = float(lower), float(upper)
+        step, leaves, message = 0.1, None, ""
+        while hi > lo * (1 + rtol):
+            now = time.perf_counter()
+            if deadline is not None and now >= deadline:
+                message = "time limit reached"
+                break
+            if step < rtol / 2:
+                message = "the decisions above the proven radius did not finish in time"
+                break
+            eps = lo * (1 + step) if lo > 0 else hi / 8
+            eps = min(eps, hi / (1 + rtol / 4))
+            share = None if deadline is None else now + max((deadline - now) / 4, 0.05)
+            dec = self.decide(eps, deadline=share, leaves=leaves)
+            if dec.status == "certified":
+                lo, leaves = eps, dec.leaves
+                step *= 2
+            elif dec.status == "falsified":
+                w1 = float(w1_distance(dec.witness, self.x[0], unit="raw"))
+                if w1 < hi:
+                    hi, witness = w1, dec.witness
+                step = min(step, max(hi / max(lo, 1e-300) - 1, 0) / 2)
+            else:
+                step /= 4
+        exact = hi <= lo * (1 + rtol)
+        return BabRadius(lo, hi, witness, exact, self.nodes, time.perf_counter() - t0, message)
