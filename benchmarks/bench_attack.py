@@ -285,7 +285,7 @@ def run_art(net, x, y, log) -> list[dict] | None:
 
 def run_complete(net, x, y, k: int, timeout: float, minimal: dict, log) -> dict | None:
     try:
-        from flowverify.verification import certify
+        from flowverify.api import certify
     except ImportError as exc:
         log(f"complete certifier unavailable ({exc}): skipped")
         return None
@@ -319,8 +319,8 @@ def run_complete(net, x, y, k: int, timeout: float, minimal: dict, log) -> dict 
 def run_linear(data_digits, log) -> dict | None:
     """Bundled linear model: exact radius (LP, Lemma 8) vs our minimal radius."""
     try:
+        from flowverify.api import certify
         from flowverify.model.loading import load_model
-        from flowverify.verification import certify
     except ImportError as exc:
         log(f"linear comparison unavailable ({exc})")
         return None

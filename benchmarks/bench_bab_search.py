@@ -48,7 +48,7 @@ from flowverify.verification import bounds as _b
 from flowverify.verification._chain import affine_chain
 from flowverify.verification._exact import _block_incidence
 from flowverify.verification._milp import milp_exact
-from flowverify.verification.api import INVERSE_METHOD
+from flowverify.verification.checks import INVERSE_METHOD
 
 ITERATIONS = {"simplex": 0}
 

@@ -53,8 +53,8 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from flowverify.api import certify
     from flowverify.io.datasets import load_images
-    from flowverify.verification import certify
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

@@ -37,7 +37,7 @@ import numpy as np
 from flowverify.runner.jobs import run_jobs
 
 try:  # imported here, so that the runner's forkserver preloads it for the workers
-    from flowverify.verification import certify
+    from flowverify.api import certify
 except ImportError:  # the certifiers are not there yet: the STAND-IN is used
     certify = None
 

@@ -16,10 +16,13 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
+from flowverify.api import certify
 from flowverify.core.results import Status
 from flowverify.transport.flows import incidence_matrix
-from flowverify.verification import CERTIFIERS, METHODS, CertifyResult, certify
-from flowverify.verification import api as _api
+from flowverify.verification import CERTIFIERS, METHODS, CertifyResult
+from flowverify.verification import checks as _checks
+from flowverify.verification import context as _context
+from flowverify.verification import falsify as _falsify
 
 
 def _images(seed, n=4, c=1, h=6, w=6):
@@ -117,13 +120,13 @@ def test_linear_vanilla_is_lemma_7_and_feasible_is_lemma_8():
 def _attack_w1(model, x, labels, radii, m64=None):
     """W1 (raw) of a Frank-Wolfe adversarial found at budgets growing from ``radii``."""
     m64 = model if m64 is None else m64
-    ctx = _api._Ctx(
+    ctx = _context._Ctx(
         model, m64, "feasible", "crown", "raw", torch.device("cpu"), 1e-3, None, False, 3, 0
     )
     out = []
     for i in range(len(x)):
-        e_max = float(_api._e_max(x[i : i + 1])[0])
-        w1, img = _api._fw_min_radius(ctx, x[i], int(labels[i]), max(radii[i], 1e-3), e_max)
+        e_max = float(_checks._e_max(x[i : i + 1])[0])
+        w1, img = _falsify._fw_min_radius(ctx, x[i], int(labels[i]), max(radii[i], 1e-3), e_max)
         out.append(w1)
         if img is not None:  # the witness is a valid image within the reported W1
             assert img.min() >= -1e-12
@@ -160,7 +163,7 @@ def test_bundled_fc_soundness():
     x, y = load_images("bundled", indices="0:3")
     van = certify("fc", x, y, method="vanilla")
     fea = certify("fc", x, y, method="feasible")
-    model = _api._resolve_model("fc")
+    model = _checks._resolve_model("fc")
     m64 = copy.deepcopy(model).double()
     ok = [i for i in range(3) if van[i].status == Status.CERTIFIED]
     assert ok

@@ -34,7 +34,7 @@ from flowverify.baselines.smoothing import smoothed_certify
 from flowverify.model.flow_model import INPUT_SCALES
 from flowverify.paper.claims import CLAIMS, reproduce, run_claim
 from flowverify.report.writer import PLOT_FORMATS, write_report
-from flowverify.verification.api import CERTIFIERS, METHODS, UNITS
+from flowverify.verification import CERTIFIERS, METHODS, UNITS
 
 SETTINGS = settings(
     max_examples=25,

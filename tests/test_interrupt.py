@@ -319,18 +319,18 @@ def test_wrapped_interrupt_in_certify_stops_it(monkeypatch):
     import flowverify
     from flowverify.io.datasets import bundled_digits
     from flowverify.model.loading import load_model
-    from flowverify.verification import api
+    from flowverify.verification import exact_driver
 
     x, y = bundled_digits()
     model = load_model("linear")
-    monkeypatch.setattr(api, "_complete_one", _wrapped_interrupt)
+    monkeypatch.setattr(exact_driver, "_complete_one", _wrapped_interrupt)
     with pytest.raises(KeyboardInterrupt):
         flowverify.certify(model, x[:1], y[:1], method="complete")
 
     def plain_failure(*args, **kwargs):
         raise SystemError("not an interrupt")
 
-    monkeypatch.setattr(api, "_complete_one", plain_failure)
+    monkeypatch.setattr(exact_driver, "_complete_one", plain_failure)
     res = flowverify.certify(model, x[:1], y[:1], method="complete")[0]
     assert res.status.value == "error" and "not an interrupt" in res.message
 

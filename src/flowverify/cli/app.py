@@ -211,8 +211,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     ref = make_reference("uniform", x)
     verbose = bool(getattr(args, "verbose", False))
 
+    from flowverify.api import certify as certify_fn
     from flowverify.attacks import attack
-    from flowverify.verification import certify as certify_fn
 
     attack_fn = None if args.fast else attack
     complete = certify_fn is not None and not args.fast

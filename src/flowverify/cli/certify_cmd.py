@@ -69,7 +69,7 @@ _DESCRIPTION = (
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``certify`` subcommand to ``subparsers``; return its parser."""
     from flowverify.runner.jobs import add_runner_args
-    from flowverify.verification.api import CERTIFIERS, METHODS
+    from flowverify.verification import CERTIFIERS, METHODS
 
     cert_help = "; ".join(f"{m}: {', '.join(c)} (default {c[0]})" for m, c in CERTIFIERS.items())
     p = subparsers.add_parser(
@@ -478,8 +478,8 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
     ``status="error"`` record.  Witnesses travel back as attachments when
     ``kw["witness_dir"]`` is set.
     """
+    from flowverify.api import certify, iter_certify
     from flowverify.runner.jobs import ATTACH_KEY
-    from flowverify.verification.api import _iter_certify, certify
 
     model = _cached_model(kw["model"])
     x_all, y_all = _cached_data(kw["data"])
@@ -501,7 +501,7 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
             with warnings.catch_warnings():  # the CLI's summary states it once
                 warnings.filterwarnings("ignore", message="references: ")
                 results = list(
-                    _iter_certify(
+                    iter_certify(
                         model,
                         x_all[idx],
                         None if y_all is None else np.asarray(y_all)[idx],
@@ -540,7 +540,7 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
 def _certify_error(index: int, label: int, method: str, certifier: str, exc: Exception) -> dict:
     """The ``status="error"`` record of an image: every field of a certify record."""
     from flowverify.core.results import Status
-    from flowverify.verification.api import CertifyResult
+    from flowverify.verification import CertifyResult
 
     text = str(exc).strip()
     msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -567,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
     from flowverify.core.results import Status
     from flowverify.runner.jobs import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
     from flowverify.transport.references import parse_references
-    from flowverify.verification.api import CERTIFIERS, references_note
+    from flowverify.verification import CERTIFIERS, references_note
 
     # Every check comes before anything is written.
     if args.method not in CERTIFIERS:

@@ -449,10 +449,10 @@ def _mass(x: np.ndarray) -> np.ndarray:
 
 def _claim_fig1(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Reference fine-tuning (section 3.2.2, Fig. 1)."""
+    from flowverify.api import certify
     from flowverify.model.loading import load_model
     from flowverify.transport.flows import incidence_matrix, inverse_flow
     from flowverify.transport.references import parse_references
-    from flowverify.verification import certify
 
     res = ClaimResult("fig1", "Reference fine-tuning [3.2.2, Fig. 1]", PAPER["fig1"], dict(cfg))
     model = load_model(cfg["model"])
@@ -795,9 +795,9 @@ def _claim_fig2(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
 
 def _claim_attack(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Attack size and time against Wong et al. (section 4)."""
+    from flowverify.api import certify
     from flowverify.attacks.pgd import attack
     from flowverify.model.loading import load_model
-    from flowverify.verification import certify
 
     res = ClaimResult("attack", "Attack size and time [4]", PAPER["attack"], dict(cfg))
     res.settings["wong"] = dict(WONG, max_iter=cfg["wong_iters"])
@@ -973,9 +973,9 @@ def _claim_attack(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
 
 def _claim_linear(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Linear classifiers: Lemma 7 (L1), the L2 analogue and Lemma 8 (Appendix A, Fig. 4)."""
+    from flowverify.api import certify
     from flowverify.model.loading import load_model
     from flowverify.transport.flows import incidence_matrix, w1_distance
-    from flowverify.verification import certify
 
     res = ClaimResult("linear", "Linear classifiers [Appendix A, Fig. 4]", PAPER["linear"], cfg)
     model = load_model(cfg["model"])
@@ -1179,9 +1179,9 @@ def _certified_accuracy(radii: np.ndarray, correct: np.ndarray, r: float) -> flo
 
 def _claim_smoothing(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Against Wasserstein smoothing (section 3.3)."""
+    from flowverify.api import certify
     from flowverify.baselines.smoothing import smoothed_certify
     from flowverify.model.loading import load_model
-    from flowverify.verification import certify
 
     res = ClaimResult("smoothing", "Against Wasserstein smoothing [3.3]", PAPER["smoothing"], cfg)
     x, y, idx = env.eval_digits(cfg["n"])
