@@ -46,7 +46,8 @@ from flowverify.baselines.smoothing import (  # noqa: E402
 )
 from flowverify.core.results import JsonlWriter  # noqa: E402
 from flowverify.model.loading import load_checkpoint, save_checkpoint  # noqa: E402
-from flowverify.report.writer import load_results, summarize  # noqa: E402
+from flowverify.report.records import load_results  # noqa: E402
+from flowverify.report.summary import summarize  # noqa: E402
 
 N_TRAIN = 8000
 N_EVAL = 2000

@@ -146,7 +146,7 @@ def test_certify_failing_image_gives_error_record(tmp_path, monkeypatch):
     ref = lines(good)
     assert same == [{k: v for k, v in r.items() if k not in drop} for r in (ref[0], ref[1], ref[3])]
     # the record is a certify record for `flowverify report` (which skips errors)
-    from flowverify.report.writer import load_results
+    from flowverify.report.records import load_results
 
     assert len(load_results([out])[0].records) == 4
 

@@ -341,7 +341,7 @@ def test_report_tables_minimal_attacks_apart_and_one_certified_column(tmp_path):
 
 
 def test_sandwich_ticks_are_indices():
-    from flowverify.report.writer import sandwich_ticks
+    from flowverify.report.plots import sandwich_ticks
 
     assert sandwich_ticks([9, 3, 120]) == ([0, 1, 2], ["9", "3", "120"])
     pos, labels = sandwich_ticks(list(range(1000, 1100)), max_ticks=5)

@@ -11,15 +11,15 @@ import pytest
 
 from flowverify.baselines.smoothing import SmoothingResult
 from flowverify.core.results import JsonlWriter, Status
-from flowverify.report.writer import (
+from flowverify.report.records import load_results
+from flowverify.report.summary import (
     attack_radii,
     certified_accuracy,
-    load_results,
     not_fooled_fraction,
     sandwich,
     summarize,
-    write_report,
 )
+from flowverify.report.writer import write_report
 
 
 def _cert(index, status, radius, *, method="vanilla", exact=False, label=1, prediction=None):

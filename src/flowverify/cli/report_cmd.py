@@ -13,7 +13,9 @@ import logging
 import os
 import sys
 
-from flowverify.report.writer import DEFAULT_RADII, PLOT_FORMATS, plots_available, write_report
+from flowverify.report.plots import PLOT_FORMATS, plots_available
+from flowverify.report.summary import DEFAULT_RADII
+from flowverify.report.writer import write_report
 
 logger = logging.getLogger(__name__)
 
