@@ -14,15 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from flowverify.runner import jobs as runner
-from flowverify.runner.jobs import (
-    NEUTRAL_CONFIG_KEYS,
-    WorkerCrashedError,
-    add_runner_args,
-    config_differences,
-    run_jobs,
-    runner_kwargs,
-)
+from flowverify import runner
+from flowverify.cli.runner_options import add_runner_args, config_from_args, runner_kwargs
+from flowverify.runner import NEUTRAL_CONFIG_KEYS, WorkerCrashedError, config_differences, run_jobs
+from flowverify.runner.output import _exclusive
 
 CONFIG = {"method": "toy", "eps": [0.1, 0.2], "seed": 3, "workers": 1}
 
@@ -129,10 +124,10 @@ def test_config_mismatch_refused_naming_keys(tmp_path):
     run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
     before = out.read_bytes()
     other = {**CONFIG, "eps": [0.3], "seed": 4, "extra": True}
-    with pytest.raises(ValueError, match="--out") as info:
+    with pytest.raises(ValueError, match="^out: ") as info:
         run_jobs(range(5), toy_work, out=out, config=other, progress=False)
     msg = str(info.value)
-    assert "eps" in msg and "seed" in msg and "extra" in msg and "--overwrite" in msg
+    assert "eps" in msg and "seed" in msg and "extra" in msg and "overwrite=True" in msg
     assert "method" not in msg.split("differing keys:")[1].split(";")[0]
     assert out.read_bytes() == before
     assert config_differences(CONFIG, other) == ["eps", "extra", "seed"]
@@ -143,7 +138,7 @@ def test_config_mismatch_refused_naming_keys(tmp_path):
 def test_overwrite_and_no_resume(tmp_path):
     out = tmp_path / "r.jsonl"
     run_jobs(range(4), toy_work, out=out, config=CONFIG, progress=False)
-    with pytest.raises(ValueError, match="--out.*exists"):
+    with pytest.raises(ValueError, match="^out: .*exists"):
         run_jobs(range(2), toy_work, out=out, config=CONFIG, resume=False, progress=False)
     other = {**CONFIG, "eps": [0.5]}
     recs = run_jobs(range(2), toy_work, out=out, config=other, overwrite=True, progress=False)
@@ -167,13 +162,13 @@ def test_corrupt_line_in_the_middle_refused(tmp_path):
     run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
     text = out.read_text().splitlines(keepends=True)
     out.write_text(text[0] + "{not json\n" + "".join(text[1:]))
-    with pytest.raises(ValueError, match="--out: line 2"):
+    with pytest.raises(ValueError, match="^out: line 2"):
         run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
     out.write_text('{"no_index": 1, "config": {}}\n')
-    with pytest.raises(ValueError, match="--out.*index"):
+    with pytest.raises(ValueError, match="^out: .*index"):
         run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
     out.write_text('{"index": 0}\n')
-    with pytest.raises(ValueError, match="--out.*config"):
+    with pytest.raises(ValueError, match="^out: .*config"):
         run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
 
 
@@ -239,8 +234,8 @@ def test_crashed_worker_leaves_its_images_unrecorded(tmp_path):
 
 def test_concurrent_run_on_same_file_refused(tmp_path):
     out = tmp_path / "r.jsonl"
-    with runner._exclusive(out):
-        with pytest.raises(ValueError, match="--out.*another running process"):
+    with _exclusive(out):
+        with pytest.raises(ValueError, match="^out: .*another running process"):
             run_jobs(range(2), toy_work, out=out, config=CONFIG, progress=False)
     assert not out.exists()
 
@@ -276,10 +271,10 @@ def test_bad_arguments_named(tmp_path, kwargs, exc, name):
 
 
 def test_out_is_a_folder_or_below_a_file(tmp_path):
-    with pytest.raises(ValueError, match="--out.*folder"):
+    with pytest.raises(ValueError, match="^out: .*folder"):
         run_jobs([0], toy_work, out=tmp_path, config=CONFIG, progress=False)
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="--out: cannot create the folder"):
+    with pytest.raises(ValueError, match="^out: cannot create the folder"):
         run_jobs([0], toy_work, out=tmp_path / "file" / "r.jsonl", config=CONFIG)
 
 
@@ -304,7 +299,7 @@ def test_add_runner_args_and_kwargs():
         "overwrite": True,
     }
     args.func = print
-    cfg = runner.config_from_args(args)
+    cfg = config_from_args(args)
     assert "func" not in cfg and cfg["workers"] == 4
 
 
@@ -384,9 +379,9 @@ def test_existing_records(tmp_path):
     recs = run_jobs(range(3), toy_work, out=out, config=CONFIG, progress=False)
     assert runner.existing_records(out, {**CONFIG, "workers": 3}) == recs
     assert runner.existing_records(out, {**CONFIG, "seed": 9}, overwrite=True) == []
-    with pytest.raises(ValueError, match="--out.*seed"):
+    with pytest.raises(ValueError, match="^out: .*seed"):
         runner.existing_records(out, {**CONFIG, "seed": 9})
-    with pytest.raises(ValueError, match="--out.*exists"):
+    with pytest.raises(ValueError, match="^out: .*exists"):
         runner.existing_records(out, CONFIG, resume=False)
 
 

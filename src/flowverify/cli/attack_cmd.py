@@ -44,7 +44,6 @@ from flowverify.cli.certify_cmd import (
     _cached_model,
     _check_execution,
     _crashed,
-    _flagged,
     _load_inputs,
     _ray_options,
     _save_array,
@@ -86,7 +85,7 @@ def _parse_eps(text: str) -> list[float]:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``attack`` subcommand to ``subparsers``; returns its parser."""
-    from flowverify.runner.jobs import add_runner_args
+    from flowverify.cli.runner_options import add_runner_args
 
     p = subparsers.add_parser(
         "attack",
@@ -244,7 +243,7 @@ def _attack_work(batch: list[int], *, model: str, data: str, attack: dict, devic
     import torch
 
     from flowverify.attacks.pgd import WassersteinPGD
-    from flowverify.runner.jobs import ATTACH_KEY
+    from flowverify.runner import ATTACH_KEY
 
     dev = torch.device(device)
     atk = WassersteinPGD(**attack, device=dev)
@@ -464,8 +463,9 @@ def _check_npz_path(path) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``flowverify attack``; returns the exit code."""
     from flowverify.attacks.pgd import WassersteinPGD
+    from flowverify.cli.runner_options import runner_errors_as_flags, runner_kwargs
     from flowverify.core.results import read_jsonl
-    from flowverify.runner.jobs import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
+    from flowverify.runner import WorkerCrashedError, existing_records, run_jobs
 
     # Every check comes before anything is written.
     eps = None if args.minimize else _parse_eps(args.eps)
@@ -489,7 +489,8 @@ def run(args: argparse.Namespace) -> int:
     npz = None if args.save_adversarial is None else _check_npz_path(args.save_adversarial)
     _, x_all, _, sel, data_spec, model_spec = _load_inputs(args)
     config = _config(args, attack, sel)
-    kept = existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
+    with runner_errors_as_flags():
+        kept = existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
     store = None
     if npz is not None:
         store = _AdversarialStore(npz, x_all)
@@ -507,18 +508,19 @@ def run(args: argparse.Namespace) -> int:
         save=store is not None,
     )
     try:
-        records = run_jobs(
-            sel.tolist(),
-            work,
-            out=args.out,
-            config=config,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            desc="attack",
-            ray_options=_ray_options(args),
-            on_attachment=None if store is None else store.save,
-            **runner_kwargs(args),
-        )
+        with runner_errors_as_flags():
+            records = run_jobs(
+                sel.tolist(),
+                work,
+                out=args.out,
+                config=config,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                desc="attack",
+                ray_options=_ray_options(args),
+                on_attachment=None if store is None else store.save,
+                **runner_kwargs(args),
+            )
     except (KeyboardInterrupt, WorkerCrashedError) as exc:
         # The runner left --out valid and in order: the npz follows it.
         if store is not None and os.path.exists(args.out):
@@ -526,11 +528,6 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exc, WorkerCrashedError):
             return _crashed("attack", exc)
         raise
-    except (ValueError, TypeError) as exc:
-        renamed = _flagged(exc)
-        if renamed is exc:
-            raise
-        raise renamed from None
     if store is not None:
         store.assemble(records)
     summary: dict[float, list[tuple[bool, float, float]]] = {}

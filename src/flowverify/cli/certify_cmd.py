@@ -68,7 +68,7 @@ _DESCRIPTION = (
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``certify`` subcommand to ``subparsers``; return its parser."""
-    from flowverify.runner.jobs import add_runner_args
+    from flowverify.cli.runner_options import add_runner_args
     from flowverify.verification import CERTIFIERS, METHODS
 
     cert_help = "; ".join(f"{m}: {', '.join(c)} (default {c[0]})" for m, c in CERTIFIERS.items())
@@ -427,21 +427,6 @@ def _check_certifiable(model, x: np.ndarray, method: str, certifier: str, scale:
 
 
 #: Runner argument names in messages -> the flags that set them.
-_RUNNER_FLAGS = {
-    "address": "--address",
-    "backend": "--backend",
-    "workers": "--workers",
-    "ray_options": "--device",
-}
-
-
-def _flagged(exc: BaseException) -> BaseException:
-    """A runner error naming a keyword (``address: ...``) renamed to name its flag."""
-    head, sep, _ = str(exc).partition(":")
-    flag = _RUNNER_FLAGS.get(head.strip()) if sep else None
-    return exc if flag is None else _renamed(exc, flag, (head.strip(),))
-
-
 def _save_array(path: str, array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically (temporary file, then ``os.replace``)."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -479,7 +464,7 @@ def _certify_work(batch: list[int], **kw) -> list[dict]:
     ``kw["witness_dir"]`` is set.
     """
     from flowverify.api import certify, iter_certify
-    from flowverify.runner.jobs import ATTACH_KEY
+    from flowverify.runner import ATTACH_KEY
 
     model = _cached_model(kw["model"])
     x_all, y_all = _cached_data(kw["data"])
@@ -564,8 +549,9 @@ def _certify_error(index: int, label: int, method: str, certifier: str, exc: Exc
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flowverify certify``; write the JSONL file; return the exit code."""
+    from flowverify.cli.runner_options import runner_errors_as_flags, runner_kwargs
     from flowverify.core.results import Status
-    from flowverify.runner.jobs import WorkerCrashedError, existing_records, run_jobs, runner_kwargs
+    from flowverify.runner import WorkerCrashedError, existing_records, run_jobs
     from flowverify.transport.references import parse_references
     from flowverify.verification import CERTIFIERS, references_note
 
@@ -622,7 +608,8 @@ def run(args: argparse.Namespace) -> int:
         raise _renamed(exc, "--references", ("references",)) from None
     ref_note = references_note(args.method, certifier, len(refs))
     config = _config(args, certifier, "data" if y_all is not None else "model predictions")
-    existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
+    with runner_errors_as_flags():
+        existing_records(args.out, config, resume=args.resume, overwrite=args.overwrite)
 
     witness_dir = None if args.witness_dir is None else str(args.witness_dir)
     on_attachment = None
@@ -666,25 +653,21 @@ def run(args: argparse.Namespace) -> int:
     del model  # loaded and cached for the serial path; workers load their own
     t0 = time.perf_counter()
     try:
-        records = run_jobs(
-            sel.tolist(),
-            work,
-            out=args.out,
-            config=config,
-            batch_size=1 if args.method.startswith("complete") else args.batch_size,
-            progress=not args.no_progress,
-            desc=f"certify {args.method}",
-            ray_options=_ray_options(args),
-            on_attachment=on_attachment,
-            **runner_kwargs(args),
-        )
+        with runner_errors_as_flags():
+            records = run_jobs(
+                sel.tolist(),
+                work,
+                out=args.out,
+                config=config,
+                batch_size=1 if args.method.startswith("complete") else args.batch_size,
+                progress=not args.no_progress,
+                desc=f"certify {args.method}",
+                ray_options=_ray_options(args),
+                on_attachment=on_attachment,
+                **runner_kwargs(args),
+            )
     except WorkerCrashedError as exc:
         return _crashed("certify", exc)
-    except (ValueError, TypeError) as exc:
-        renamed = _flagged(exc)
-        if renamed is exc:
-            raise
-        raise renamed from None
     counts: dict[str, int] = {}
     radii = []
     for rec in records:
