@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowverify.attacks.pgd import LOSSES, AttackResult, WassersteinPGD, attack
+from flowverify.attacks import LOSSES, AttackResult, WassersteinPGD, attack
 from flowverify.cli import attack_cmd as _cli_attack
 from flowverify.model.flow_model import FlowModel
 from flowverify.transport.flows import w1_distance

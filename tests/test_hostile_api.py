@@ -29,7 +29,7 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import flowverify as fv
-from flowverify.attacks.pgd import LOSSES, SCHEDULES, WassersteinPGD
+from flowverify.attacks import LOSSES, SCHEDULES, WassersteinPGD
 from flowverify.baselines.smoothing import smoothed_certify
 from flowverify.model.flow_model import INPUT_SCALES
 from flowverify.paper.claims import CLAIMS, reproduce, run_claim

@@ -17,7 +17,7 @@ engine, LP, branch and bound, MILP), :mod:`~flowverify.attacks` (section 4, Algo
 """
 
 from flowverify.api import certify
-from flowverify.attacks.pgd import AttackResult, WassersteinPGD, attack
+from flowverify.attacks import AttackResult, WassersteinPGD, attack
 from flowverify.model.flow_model import FlowModel
 from flowverify.transport.flows import apply_flow, incidence_matrix, inverse_flow, w1_distance
 from flowverify.transport.references import make_reference, parse_references

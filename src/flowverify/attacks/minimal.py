@@ -1,167 +1,90 @@
-r"""Minimal-radius search of the attack: budget schedule, then a shrinking-ball search.
+r"""Minimal-radius mode of the attack: the smallest adversarial W1 found per image (section 4).
 
-Used by :class:`flowverify.attacks.pgd.WassersteinPGD` with ``eps=None``.  The search follows
-what the minimal-adversarial literature does (DDN, Rony et al. 2019; FMN, Pintor et al.
-2021; foolbox's minimisation wrappers): first find *any* adversarial with a schedule of
-fixed budgets (:data:`BUDGET_SCHEDULE`, the same runs as a fixed-budget attack at those
-budgets), then shrink it.
+Used by :class:`flowverify.attacks.pgd.WassersteinPGD` with ``eps=None``.  As the
+minimal-adversarial literature does (DDN, Rony et al. 2019; FMN, Pintor et al. 2021), it
+first finds *any* adversarial, then shrinks it.  Per image, the candidates are:
 
-Shrinking (:func:`shrink`) is a fast-minimum-norm iteration in the W1 geometry, batched
-over several starting points per image.  With :math:`w_k` the perturbation flow
-(normalised units) and :math:`\varepsilon_k` the current radius,
+* DeepFool-W1 steps (:mod:`flowverify.attacks.deepfool`: for every candidate class, the
+  smallest W1 budget of mass moves whose first-order gain flips the class, solved exactly
+  by a multiple-choice knapsack, see :func:`flowverify.transport.projection.best_moves`;
+  for a linear model the first step is the exact minimal perturbation), else PGD at
+  doubled budgets (:func:`flowverify.attacks.budget.anchor`);
+* the budget schedule (Algorithm 1 at the budgets of
+  :data:`~flowverify.attacks.budget.BUDGET_SCHEDULE`: the first success, as a fixed-budget
+  run at those budgets would find it);
+* both shrunk by a fast-minimum-norm search (:mod:`flowverify.attacks.shrink`:
+  ``search_steps * steps`` iterations that shrink the ball while the iterate is
+  adversarial and grow it otherwise, several rates batched).
 
-.. math::
-
-    \varepsilon_{k+1} =
-    \begin{cases}
-        \min(\varepsilon_k, \|w_k\|_1)\,(1 - \gamma_k) & \text{if } \mu + Aw_k
-            \text{ is misclassified},\\
-        \min(\varepsilon_k (1 + \gamma_k), \varepsilon^\star) & \text{otherwise,}
-    \end{cases}
-
-    w_{k+1} = P_{S(\varepsilon_{k+1})}\bigl(w_k - \alpha_k \nabla_w L / \|\nabla_w L\|_2\bigr),
-
-where :math:`L` is the margin loss, :math:`\varepsilon^\star` the norm of the best
-adversarial so far, :math:`\gamma_k` decays (cosine) from ``gamma`` to ``gamma / 50``,
-:math:`\alpha_k = \text{step\_size} \cdot \text{cosine}(k) \cdot \varepsilon_{k+1}` and
-:math:`P_S` the feasible-point map of :mod:`flowverify.transport.projection` onto
-:math:`S(\varepsilon) = \{w : \|w\|_1 \le \varepsilon,\ \mu + Aw \ge 0\ (\le u)\}`.
-Every iterate misclassified with a relative margin of ``1e-3`` is a candidate; the one
-of smallest :math:`\|w\|_1` is kept (an upper bound on its exact W1, Theorem 1).  The caller
-re-checks the returned images with the original model and measures their exact W1.
+The returned adversarial is the re-checked candidate of smallest exact W1 (:func:`closest`,
+``inf`` where none was found): an upper bound on the true minimal adversarial radius,
+never above the first success of the schedule.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from flowverify.transport.projection import (
-    _pgd_step_torch,
-    compiled_available,
-    divergence,
-    pgd_step_images,
-)
+from flowverify.attacks.budget import BUDGET_SCHEDULE, anchor, budget_run
+from flowverify.attacks.shrink import shrink_starts
 
-__all__ = ["BUDGET_SCHEDULE", "shrink"]
-
-#: Fixed budgets (normalised W1) tried in ascending order before shrinking; an image not
-#: fooled by any of them continues with doubled budgets up to the grid diameter.
-BUDGET_SCHEDULE = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-
-_SAFETY = 1.0 - 1e-7  # iterates stay inside a slightly smaller ball
-#: An iterate counts as adversarial when another class wins by this fraction of the
-#: largest logit: the search ends on the decision boundary, and a smaller margin would not
-#: survive the rounding of the returned image (float64 repair, cast to the data's dtype).
-_MARGIN = 1e-3
+__all__ = ["candidates", "closest"]
 
 
-def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``f_y - max_{t != y} f_t`` per row of ``logits (N, K)`` (negative: misclassified)."""
-    zy = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
-    return zy - other.max(1).values
+def candidates(settings, ctx):
+    """Candidates of the minimal-radius mode of the batch ``ctx`` (module docstring).
 
-
-def shrink(
-    objective,
-    mu: torch.Tensor,
-    labels: torch.Tensor,
-    idx: torch.Tensor,
-    start: torch.Tensor,
-    *,
-    steps: int,
-    step_size: float,
-    upper: torch.Tensor | None,
-    gamma: float | torch.Tensor = 0.05,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Shrink adversarial perturbations (fast-minimum-norm iteration, module docstring).
-
-    Parameters
-    ----------
-    objective : flowverify.attacks.pgd._Objective
-        Logits of the model at perturbed images.
-    mu : Tensor
-        ``(N, C, H, W)`` images of the whole batch, normalised (mass 1 per channel).
-    labels : Tensor
-        ``(N,)`` classes attacked.
-    idx : Tensor
-        ``(n,)`` batch positions of the rows (an image may appear several times: several
-        starting points are shrunk together).
-    start : Tensor
-        ``(n, C, D)`` feasible perturbation flows (normalised) whose images are
-        misclassified.
-    steps : int
-        Iterations.
-    step_size : float
-        Euclidean step length as a fraction of the current radius (scaled by a cosine).
-    upper : Tensor, optional
-        ``(N, C, 1, 1)`` pixel upper bounds (normalised units).
-    gamma : float or Tensor
-        Initial relative change of the radius per step, or ``(n,)`` one per row.
-
-    Returns
-    -------
-    best : Tensor
-        ``(n, C, D)`` the misclassified iterate of smallest L1 norm of each row
-        (``start`` if none is smaller).
-    norm : Tensor
-        ``(n,)`` float64, its L1 norm (``inf`` if ``start`` itself was not fooled and no
-        iterate was).
+    Returns a list of ``(flow, found, eps, iterations)``: the adversarials found
+    without a budget (:func:`~flowverify.attacks.budget.anchor`: DeepFool-W1, else PGD at
+    doubled budgets) and their shrunk forms, the budget schedule's (for each image the
+    first budget of :data:`~flowverify.attacks.budget.BUDGET_SCHEDULE` at which
+    :func:`~flowverify.attacks.budget.budget_run` fools it, as a fixed-budget run at those
+    budgets), and both shrunk further for ``search_steps * steps`` iterations.  The caller
+    keeps, per image, the re-checked candidate of smallest exact W1.
     """
-    n = idx.numel()
-    height, width = mu.shape[-2], mu.shape[-1]
-    direct = objective.reference is None
-    fast = direct and mu.device.type == "cpu" and compiled_available()
-    sdtype = torch.float64 if fast else mu.dtype
-    mu_s = mu.to(sdtype)
-    w = start.to(sdtype).clone()
-    best = start.clone()
-    best_norm = torch.full((n,), math.inf, dtype=torch.float64, device=mu.device)
-    eps = w.abs().flatten(1).sum(1).double()
-    tau = 1e-9 / (height * width)
-    up = None if upper is None else upper[idx].to(sdtype)
-    gamma = torch.as_tensor(gamma, dtype=torch.float64, device=mu.device).expand(n)
-    x = mu_s[idx] + divergence(w, height, width)
-    for k in range(steps + 1):
-        want = k < steps
-        with torch.set_grad_enabled(want):
-            if direct:
-                leaf = x.detach().to(mu.dtype).requires_grad_(want)
-                logits = objective(leaf, w, idx)
-            else:
-                leaf = w.detach().to(mu.dtype).requires_grad_(want)
-                logits = objective(x, leaf, idx)
-            gap = margin(logits, labels[idx])
-            scale = logits.detach().abs().amax(1).clamp(min=1.0)
-            hit = gap.detach() < -_MARGIN * scale
-            grad = None
-            if want:
-                (grad,) = torch.autograd.grad(gap.sum(), leaf)
-        with torch.no_grad():
-            norm = w.abs().flatten(1).sum(1).double()
-            better = hit & (norm < best_norm)
-            best[better] = w[better].to(best.dtype)
-            best_norm[better] = norm[better]
-            if grad is None:
-                break
-            cos = 0.5 * (1.0 + math.cos(math.pi * k / steps))
-            g = gamma * (0.02 + 0.98 * cos)
-            cap = torch.where(torch.isfinite(best_norm), best_norm, eps)
-            eps = torch.where(
-                hit,
-                torch.minimum(eps, norm) * (1.0 - g),
-                torch.minimum(eps * (1.0 + g), cap),
-            )
-            r = (eps * _SAFETY).to(sdtype)
-            alpha = step_size * cos * r + 1e-12
-            if direct:
-                w, x = pgd_step_images(
-                    w, x, grad.to(sdtype), mu_s[idx], r, alpha, upper=up, tau=tau
-                )
-            else:
-                w = _pgd_step_torch(w, x, grad.to(sdtype), r, alpha, upper=up, tau=tau)
-                x = mu_s[idx] + divergence(w, height, width)
-    return best, best_norm
+    mu = ctx.mu
+    n = mu.shape[0]
+    device, dtype = mu.device, mu.dtype
+    inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+    a_flow, a_norm, a_shrunk, a_shrunk_norm = anchor(settings, ctx)
+    # Budget schedule: what a fixed-budget run at these budgets finds first.
+    sched = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
+    s_found = torch.zeros(n, dtype=torch.bool, device=device)
+    s_eps = inf.clone()
+    iters = ctx.deepfool.iterations.clone()
+    for eps in BUDGET_SCHEDULE:
+        todo = (~s_found).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        radius = torch.full((n,), eps, dtype=dtype, device=device)
+        f, won, it = budget_run(settings, ctx, radius, todo)
+        iters[todo] += it
+        sched[todo[won]], s_found[todo[won]], s_eps[todo[won]] = f[won], True, eps
+    # Shrink further: the schedule's adversarials and the anchor's shrunk ones.
+    steps = settings.search_steps * settings.steps
+    s_shrunk, s_shrunk_norm = shrink_starts(ctx, sched, s_found, steps, settings.step_size)
+    a_ok = torch.isfinite(a_shrunk_norm)
+    a_more, a_more_norm = shrink_starts(ctx, a_shrunk, a_ok, steps, settings.step_size)
+    anchor_steps = torch.isfinite(a_norm).long() * settings.steps  # the anchor's shrinking
+    iters += (s_found.long() + a_ok.long()) * steps + anchor_steps
+    cands = [(a_flow, a_norm), (sched, s_eps), (a_shrunk, a_shrunk_norm)]
+    cands += [(s_shrunk, s_shrunk_norm), (a_more, a_more_norm)]
+    out = []
+    for flow, bound in cands:
+        found = torch.isfinite(bound)
+        eps = torch.where(found, bound * (1 + 1e-6), inf)  # norms: slack for rounding
+        out.append((flow, found, eps.cpu().numpy(), iters))
+    return out
+
+
+def closest(cands: list[dict[str, np.ndarray]], seconds: float) -> dict[str, np.ndarray]:
+    """Per image, the re-checked candidate row of smallest exact W1 (``inf``: failed)."""
+    w1 = np.stack([c["w1"] for c in cands])  # (K, n), inf where the re-check failed
+    pick = np.argmin(w1, axis=0)
+    n = pick.shape[0]
+    out = {k: np.stack([c[k] for c in cands])[pick, np.arange(n)] for k in cands[0]}
+    out["seconds"] = np.full(n, seconds / max(n, 1))
+    return out

@@ -696,7 +696,7 @@ def _w1_rows(x: np.ndarray, adv: np.ndarray, success: np.ndarray) -> np.ndarray:
 
 def _claim_fig2(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Adversarial examples of both attacks (section 4, Fig. 2)."""
-    from flowverify.attacks.pgd import attack
+    from flowverify.attacks import attack
     from flowverify.model.loading import load_model
 
     res = ClaimResult("fig2", "Adversarial examples [4, Fig. 2]", PAPER["fig2"], dict(cfg))
@@ -796,7 +796,7 @@ def _claim_fig2(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
 def _claim_attack(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
     """Attack size and time against Wong et al. (section 4)."""
     from flowverify.api import certify
-    from flowverify.attacks.pgd import attack
+    from flowverify.attacks import attack
     from flowverify.model.loading import load_model
 
     res = ClaimResult("attack", "Attack size and time [4]", PAPER["attack"], dict(cfg))
