@@ -32,7 +32,7 @@ import flowverify as fv
 from flowverify.attacks.pgd import LOSSES, SCHEDULES, WassersteinPGD
 from flowverify.baselines.smoothing import smoothed_certify
 from flowverify.model.flow_model import INPUT_SCALES
-from flowverify.paper.claims import CLAIMS, reproduce, run_claim
+from flowverify.paper.run import CLAIMS, reproduce, run_claim
 from flowverify.report.writer import PLOT_FORMATS, write_report
 from flowverify.verification.api import CERTIFIERS, METHODS, UNITS
 
