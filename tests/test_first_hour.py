@@ -353,7 +353,7 @@ def test_sandwich_ticks_are_indices():
 
 
 def test_find_data_order(tmp_path, monkeypatch):
-    from flowverify.paper import claims as rp
+    from flowverify.paper import common as rp
 
     monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # an installed copy
     monkeypatch.delenv(rp.DATA_ENV, raising=False)
@@ -380,7 +380,7 @@ def test_find_data_order(tmp_path, monkeypatch):
 def test_reproduce_without_data_fails_clearly_or_says_it_uses_the_bundled_digits(
     tmp_path, monkeypatch, capsys
 ):
-    from flowverify.paper import claims as rp
+    from flowverify.paper import common as rp
 
     monkeypatch.setattr(rp, "_REPO", tmp_path / "site-packages")  # not a checkout
     monkeypatch.delenv(rp.DATA_ENV, raising=False)

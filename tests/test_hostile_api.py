@@ -32,7 +32,7 @@ import flowverify as fv
 from flowverify.attacks import LOSSES, SCHEDULES, WassersteinPGD
 from flowverify.baselines.smoothing import smoothed_certify
 from flowverify.model.flow_model import INPUT_SCALES
-from flowverify.paper.claims import CLAIMS, reproduce, run_claim
+from flowverify.paper.run import CLAIMS, reproduce, run_claim
 from flowverify.report.plots import PLOT_FORMATS
 from flowverify.report.writer import write_report
 from flowverify.verification import CERTIFIERS, METHODS, UNITS

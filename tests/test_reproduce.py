@@ -16,7 +16,7 @@ import math
 import pytest
 
 from flowverify.cli import app as cli
-from flowverify.paper.claims import CLAIMS, reproduce, run_claim
+from flowverify.paper.run import CLAIMS, reproduce, run_claim
 
 REL = 1e-9
 

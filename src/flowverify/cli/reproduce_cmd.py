@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from flowverify.paper.claims import CLAIMS, SETTINGS
+from flowverify.paper.run import CLAIMS, SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flowverify reproduce``; returns the exit code (0)."""
-    from flowverify.paper.claims import DATA_ENV, find_data, reproduce
+    from flowverify.paper.common import DATA_ENV, find_data
+    from flowverify.paper.run import reproduce
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n: expected a positive number of digits, got {args.n}")
