@@ -44,7 +44,7 @@ from flowverify.model.loading import load_model
 from flowverify.transport.flows import inverse_flow
 from flowverify.transport.references import make_reference
 from flowverify.verification import _bab, _relaxlp
-from flowverify.verification import bounds as _b
+from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification._chain import affine_chain
 from flowverify.verification._exact import _block_incidence
 from flowverify.verification._milp import milp_exact
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         feasible=True,
         amat=_block_incidence(28, 28, 1),
     )
-    bound_fn = functools.partial(_b.relu_bounds, height=28, width=28, device="cpu")
+    bound_fn = functools.partial(_chain_crown.relu_bounds, height=28, width=28, device="cpu")
     factors = [float(f) for f in args.factors.split(",")]
     cap = max(factors) * r_f
     print(

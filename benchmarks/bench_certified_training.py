@@ -41,7 +41,7 @@ from torch import nn
 import flowverify
 from flowverify.io.datasets import load_images
 from flowverify.model.loading import build_architecture, load_model
-from flowverify.verification.bounds import _grad_absmax_t
+from flowverify.verification.ball import _grad_absmax_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_models import N_TRAIN, random_shift  # noqa: E402

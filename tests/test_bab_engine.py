@@ -160,7 +160,7 @@ def test_refined_bounds_of_a_subdomain_hold_on_its_points():
     s = np.minimum(1.0, eps * rng.uniform(size=len(other)) / w1)
     nus = img[None] + s[:, None, None, None] * (other - img[None])
     # and the images of D_ε that push each second-layer neuron furthest, linearised at µ
-    from flowverify.verification.bounds import polytope_plan
+    from flowverify.verification.polytope import polytope_plan
 
     x = torch.tensor(img[None], requires_grad=True)
     z = x

@@ -17,7 +17,11 @@ from torch import nn
 import flowverify as fv
 from flowverify.io.datasets import load_images
 from flowverify.transport.flows import apply_flow_adjoint, incidence_matrix
-from flowverify.verification import bounds as B
+from flowverify.verification import ball as _ball
+from flowverify.verification import chain_crown as _chain_crown
+from flowverify.verification import flownet as _flownet
+from flowverify.verification import polytope as _polytope
+from flowverify.verification import search as _search
 from flowverify.verification._chain import affine_chain
 
 
@@ -49,7 +53,7 @@ def test_polytope_gain_is_the_lp_optimum(c):
     for _ in range(6):
         mu, q = _random_problem(rng, c)
         eps = float(rng.random() * 3)
-        gain = B.polytope_gain(q, mu, eps)
+        gain = _polytope.polytope_gain(q, mu, eps)
         exact = np.array([_lp_gain(row, mu, eps) for row in q])
         np.testing.assert_allclose(gain, exact, rtol=1e-9, atol=1e-9)
         ball = eps * np.array(
@@ -63,7 +67,7 @@ def test_polytope_radius_is_tight_and_sound():
     for _ in range(5):
         mu, q = _random_problem(rng)
         margin = rng.random(4) * 2 + 0.05
-        rad = B.polytope_radius(q, mu, margin)
+        rad = _polytope.polytope_radius(q, mu, margin)
         for k in range(4):
             if not np.isfinite(rad[k]):
                 assert _lp_gain(q[k], mu, 1e3) <= margin[k] + 1e-9
@@ -77,7 +81,7 @@ def test_polytope_plan_is_a_feasible_maximiser():
     for _ in range(5):
         mu, q = _random_problem(rng)
         eps = float(rng.random() * 2)
-        nu = B.polytope_plan(q, mu, eps)
+        nu = _polytope.polytope_plan(q, mu, eps)
         for k in range(len(q)):
             assert nu[k].min() >= -1e-12
             np.testing.assert_allclose(nu[k].sum(), mu.sum(), rtol=1e-12)
@@ -95,7 +99,7 @@ def test_flow_weights_to_image_space():
         nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)).double(), img, fuse=True
     )
     chain = affine_chain(fm, 0)
-    g, resid = B.flow_to_image_weights(chain.weights[0], (2, 7, 7))
+    g, resid = _flownet.flow_to_image_weights(chain.weights[0], (2, 7, 7))
     back = apply_flow_adjoint(g.reshape(-1, 2, 7, 7)).reshape(g.shape[0], -1)
     assert np.abs(back - chain.weights[0]).max(axis=1).max() <= resid.max() <= 1e-12
     # convolution rows stay sparse (receptive field only)
@@ -159,12 +163,16 @@ def test_relu_bounds_contain_samples(feasible, conv):
     model = _net(1, [8, 6, 3], c=x.shape[0], conv=conv)
     chain, dmu, ref = _setup(model, x)
     eps = 0.6
-    bnds = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=feasible, height=6, width=6)
+    bnds = _chain_crown.relu_bounds(
+        chain, dmu, ref.ravel(), eps, feasible=feasible, height=6, width=6
+    )
     pts = dmu + _samples(rng, x, eps, 300, feasible)
     for (lo, up), z in zip(bnds, _activations(chain, pts), strict=True):
         assert np.all(z >= lo - 1e-9) and np.all(z <= up + 1e-9)
     if feasible:  # the polytope never loosens a bound
-        ball = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=False, height=6, width=6)
+        ball = _chain_crown.relu_bounds(
+            chain, dmu, ref.ravel(), eps, feasible=False, height=6, width=6
+        )
         for (lo, up), (bl, bu) in zip(bnds, ball, strict=True):
             assert np.all(lo >= bl - 1e-12) and np.all(up <= bu + 1e-12)
 
@@ -175,14 +183,14 @@ def test_relu_bounds_with_splits():
     model = _net(2, [10, 8, 3])
     chain, dmu, ref = _setup(model, x)
     eps = 0.8
-    lo0, up0 = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True)[0]
+    lo0, up0 = _chain_crown.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True)[0]
     unstable = np.flatnonzero((lo0 < 0) & (up0 > 0))
     assert unstable.size >= 2
     splits = [np.zeros(10, dtype=np.int8), np.zeros(8, dtype=np.int8)]
     centre = chain.weights[0] @ dmu + chain.biases[0]
     u0, u1 = unstable[:2]
     splits[0][u0], splits[0][u1] = np.where(centre[[u0, u1]] >= 0, 1, -1)
-    bnds = B.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True, splits=splits)
+    bnds = _chain_crown.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True, splits=splits)
     for u in (u0, u1):
         assert (bnds[0][0][u] >= 0) if splits[0][u] > 0 else (bnds[0][1][u] <= 0)
     pts = dmu + _samples(rng, x, eps, 2000, True)
@@ -219,11 +227,11 @@ def test_search_radius_finds_the_fixed_point():
     def oracle(idx, e):
         return np.maximum(e_star[idx] - 0.7 * (e - e_star[idx]), 0.0)
 
-    res = B.search_radius(oracle, np.full(3, 100.0), rtol=1e-3)
+    res = _search.search_radius(oracle, np.full(3, 100.0), rtol=1e-3)
     assert np.all(res.converged) and np.all(res.lower <= e_star + 1e-12)
     assert np.all(res.lower >= e_star / (1 + 1e-3))
     assert np.all(res.probes <= 12)
-    start = B.search_radius(oracle, np.full(3, 100.0), lower_init=e_star * 0.9)
+    start = _search.search_radius(oracle, np.full(3, 100.0), lower_init=e_star * 0.9)
     assert np.all(start.lower >= e_star * 0.9) and np.all(start.converged)
 
 
@@ -255,14 +263,14 @@ def test_float32_norm_is_a_rigorous_upper_bound(seed):
     rows = np.ones(lam.shape[:2], dtype=np.bool_)
     rows[0, 1] = rows[0, 1 + lam.shape[1] // 2] = False
     G32, gmax = G.astype(np.float32), np.abs(G).max(axis=1)
-    got = B._lam_g_lip(lam, G, scale, rows, True, c, h, w, G32=G32, g_absmax=gmax)
+    got = _ball._lam_g_lip(lam, G, scale, rows, True, c, h, w, G32=G32, g_absmax=gmax)
     exact = _exact_pair_norms(lam, G, scale, c, h, w)
     exact[~rows] = 0.0
-    err = B._f32_dot_error(lam, gmax, scale)
+    err = _ball._f32_dot_error(lam, gmax, scale)
     assert np.all(got >= exact)
     assert np.all(got <= exact * (1 + 1e-6) + 2 * err)  # error either way, then + err
     # the error term is needed: float32 sums alone fall below the exact norm here
-    raw = B._lam_g_lip_par(
+    raw = _ball._lam_g_lip_par(
         lam.astype(np.float32), G32, np.zeros_like(err), 1.0, scale, rows, True, c, h, w
     )
     assert np.any(raw < exact)
@@ -274,18 +282,22 @@ def test_float32_norm_falls_back_to_float64_on_huge_coefficients():
     lam *= 1e35
     rows = np.ones(lam.shape[:2], dtype=np.bool_)
     gmax = np.abs(G).max(axis=1)
-    assert B._f32_dot_error(lam, gmax, scale) is None
-    got = B._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax)
-    ref = B._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6)
+    assert _ball._f32_dot_error(lam, gmax, scale) is None
+    got = _ball._lam_g_lip(
+        lam, G, scale, rows, True, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax
+    )
+    ref = _ball._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6)
     np.testing.assert_array_equal(got, ref)
 
 
 def test_vanilla_radii_with_float32_norms_match_float64(monkeypatch):
     x, y = load_images("bundled", indices="0:8")
     r32 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
-    monkeypatch.setattr(B, "_F32_SAFE", 0.0)  # every FlowNet built now has no float32 copy
-    B._NET_CACHE.clear()
+    # every FlowNet built now has no float32 copy
+    monkeypatch.setattr(_flownet, "_F32_SAFE", 0.0)
+    monkeypatch.setattr(_ball, "_F32_SAFE", 0.0)
+    _chain_crown._NET_CACHE.clear()
     r64 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
-    B._NET_CACHE.clear()
+    _chain_crown._NET_CACHE.clear()
     assert np.any(r64 > 0)
     np.testing.assert_allclose(r32, r64, rtol=2e-3)

@@ -19,7 +19,8 @@ from flowverify.core.results import Status
 from flowverify.io.datasets import bundled_digits
 from flowverify.model.loading import Elementwise, load_model
 from flowverify.transport.flows import apply_flow, flow_dim
-from flowverify.verification import bounds as B
+from flowverify.verification import polytope as _polytope
+from flowverify.verification import search as _search
 from flowverify.verification.engine import DOMAINS, EngineProblem, build_graph, make_domain
 
 
@@ -123,7 +124,7 @@ def _samples(domain, mu, eps, rng, count=40):
         for _ in range(count):
             if domain == "w1-polytope":
                 q = rng.normal(size=mu.size)
-                pts.append(B.polytope_plan(q, mu, eps)[0])
+                pts.append(_polytope.polytope_plan(q, mu, eps)[0])
             else:
                 g = rng.normal(size=(c, flow_dim(h, w))) * (rng.random((c, flow_dim(h, w))) < 0.05)
                 g *= eps / max(np.abs(g).sum(), 1e-12)
@@ -215,7 +216,7 @@ def test_engine_matches_the_chain_certifier_on_the_bundled_fc():
     mass = x.sum(axis=(1, 2, 3))
     for method, domain in (("vanilla", "w1-ball"), ("feasible", "w1-polytope")):
         prob = EngineProblem(g, x, y, make_domain(domain, x))
-        eng = B.search_radius(prob, e_max, rtol=1e-6).lower / mass
+        eng = _search.search_radius(prob, e_max, rtol=1e-6).lower / mass
         old = np.array([r.radius for r in fv.certify(model, x, y, method=method, rtol=1e-6)])
         np.testing.assert_allclose(eng, old, rtol=1e-4)
 

@@ -8,7 +8,7 @@ import pytest
 import flowverify as fv
 from flowverify.core.results import Status
 from flowverify.io.datasets import bundled_digits
-from flowverify.verification import bounds as B
+from flowverify.verification import search as _search
 
 
 def _cliff_oracle(e_star):
@@ -25,7 +25,7 @@ def test_search_reaches_a_small_radius_far_below_the_first_estimate():
     # F(0) overestimates the radius by ~50x and every failing probe returns 0: regula
     # falsi anchored at the failing end used to creep down and stop at lower = 0
     e_star = np.array([1e-3, 0.02, 2.0])
-    res = B.search_radius(_cliff_oracle(e_star), np.full(3, 100.0), rtol=1e-3)
+    res = _search.search_radius(_cliff_oracle(e_star), np.full(3, 100.0), rtol=1e-3)
     assert np.all(res.converged), res
     assert np.all(res.lower <= e_star * (1 + 1e-12))
     assert np.all(res.lower >= e_star / (1 + 1e-3))
@@ -34,7 +34,7 @@ def test_search_reaches_a_small_radius_far_below_the_first_estimate():
 
 def test_search_cut_by_its_probe_limit_says_so():
     e_star = np.array([0.02])
-    res = B.search_radius(_cliff_oracle(e_star), np.full(1, 100.0), rtol=1e-3, max_probes=4)
+    res = _search.search_radius(_cliff_oracle(e_star), np.full(1, 100.0), rtol=1e-3, max_probes=4)
     assert not res.converged[0] and res.lower[0] <= e_star[0]
 
 

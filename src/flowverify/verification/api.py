@@ -17,7 +17,7 @@ Table 1):
 ``"feasible"``
     The polytope ``B_ε(δµ) ∩ {R + Aδ >= 0}`` (Lemma 5, Theorem 6): the same engine with
     every intermediate and final bound minimised exactly over the polytope (Kantorovich
-    dual, :func:`~flowverify.verification.bounds.polytope_gain`), or the LP relaxation solved
+    dual, :func:`~flowverify.verification.polytope.polytope_gain`), or the LP relaxation solved
     by HiGHS (``"lp"``, :mod:`flowverify.verification.lp`, chains of Linear/Conv2d/ReLU).
     Never below ``"vanilla"`` (its search starts from the vanilla radius); exact
     (Lemma 8) for a linear model.
@@ -34,7 +34,7 @@ first reference only: their radius does not depend on it, Table 1.  Several refe
 therefore cost nothing but give nothing either; a warning says so, once per call.)
 
 Radii of incomplete methods come from a search on ``ε`` to a relative tolerance
-``rtol`` (:func:`~flowverify.verification.bounds.search_radius`); the reported value is the
+``rtol`` (:func:`~flowverify.verification.search.search_radius`); the reported value is the
 largest radius certified.  ``eps=`` instead decides one radius: ``certified``,
 ``falsified`` (a Frank-Wolfe attack found an adversarial image within ``eps``) or
 ``unknown``.

@@ -18,7 +18,7 @@ from flowverify.model.flow_model import (
 )
 from flowverify.transport.flows import inverse_flow
 from flowverify.transport.references import Reference
-from flowverify.verification import bounds as _b
+from flowverify.verification import flownet as _flownet
 from flowverify.verification._chain import affine_chain
 from flowverify.verification.checks import INVERSE_METHOD, _model_input, _prefix
 from flowverify.verification.result import CertifyResult
@@ -52,7 +52,7 @@ def _problem(ctx: _Ctx, x: np.ndarray, refs: np.ndarray, labels: np.ndarray):
     fm = FlowModel(ctx.model64, torch.as_tensor(refs), input_scale=ctx.input_scale, fuse=True)
     chain0 = affine_chain(fm, 0)
     scale = fm.scale.detach().to(torch.float64).cpu()  # (n, C)
-    net = _b.FlowNet.from_chain(chain0, (c, h, w), scale=scale[0].numpy(), device=ctx.device)
+    net = _flownet.FlowNet.from_chain(chain0, (c, h, w), scale=scale[0].numpy(), device=ctx.device)
     xin = _model_input(
         torch.as_tensor(x), scale if ctx.input_scale == "normalised" else None, ctx.flat
     )
@@ -66,7 +66,7 @@ def _problem(ctx: _Ctx, x: np.ndarray, refs: np.ndarray, labels: np.ndarray):
         raise RuntimeError(
             f"internal: the fused chain and the model disagree at the image by {err:g}"
         )
-    batch = _b.Batch.build(net, centre, 1.0 / scale.numpy(), x.reshape(n, -1), labels)
+    batch = _flownet.Batch.build(net, centre, 1.0 / scale.numpy(), x.reshape(n, -1), labels)
     return net, batch
 
 

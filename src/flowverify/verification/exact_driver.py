@@ -19,7 +19,7 @@ from flowverify.model.flow_model import (
     FlowModel,
 )
 from flowverify.transport.flows import apply_flow, inverse_flow, w1_distance
-from flowverify.verification import bounds as _b
+from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification._chain import affine_chain
 from flowverify.verification.checks import INVERSE_METHOD, _check_architecture, _e_max
 from flowverify.verification.complete import exact_radius
@@ -78,7 +78,9 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
         lower_bound=lower,
         upper_bound=upper,
         witness_flow=witness_flow,
-        bound_fn=functools.partial(_b.relu_bounds, height=h, width=w, device=str(ctx.device)),
+        bound_fn=functools.partial(
+            _chain_crown.relu_bounds, height=h, width=w, device=str(ctx.device)
+        ),
         algorithm="bab" if ctx.certifier == "beta-crown" else ctx.certifier,
     )
     res = exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)

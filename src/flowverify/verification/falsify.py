@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flowverify.transport.flows import w1_distance
-from flowverify.verification import bounds as _b
+from flowverify.verification import polytope as _polytope
 from flowverify.verification.checks import _model_input
 from flowverify.verification.context import _Ctx, _predict
 
@@ -43,7 +43,7 @@ def _model_margins(ctx: _Ctx, labels):
 def _fw_attack(ctx: _Ctx, margin_fn, x: np.ndarray, labels, eps_raw, steps: int = 25):
     r"""Frank-Wolfe on ``{ν >= 0, W1(µ, ν) <= ε}`` minimising the smallest margin.
 
-    The linear minimisation oracle is exact (:func:`bounds.polytope_plan`) and the set is
+    The linear minimisation oracle is exact (:func:`~.polytope.polytope_plan`) and the set is
     convex, so every iterate is an image of the input's mass within W1 ``ε``.  Returns
     ``(success (n,), images (n, C, H, W))``; a success is re-checked on the given model.
     """
@@ -61,7 +61,10 @@ def _fw_attack(ctx: _Ctx, margin_fn, x: np.ndarray, labels, eps_raw, steps: int 
             (grad,) = torch.autograd.grad(margin_fn(act, cur).sum(), cur)
         g_np = grad.detach().cpu().numpy().reshape(act.size, -1)
         vert = np.stack(
-            [_b.polytope_plan(g_np[j], x[i], float(eps_raw[i]))[0] for j, i in enumerate(act)]
+            [
+                _polytope.polytope_plan(g_np[j], x[i], float(eps_raw[i]))[0]
+                for j, i in enumerate(act)
+            ]
         )
         vert_t = torch.as_tensor(vert, device=ctx.device)
         best_m = torch.full((act.size,), math.inf, dtype=torch.float64, device=ctx.device)

@@ -10,7 +10,7 @@ import numpy as np
 
 from flowverify.core.results import Status
 from flowverify.transport.flows import w1_distance
-from flowverify.verification import bounds as _b
+from flowverify.verification import search as _search
 from flowverify.verification.checks import _e_max
 from flowverify.verification.context import (
     _build_ref,
@@ -45,7 +45,7 @@ def _lp_radii(ctx: _Ctx, x, refs, labels, eps_raw, lower):
         return best, np.ones(n, dtype=bool)
     if net.num_relu == 0:  # polytope CROWN is already exact (Lemma 8) on a linear model
         return lower, np.ones(n, dtype=bool)
-    res = _b.search_radius(
+    res = _search.search_radius(
         LPOracle(net, batch), e_max, rtol=ctx.rtol, deadline=_deadline(ctx, n), lower_init=lower
     )
     return np.maximum(res.lower, lower), res.converged
@@ -90,7 +90,7 @@ def _engine_radii(ctx: _Ctx, x, labels, eps_raw, *, method=None, certifier=None)
                 val = np.minimum(np.maximum(np.minimum(f_val, eps_raw[todo]), 0.0), e_max[todo])
                 best[todo] = np.maximum(best[todo], val)
             continue
-        res = _b.search_radius(
+        res = _search.search_radius(
             prob,
             e_max,
             linear=linear,

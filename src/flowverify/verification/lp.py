@@ -2,7 +2,7 @@ r"""The LP relaxation of a flow-domain ReLU network over the feasibility polytop
 
 For one image, a radius ``ε`` and a target class ``t``, with pre-activation bounds
 ``l_k <= z_k <= u_k`` valid on the polytope (CROWN tightened over the polytope,
-:mod:`flowverify.verification.bounds`), the LP
+:mod:`flowverify.verification.chain_crown`), the LP
 
 .. math::
 
@@ -37,7 +37,9 @@ import torch
 
 from flowverify.core.interrupt import raise_if_interrupted
 from flowverify.transport.flows import incidence_matrix
-from flowverify.verification import bounds as _b
+from flowverify.verification import chain_crown as _chain_crown
+from flowverify.verification import flownet as _flownet
+from flowverify.verification import numerics as _numerics
 from flowverify.verification._highs import new_highs, set_time_limit
 
 __all__ = ["LPOracle", "lp_margin_bounds"]
@@ -56,7 +58,7 @@ def _highs(time_limit: float | None) -> highspy.Highs:
 class _Model:
     """The LP of one image at one radius, without objective (one column block per layer)."""
 
-    def __init__(self, net: _b.FlowNet, batch: _b.Batch, b: int, bounds, eps: float):
+    def __init__(self, net: _flownet.FlowNet, batch: _flownet.Batch, b: int, bounds, eps: float):
         c, h, w = net.shape
         p = c * h * w
         a_one = incidence_matrix(h, w)
@@ -103,7 +105,7 @@ class _Model:
             ]
         )
         rows.append(blk)
-        tol = _b.BOUND_RTOL * (1 + np.abs(cen))
+        tol = _numerics.BOUND_RTOL * (1 + np.abs(cen))
         r_lo.append(cen - resid - tol)
         r_up.append(cen + resid + tol)
         # z_k - W_k a_{k-1} = b_k
@@ -211,8 +213,8 @@ class _Model:
 
 
 def lp_margin_bounds(
-    net: _b.FlowNet,
-    batch: _b.Batch,
+    net: _flownet.FlowNet,
+    batch: _flownet.Batch,
     b: int,
     bounds,
     eps: float,
@@ -256,7 +258,9 @@ class LPOracle:
     safe bound gives the largest ``ε' <= ε`` at which the margin stays positive.
     """
 
-    def __init__(self, net: _b.FlowNet, batch: _b.Batch, *, time_limit: float | None = None):
+    def __init__(
+        self, net: _flownet.FlowNet, batch: _flownet.Batch, *, time_limit: float | None = None
+    ):
         self.net, self.batch, self.time_limit = net, batch, time_limit
 
     def __call__(self, idx: np.ndarray, eps: np.ndarray) -> np.ndarray:
@@ -265,9 +269,9 @@ class LPOracle:
         eps = np.asarray(eps, dtype=np.float64)
         eps_t = torch.as_tensor(eps, device=net.device)
         with torch.no_grad():
-            bounds = _b.layer_bounds_batch(net, sub, eps_t, feasible=True)
-            lin = _b.final_linear(net, sub, bounds)
-            rad = _b.polytope_radius_batch(net, sub, lin, eps).cpu().numpy()
+            bounds = _chain_crown.layer_bounds_batch(net, sub, eps_t, feasible=True)
+            lin = _chain_crown.final_linear(net, sub, bounds)
+            rad = _chain_crown.polytope_radius_batch(net, sub, lin, eps).cpu().numpy()
         if not net.num_relu:
             return rad.min(axis=1)
         for b in range(len(idx)):
@@ -284,7 +288,7 @@ class LPOracle:
                 logger.exception("lp: the LP relaxation failed; keeping the CROWN radius")
                 continue
             for t, (beta, slope) in res.items():
-                tol = _b.MARGIN_RTOL * (1.0 + abs(beta))
+                tol = _numerics.MARGIN_RTOL * (1.0 + abs(beta))
                 if beta > tol:
                     r_t = e
                 elif slope > 0:

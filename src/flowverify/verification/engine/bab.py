@@ -16,9 +16,9 @@ A *subdomain* fixes the phase of some (leaky) ReLU neurons, ``s_j z_j >= 0`` wit
 * ``α`` and ``β`` optimised by Adam for the bound, projected on ``[a, 1]`` and
   ``[0, ∞)``, warm-started from the parent, for a batch of subdomains at once.  Every
   iterate is a sound bound; the best is kept.  The polytope enters through its
-  Kantorovich dual (:func:`~..bounds.polytope_gain_rows`), whose gradient in ``q`` is
+  Kantorovich dual (:func:`~..polytope.polytope_gain_rows`), whose gradient in ``q`` is
   ``µ - ν*`` with ``ν*`` the image of the optimal transport plan
-  (:func:`~..bounds.polytope_plan`).
+  (:func:`~..polytope.polytope_plan`).
 
 Branching (BaBSR-like): in each subdomain, the unstable neuron whose triangle relaxation
 costs the bound most, ``Σ_t -min(Λ_tj, 0) b_j`` over the open margins (``b_j`` the upper
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowverify.verification import bounds as _b
+from flowverify.verification import numerics as _numerics
+from flowverify.verification import polytope as _polytope
 from flowverify.verification.engine import activations as act
 from flowverify.verification.engine.crown import EngineProblem
 from flowverify.verification.engine.domains import make_domain
@@ -194,7 +195,7 @@ class SplitBab:
         if slopes:
             slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
             if kk.numel():
-                nu = _b.polytope_plan(sel, self.mu, e, iters=PLAN_ITERS)
+                nu = _polytope.polytope_plan(sel, self.mu, e, iters=PLAN_ITERS)
                 slope[kk, rr] = torch.as_tensor(
                     self.mu.reshape(1, -1) - nu.reshape(sel.shape[0], -1),
                     dtype=q.dtype,
@@ -335,7 +336,7 @@ class SplitBab:
                 slope = fresh if replan else slope
             if evaluate:
                 with torch.no_grad():
-                    val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
+                    val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
                 better = (val > best) & open_rows
                 if bool(better.any()):
                     best = torch.where(better, val, best)
@@ -397,7 +398,9 @@ class SplitBab:
         if not rows:
             return None
         qs = np.stack([q[k, r].reshape(-1).cpu().numpy() for k, r in rows])
-        nu = _b.polytope_plan(qs, self.mu, float(eps) * (1 - 1e-9))  # inside D_ε after rounding
+        nu = _polytope.polytope_plan(
+            qs, self.mu, float(eps) * (1 - 1e-9)
+        )  # inside D_ε after rounding
         logits = self.logits(nu)
         bad = np.flatnonzero(logits.argmax(axis=1) != self.label)
         return nu[bad[0]] if bad.size else None

@@ -10,11 +10,11 @@ W1 ball or polytope of Theorems 3 and 6, or an Lp ball.
 
 :class:`EngineProblem` computes the pre-activation bounds of every activation in
 execution order (interval arithmetic first, CROWN for the neurons it leaves unstable)
-and gives the radius oracle ``F(ε)`` of :func:`~..bounds.search_radius`: every margin
+and gives the radius oracle ``F(ε)`` of :func:`~..search.search_radius`: every margin
 stays positive on ``D_ε'`` for ``ε' <= min(ε, F(ε))``, since the relaxations built at
 ``ε`` hold on every smaller region.  Intermediate bounds are widened by
-:data:`~..bounds.BOUND_RTOL` and margins must exceed
-:func:`~..bounds.margin_tolerance` before they count (float64 throughout).
+:data:`~..numerics.BOUND_RTOL` and margins must exceed
+:func:`~..numerics.margin_tolerance` before they count (float64 throughout).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import math
 import numpy as np
 import torch
 
-from flowverify.verification import bounds as _b
+from flowverify.verification import flownet as _flownet
+from flowverify.verification import numerics as _numerics
+from flowverify.verification import search as _search
 from flowverify.verification.engine import activations as act
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
@@ -130,14 +132,14 @@ class EngineProblem:
         n, c = self.x.shape[:2]
         inv = np.ones((n, c)) if inv_scale is None else np.asarray(inv_scale, np.float64)
         self.inv_scale = torch.as_tensor(np.broadcast_to(inv, (n, c)).copy(), **kw)
-        spec = _b.margin_spec(labels, graph.num_classes)
+        spec = _flownet.margin_spec(labels, graph.num_classes)
         self.spec = torch.as_tensor(spec, **kw).reshape(n, spec.shape[1], *graph.nodes[-1].shape)
         self.pre = graph.pre_activations()
         self.front = _linear_front(graph, self.pre)
         self._ends = sorted(self.front) + (
             [0] if _reaches_input(graph, self.pre, self.front) else []
         )
-        self._front_net: _b.FlowNet | None = None
+        self._front_net: _flownet.FlowNet | None = None
 
     @property
     def size(self) -> int:
@@ -150,7 +152,7 @@ class EngineProblem:
         return u.reshape(u.shape[0], *self.graph.nodes[0].shape)
 
     def _front(self):
-        """The linear front as one map: a :class:`~..bounds.FlowNet` whose image-space rows
+        """The linear front as one map: a :class:`~..flownet.FlowNet` whose image-space rows
         ``G`` stack the rows ``Q_j`` of every front node (and the identity for the input
         when a bound can reach it directly), and the values of those rows at the images.
 
@@ -167,9 +169,9 @@ class EngineProblem:
 
     def linear(
         self, idx, start: int, lam: torch.Tensor, relax: dict, beta=None, **hooks
-    ) -> _b.Linear:
+    ) -> _flownet.Linear:
         """The lower bound of ``Λ x_start + β`` as ``Λ' z_front + β'`` (a
-        :class:`~..bounds.Linear` on the front's rows, centre = its value at ``µ``);
+        :class:`~..flownet.Linear` on the front's rows, centre = its value at ``µ``);
         ``hooks``: ``extra``/``record`` of :func:`backward`."""
         net = self._front()
         ends, beta = backward(self.graph, start, lam, relax, stop=self.front, beta=beta, **hooks)
@@ -183,18 +185,18 @@ class EngineProblem:
                 lam_f[:, :, lo:hi] = lj.reshape(b, r, -1)
         # an element-wise product and a row sum: the same value whatever the batch
         centre = (lam_f * self._front_vals[idx][:, None, :]).sum(dim=2) + beta
-        return _b.Linear(lam_f, centre, torch.zeros_like(centre), self.inv_scale[idx])
+        return _flownet.Linear(lam_f, centre, torch.zeros_like(centre), self.inv_scale[idx])
 
-    def q(self, lin: _b.Linear) -> torch.Tensor:
+    def q(self, lin: _flownet.Linear) -> torch.Tensor:
         """Image-space coefficients ``(B, R, C, H, W)`` of a bound."""
         q = lin.q(self._front_net)
         return q.reshape(*q.shape[:2], *self.x.shape[1:])
 
-    def norm(self, lin: _b.Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
+    def norm(self, lin: _flownet.Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
         """The domain's dual norm of each bound ``(B, R)`` (``rows``: where needed)."""
         if self.domain.w1:
             mask = None if rows is None else rows.detach().cpu().numpy()
-            return _b.ball_norm(self._front_net, lin, mask, paired=paired)
+            return _flownet.ball_norm(self._front_net, lin, mask, paired=paired)
         return self.domain.norm(self.q(lin))
 
     # ------------------------------------------------------------- bounds and oracle
@@ -270,7 +272,7 @@ class EngineProblem:
         k = old_lo.shape[1]
 
         def tighten(gain):
-            val = centre - gain - _b._widen(centre, gain)
+            val = centre - gain - _numerics._widen(centre, gain)
             new_lo = torch.where(valid, torch.maximum(old_lo, val[:, :k]), old_lo)
             new_up = torch.where(valid, torch.minimum(old_up, -val[:, k:]), old_up)
             return new_lo, torch.maximum(new_up, new_lo)
@@ -335,23 +337,23 @@ class EngineProblem:
 
     def margins(self, idx, eps: torch.Tensor):
         """Pre-activation bounds, relaxations and the margins' lower bounds (a
-        :class:`~..bounds.Linear` on the front's rows) on ``D_ε``."""
+        :class:`~..flownet.Linear` on the front's rows) on ``D_ε``."""
         bounds, relax = self.layer_bounds(idx, eps)
         return bounds, relax, self.linear(idx, self.graph.output, self.spec[idx], relax)
 
-    def _radii(self, lin: _b.Linear, eps_t, idx, *, grad: bool = False) -> torch.Tensor:
+    def _radii(self, lin: _flownet.Linear, eps_t, idx, *, grad: bool = False) -> torch.Tensor:
         """Per-margin radii ``(B, m)`` of a relaxation valid up to ``eps_t``."""
         if grad:  # differentiable: the norm from the image-space rows
             q = self.q(lin)
             norm = self.domain.norm(q)
         else:
             norm = self.norm(lin)
-        margin = lin.centre - _b.margin_tolerance(
+        margin = lin.centre - _numerics.margin_tolerance(
             lin.centre.detach(), norm.detach() * eps_t[:, None]
         )
         if self.domain.refines and grad:
             rows = [
-                _b._PolytopeRadius.apply(
+                _search._PolytopeRadius.apply(
                     q[k].flatten(1),
                     margin[k],
                     torch.zeros_like(margin[k]),
@@ -435,7 +437,7 @@ class EngineProblem:
         idx, eps_t = self._eps(idx, eps)
         _, _, lin = self.margins(idx, eps_t)
         gain = self.domain.gain(self.q(lin), eps_t, idx)
-        val = lin.centre - gain - _b.margin_tolerance(lin.centre, gain)
+        val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
 
 
@@ -503,7 +505,7 @@ def domain_radii(model, images, labels, *, domain: str = "linf", rtol: float = 1
         cap = x.sum(axis=(1, 2, 3)) * (x.shape[-1] + x.shape[-2] - 2)
     else:  # beyond this every pixel may take any value in [-cap, cap]: no real cap needed
         cap = np.full(x.shape[0], 1e6)
-    res = _b.search_radius(prob, cap, rtol=rtol, linear=not graph.activations())
+    res = _search.search_radius(prob, cap, rtol=rtol, linear=not graph.activations())
     return res.lower
 
 
@@ -523,5 +525,5 @@ def _front_map(graph: Graph, ends, image: torch.Tensor, device):
         offsets[j] = (at, at + q.shape[0])
         at += q.shape[0]
     g = torch.cat(blocks).cpu().numpy()
-    net = _b.FlowNet(g, np.zeros(g.shape[0]), [], [], tuple(image.shape), device=device)
+    net = _flownet.FlowNet(g, np.zeros(g.shape[0]), [], [], tuple(image.shape), device=device)
     return net, offsets

@@ -15,8 +15,9 @@ domain                    gain                                   paper
 ========================  =====================================  =======================
 
 The W1 quantities are computed by the single implementations in
-:mod:`flowverify.verification.bounds` (``_grad_absmax_t``, :func:`~..bounds.polytope_gain`,
-:func:`~..bounds.polytope_radius`).  ``ε`` is in raw units: flow L1 norm (W1 between the
+:mod:`~flowverify.verification.ball` (``_grad_absmax_t``) and
+:mod:`~flowverify.verification.polytope` (:func:`~..polytope.polytope_gain`,
+:func:`~..polytope.polytope_radius`).  ``ε`` is in raw units: flow L1 norm (W1 between the
 images as given) for W1 domains, pixel units for the Lp balls.  The Lp balls do not clip
 to ``[0, 1]``.
 """
@@ -28,7 +29,8 @@ import math
 import numpy as np
 import torch
 
-from flowverify.verification import bounds as _b
+from flowverify.verification import ball as _ball
+from flowverify.verification import polytope as _polytope
 
 __all__ = ["DOMAINS", "Domain", "make_domain"]
 
@@ -78,7 +80,7 @@ class W1Ball(Domain):
 
     def norm(self, q):
         b, r = q.shape[:2]
-        return _b._grad_absmax_t(q.reshape(b, r, -1), q.shape[2:])
+        return _ball._grad_absmax_t(q.reshape(b, r, -1), q.shape[2:])
 
 
 class W1Polytope(W1Ball):
@@ -97,7 +99,7 @@ class W1Polytope(W1Ball):
         if kk.size:
             sel_q = q[torch.as_tensor(kk), torch.as_tensor(rr)].detach().cpu().numpy()
             e = eps.detach().cpu().numpy()[kk]
-            out[kk, rr] = _b.polytope_gain_rows(
+            out[kk, rr] = _polytope.polytope_gain_rows(
                 sel_q.reshape(kk.size, -1), self.mu[np.asarray(idx)], kk, e
             )
         return torch.as_tensor(out, dtype=q.dtype, device=q.device)
@@ -107,7 +109,7 @@ class W1Polytope(W1Ball):
         q_np = q.detach().cpu().numpy().reshape(b * r, -1)
         m = np.maximum(margin.detach().cpu().numpy().reshape(-1), 0.0)
         img = np.repeat(np.arange(b), r)
-        out = _b.polytope_radius_rows(q_np, self.mu[np.asarray(idx)], img, m).reshape(b, r)
+        out = _polytope.polytope_radius_rows(q_np, self.mu[np.asarray(idx)], img, m).reshape(b, r)
         out = np.where(m.reshape(b, r) > 0, out, 0.0)
         return torch.as_tensor(out, dtype=q.dtype, device=q.device)
 

@@ -1,0 +1,269 @@
+"""The flow-domain network (Corollary 2.1): image-space first-layer rows ``G`` with
+``W̃ = WA/s`` (:func:`flow_to_image_weights`), a batch of images and margins
+(:class:`Batch`), a linear bound ``Λ z_0 + β`` (:class:`Linear`) and its ball dual norm
+(:func:`ball_norm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flowverify.transport.flows import apply_flow_adjoint, flow_dim
+from flowverify.verification.ball import _F32_SAFE, _grad_absmax_t, _lam_g_lip, _lam_g_lip_csr
+from flowverify.verification.numerics import _EPS64, _small_serial
+
+__all__ = ["Batch", "FlowNet", "Linear", "ball_norm", "flow_to_image_weights", "margin_spec"]
+
+
+def flow_to_image_weights(
+    weight: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Write flow-space rows ``w`` (``(n, C*D)``) as ``Aᵀg + e``: image maps and residuals.
+
+    Every fused first layer has rows :math:`A^T g` (Corollary 2.1); ``g`` is recovered
+    by integrating the forward differences (up to a constant per channel, irrelevant
+    because flows preserve mass).
+
+    Returns
+    -------
+    g : ndarray
+        ``(n, C*H*W)``.
+    resid : ndarray
+        ``(n,)``: ``max_j |w - Aᵀg|`` per row plus a rounding allowance, so that
+        ``|(w - Aᵀg)ᵀγ| <= resid ‖γ‖₁`` for every flow ``γ``.
+    """
+    c, h, w = shape
+    d = flow_dim(h, w)
+    weight = np.asarray(weight, dtype=np.float64)
+    n = weight.shape[0]
+    if weight.shape[1] != c * d:
+        raise ValueError(
+            f"weight: expected {c * d} columns for a {shape} image, got {weight.shape}"
+        )
+    wc = weight.reshape(n, c, d)
+    nh = h * (w - 1)
+    hflow = wc[..., :nh].reshape(n, c, h, w - 1)
+    vflow = wc[..., nh:].reshape(n, c, h - 1, w)
+    g = np.zeros((n, c, h, w))
+    g[..., 0, 1:] = np.cumsum(hflow[..., 0, :], axis=-1)
+    g[..., 1:, :] = g[..., :1, :] + np.cumsum(vflow, axis=-2)
+    # the constant per channel is free: take the median (0 outside a convolution's
+    # receptive field, so that such rows stay sparse) and drop rounding dust (the
+    # residual below accounts for it exactly)
+    g -= np.median(g.reshape(n, c, -1), axis=-1)[..., None, None]
+    scale = np.abs(g).reshape(n, -1).max(axis=1, initial=0.0)
+    g[np.abs(g) <= 1e-13 * scale[:, None, None, None]] = 0.0
+    back = apply_flow_adjoint(g).reshape(n, c * d)
+    resid = np.abs(weight - back).max(axis=1) if n else np.zeros(0)
+    resid = resid + 8 * _EPS64 * (np.abs(weight).max(axis=1) + np.abs(g).reshape(n, -1).max(axis=1))
+    return g.reshape(n, c * h * w), resid
+
+
+class FlowNet:
+    r"""A flow-domain ReLU network with its first layer in image space (shared by a batch).
+
+    ``z_0 = (G A + E) diag(inv_scale) δ + b̃`` (``inv_scale`` per channel, applied to the
+    channel's flow coordinates) with ``|E_{j,:}| <= resid_j`` entrywise, then
+    ``z_k = W_k relu(z_{k-1}) + b_k`` for ``k = 1 .. L-1`` (``W_k`` = ``weights[k-1]``).
+
+    Parameters
+    ----------
+    first_image : ndarray
+        ``G``, ``(n_0, C*H*W)``.
+    resid : ndarray
+        ``(n_0,)``.
+    weights, biases : list of ndarray
+        The layers after the first (empty for a linear model).
+    shape : tuple
+        ``(C, H, W)``.
+    device : str or torch.device
+        Where the bound propagation runs.
+    """
+
+    def __init__(self, first_image, resid, weights, biases, shape, *, device="cpu"):
+        self.shape = tuple(int(s) for s in shape)
+        self.device = torch.device(device)
+        kw = {"dtype": torch.float64, "device": self.device}
+        self.G = torch.as_tensor(np.asarray(first_image), **kw)
+        self.resid = torch.as_tensor(np.asarray(resid), **kw)
+        self.weights = [torch.as_tensor(np.asarray(x), **kw) for x in weights]
+        self.biases = [torch.as_tensor(np.asarray(x), **kw) for x in biases]
+        self.G_np = np.ascontiguousarray(self.G.detach().cpu().numpy())
+        self.G_csr = None
+        if self.G_np.size and np.count_nonzero(self.G_np) < 0.25 * self.G_np.size:
+            import scipy.sparse as sp
+
+            csr = sp.csr_matrix(self.G_np)
+            self.G_csr = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+        self.G_lip = _grad_absmax_t(self.G, self.shape, per_channel=True)  # (n_0, C)
+        # float32 copy for the dense intermediate-bound norms (see _lam_g_lip)
+        self.G_np32 = None
+        self.G_absmax = None
+        if self.G_csr is None and self.G_np.size and np.all(np.abs(self.G_np) < _F32_SAFE):
+            self.G_np32 = np.ascontiguousarray(self.G_np, dtype=np.float32)
+            self.G_absmax = np.abs(self.G_np).max(axis=1)
+
+    @classmethod
+    def from_chain(cls, chain, shape, *, scale=1.0, device="cpu") -> FlowNet:
+        """From an :class:`~flowverify.verification._chain.AffineChain`; ``scale`` (scalar or
+        ``(C,)``) is the chain's input scale, so that ``inv_scale = 1/scale`` reproduces
+        ``chain.weights[0]``."""
+        c, h, w = shape
+        sc = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (c,))
+        w0 = np.asarray(chain.weights[0], dtype=np.float64)
+        w0 = (w0.reshape(w0.shape[0], c, -1) * sc[None, :, None]).reshape(w0.shape[0], -1)
+        g, resid = flow_to_image_weights(w0, shape)
+        return cls(g, resid, chain.weights[1:], chain.biases[1:], shape, device=device)
+
+    @property
+    def num_relu(self) -> int:
+        """Number of ReLU layers (``L - 1``)."""
+        return len(self.weights)
+
+    @property
+    def relu_dims(self) -> list[int]:
+        dims = [self.G.shape[0]] + [w.shape[0] for w in self.weights]
+        return dims[:-1]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.weights[-1].shape[0] if self.weights else self.G.shape[0]
+
+
+def margin_spec(labels, num_classes: int) -> np.ndarray:
+    """``S (N, K-1, K)``: rows ``e_y - e_t`` for ``t != y`` (margins ``f_y - f_t``)."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = labels.size
+    s = np.zeros((n, num_classes - 1, num_classes))
+    others = np.array([[t for t in range(num_classes) if t != y] for y in labels]).reshape(
+        n, num_classes - 1
+    )
+    s[np.arange(n)[:, None], np.arange(num_classes - 1)[None], labels[:, None]] = 1.0
+    s[np.arange(n)[:, None], np.arange(num_classes - 1)[None], others] = -1.0
+    return s
+
+
+@dataclass
+class Batch:
+    """Per-image data of a batch of ``N`` verification problems on one :class:`FlowNet`.
+
+    Attributes
+    ----------
+    centre : Tensor
+        ``(N, n_0)``: the first pre-activation at ``δµ`` (``W̃ δµ + b̃``).
+    inv_scale : Tensor
+        ``(N, C)``: ``1/s`` of the fused first layer, per channel.
+    mu : ndarray
+        ``(N, C*H*W)`` float64, the images (data units), clipped at 0.
+    spec_w, spec_b : Tensor
+        The margin specification folded into the last layer: margins are
+        ``spec_w @ relu(z_{L-2}) + spec_b`` (``spec_w @ z_0 + spec_b`` for ``L = 1``),
+        ``(N, m, ·)`` and ``(N, m)``.
+    """
+
+    centre: torch.Tensor
+    inv_scale: torch.Tensor
+    mu: np.ndarray
+    spec_w: torch.Tensor
+    spec_b: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.centre.shape[0]
+
+    def subset(self, idx) -> Batch:
+        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.centre.device)
+        return Batch(
+            self.centre[idx_t],
+            self.inv_scale[idx_t],
+            self.mu[np.asarray(idx)],
+            self.spec_w[idx_t],
+            self.spec_b[idx_t],
+        )
+
+    @classmethod
+    def build(cls, net: FlowNet, centre, inv_scale, mu, labels) -> Batch:
+        kw = {"dtype": torch.float64, "device": net.device}
+        centre = torch.as_tensor(np.asarray(centre), **kw).reshape(-1, net.G.shape[0])
+        n = centre.shape[0]
+        c = net.shape[0]
+        inv = torch.as_tensor(np.asarray(inv_scale, dtype=np.float64), **kw)
+        inv = torch.broadcast_to(inv.reshape(-1, c) if inv.numel() > 1 else inv, (n, c)).clone()
+        mu = np.maximum(np.asarray(mu, dtype=np.float64).reshape(n, -1), 0.0)
+        spec = torch.as_tensor(margin_spec(labels, net.num_outputs), **kw)
+        if net.weights:
+            spec_w = spec @ net.weights[-1]
+            spec_b = spec @ net.biases[-1]
+        else:
+            spec_w = spec
+            spec_b = torch.zeros(spec.shape[:2], **kw)
+        return cls(centre, inv, mu, spec_w, spec_b)
+
+
+@dataclass
+class Linear:
+    """Linear lower bounds ``Λ z_0 + β`` of ``m`` quantities per image of a batch.
+
+    Attributes
+    ----------
+    lam : Tensor
+        ``(N, m, n_0)``.
+    centre : Tensor
+        ``(N, m)``: the value at ``δµ``.
+    extra : Tensor
+        ``(N, m)``: slope per unit ``ε`` of the residual ``E`` of the first layer.
+    inv_scale : Tensor
+        ``(N, C)``.
+    """
+
+    lam: torch.Tensor
+    centre: torch.Tensor
+    extra: torch.Tensor
+    inv_scale: torch.Tensor
+
+    def q(self, net: FlowNet) -> torch.Tensor:
+        """Image-space coefficients ``(N, m, C*H*W)`` of the bounds (``Λ G / s``)."""
+        n, m, _ = self.lam.shape
+        c = net.shape[0]
+        q = (self.lam @ net.G).reshape(n, m, c, -1) * self.inv_scale[:, None, :, None]
+        return q.reshape(n, m, -1)
+
+
+def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
+    """``‖ã‖_∞ = ‖Aᵀ q‖_∞ + extra`` per bound ``(N, m)`` (the dual norm of the L1 ball).
+
+    ``rows`` (``(N, m)`` bool) restricts the work (other entries are 0) on the CPU path;
+    ``paired``: rows ``r`` and ``r + m/2`` are the lower/upper rows of one neuron.
+    """
+    if lin.lam.requires_grad or net.device.type != "cpu":
+        return _grad_absmax_t(lin.q(net), net.shape) + lin.extra
+    n, m, _ = lin.lam.shape
+    lam = np.ascontiguousarray(lin.lam.detach().numpy())
+    mask = np.ones((n, m), dtype=np.bool_) if rows is None else np.asarray(rows, dtype=np.bool_)
+    c, h, w = net.shape
+    scale = np.ascontiguousarray(lin.inv_scale.detach().cpu().numpy())
+    if net.G_csr is not None:
+        indptr, indices, data = net.G_csr
+        lip = _small_serial(
+            _lam_g_lip_csr,
+            int(mask.sum()) * indices.size // 50,
+            lam,
+            indptr,
+            indices,
+            data,
+            net.G_np.shape[1],
+            scale,
+            mask,
+            c,
+            h,
+            w,
+        )
+    else:
+        pair = bool(paired and m % 2 == 0)
+        lip = _lam_g_lip(
+            lam, net.G_np, scale, mask, pair, c, h, w, G32=net.G_np32, g_absmax=net.G_absmax
+        )
+    return torch.as_tensor(lip) + lin.extra
