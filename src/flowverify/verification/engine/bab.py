@@ -38,7 +38,6 @@ import heapq
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,64 +49,12 @@ from flowverify.verification.engine.crown import EngineProblem
 from flowverify.verification.engine.domains import make_domain
 from flowverify.verification.engine.graph import Graph
 from flowverify.verification.engine.region import region_lp
+from flowverify.verification.engine.subdomain import BabDecision, BabRadius, _Sub
 
 __all__ = ["BabDecision", "BabRadius", "SplitBab"]
 
 #: Bisection steps on the dual variable for the transport plans that serve as gradients.
 PLAN_ITERS = 12
-
-
-@dataclass
-class _Sub:
-    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β``, the
-    margins still to prove (``open (m,)``) and its current bound (worst open margin)."""
-
-    splits: dict
-    alpha: dict | None = None
-    beta: dict | None = None
-    open: torch.Tensor | None = None
-    bound: float = -math.inf
-    depth: int = 0
-    #: refined pre-activation bounds ``{relu: (lo (n,), up (n,))}`` at ``ε`` (sound on
-    #: the subdomain) and the first ReLU whose bounds no longer reflect the splits above
-    #: (0: none)
-    bounds: dict | None = None
-    eps: float = math.nan
-    stale: int = 0
-
-
-@dataclass
-class BabDecision:
-    """Outcome of :meth:`SplitBab.decide` at one ``ε`` (raw units).
-
-    ``status``: ``certified`` (every subdomain closed: no image of ``D_ε`` is
-    misclassified), ``falsified`` (``witness``, an image of ``D_ε`` the model
-    misclassifies, at W1 ``witness_w1`` from the image, re-checked by the caller) or
-    ``unknown`` (``message`` says why).  ``leaves``: the splits of the closed subdomains
-    (a partition of the search space, reused at a larger ``ε``).
-    """
-
-    status: str
-    nodes: int
-    witness: np.ndarray | None = None
-    message: str = ""
-    leaves: list = field(default_factory=list)
-    worst: float = -math.inf
-
-
-@dataclass
-class BabRadius:
-    """Outcome of :meth:`SplitBab.radius`: ``lower`` proven, ``upper`` the W1 of the
-    closest misclassified image found (``witness``), ``exact`` when ``upper <= lower
-    (1 + rtol)``; ``nodes`` bounded; ``message`` when the bracket stayed open."""
-
-    lower: float
-    upper: float
-    witness: np.ndarray | None
-    exact: bool
-    nodes: int
-    seconds: float
-    message: str = ""
 
 
 class SplitBab:

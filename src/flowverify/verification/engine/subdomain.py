@@ -1,0 +1,66 @@
+"""The records of branch and bound on ReLU splits (:mod:`.bab`): a subdomain (its splits,
+warm-start multipliers, open margins, bound and refined intermediate bounds), a fixed-ε
+decision and an exact-radius search's bracket."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["BabDecision", "BabRadius"]
+
+
+@dataclass
+class _Sub:
+    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β``, the
+    margins still to prove (``open (m,)``) and its current bound (worst open margin)."""
+
+    splits: dict
+    alpha: dict | None = None
+    beta: dict | None = None
+    open: torch.Tensor | None = None
+    bound: float = -math.inf
+    depth: int = 0
+    #: refined pre-activation bounds ``{relu: (lo (n,), up (n,))}`` at ``ε`` (sound on
+    #: the subdomain) and the first ReLU whose bounds no longer reflect the splits above
+    #: (0: none)
+    bounds: dict | None = None
+    eps: float = math.nan
+    stale: int = 0
+
+
+@dataclass
+class BabDecision:
+    """Outcome of :meth:`SplitBab.decide` at one ``ε`` (raw units).
+
+    ``status``: ``certified`` (every subdomain closed: no image of ``D_ε`` is
+    misclassified), ``falsified`` (``witness``, an image of ``D_ε`` the model
+    misclassifies, at W1 ``witness_w1`` from the image, re-checked by the caller) or
+    ``unknown`` (``message`` says why).  ``leaves``: the splits of the closed subdomains
+    (a partition of the search space, reused at a larger ``ε``).
+    """
+
+    status: str
+    nodes: int
+    witness: np.ndarray | None = None
+    message: str = ""
+    leaves: list = field(default_factory=list)
+    worst: float = -math.inf
+
+
+@dataclass
+class BabRadius:
+    """Outcome of :meth:`SplitBab.radius`: ``lower`` proven, ``upper`` the W1 of the
+    closest misclassified image found (``witness``), ``exact`` when ``upper <= lower
+    (1 + rtol)``; ``nodes`` bounded; ``message`` when the bracket stayed open."""
+
+    lower: float
+    upper: float
+    witness: np.ndarray | None
+    exact: bool
+    nodes: int
+    seconds: float
+    message: str = ""
