@@ -28,7 +28,7 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[1]))
 import flowverify as fv
-from flowverify.io.datasets import bundled_digits
+from flowverify.io.bundled import bundled_digits
 from flowverify.model.loading import load_model
 x, y = bundled_digits()
 out = {}

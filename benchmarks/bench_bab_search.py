@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import flowverify
-from flowverify.io.datasets import bundled_digits
+from flowverify.io.bundled import bundled_digits
 from flowverify.model.flow_model import FlowModel
 from flowverify.model.loading import load_model
 from flowverify.transport.flows import inverse_flow

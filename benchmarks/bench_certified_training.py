@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 import flowverify
-from flowverify.io.datasets import load_images
-from flowverify.model.loading import build_architecture, load_model
+from flowverify.io.images import load_images
+from flowverify.model.loading import load_model
+from flowverify.model.zoo import build_architecture
 from flowverify.verification.ball import _grad_absmax_t
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -54,7 +54,7 @@ def main() -> int:
     import torch
 
     from flowverify.api import certify
-    from flowverify.io.datasets import load_images
+    from flowverify.io.images import load_images
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import flowverify as fv
-from flowverify.io.datasets import bundled_digits
+from flowverify.io.bundled import bundled_digits
 from flowverify.model.loading import load_model
 
 

@@ -31,7 +31,7 @@ import torch
 
 import flowverify
 from flowverify.attacks.pgd import WassersteinPGD
-from flowverify.io.datasets import load_images
+from flowverify.io.images import load_images
 from flowverify.model.loading import load_model
 
 

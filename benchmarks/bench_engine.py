@@ -53,7 +53,7 @@ def _base_net(args):
     import torch
     from torch import nn
 
-    from flowverify.io.datasets import load_images
+    from flowverify.io.images import load_images
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -126,7 +126,7 @@ def main() -> int:
 
     import flowverify as fv
     from flowverify.core.results import Status
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
 
     torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from flowverify import __version__, w1_distance  # noqa: E402
 from flowverify.attacks.pgd import WassersteinPGD  # noqa: E402
-from flowverify.io.datasets import bundled_digits  # noqa: E402
+from flowverify.io.bundled import bundled_digits  # noqa: E402
 from flowverify.model.flow_model import _infer_flat  # noqa: E402
 from flowverify.model.loading import load_model  # noqa: E402
 

@@ -47,7 +47,7 @@ except ImportError:  # the certifiers are not there yet: the STAND-IN is used
 @functools.lru_cache(maxsize=4)
 def _setup(model: str):
     """Model and bundled digits, loaded once per worker process."""
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
 
     x, y = bundled_digits()

@@ -31,7 +31,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from flowverify.model.loading import build_architecture, load_checkpoint, save_checkpoint  # noqa: E402
+from flowverify.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from flowverify.model.zoo import build_architecture  # noqa: E402
 
 ASSETS = REPO / "src" / "flowverify" / "assets"
 N_TRAIN = 8000

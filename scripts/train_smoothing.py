@@ -45,7 +45,7 @@ from flowverify.baselines.smoothing import (  # noqa: E402
     train_smoothed_model,
 )
 from flowverify.core.results import JsonlWriter  # noqa: E402
-from flowverify.model.loading import load_checkpoint, save_checkpoint  # noqa: E402
+from flowverify.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from flowverify.report.records import load_results  # noqa: E402
 from flowverify.report.summary import summarize  # noqa: E402
 

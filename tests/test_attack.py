@@ -50,7 +50,7 @@ def _images(seed: int, n: int = 6, c: int = 1, side: int = 8) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def digits():
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
 
     x, y = bundled_digits()
@@ -362,7 +362,7 @@ def test_minimal_radius_never_above_a_fixed_budget(digits):
 
 def test_minimal_radius_on_the_outside_network(outside_net):
     """Issue 15.1 on the VNN-COMP net (digits 19 and 1 of the report: 0.713 and 0.967)."""
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
 
     x, y = bundled_digits()
     pick = [1, 19]

@@ -15,7 +15,7 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
-from flowverify.io.datasets import load_images
+from flowverify.io.images import load_images
 from flowverify.transport.flows import apply_flow_adjoint, incidence_matrix
 from flowverify.verification import ball as _ball
 from flowverify.verification import chain_crown as _chain_crown

@@ -158,7 +158,7 @@ def test_soundness_chain_on_random_nets(conv):
 
 
 def test_bundled_fc_soundness():
-    from flowverify.io.datasets import load_images
+    from flowverify.io.images import load_images
 
     x, y = load_images("bundled", indices="0:3")
     van = certify("fc", x, y, method="vanilla")
@@ -405,7 +405,7 @@ def test_complete_chain_and_timeout():
 def test_complete_on_bundled_fc_brackets_the_attacks():
     """Bundled fc digits with a short limit: the proven radius is at least the feasible
     CROWN radius, and the reported adversarial is no farther than the PGD attack's."""
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
 
     x, y = bundled_digits()

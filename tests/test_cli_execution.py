@@ -153,7 +153,7 @@ def test_certify_failing_image_gives_error_record(tmp_path, monkeypatch):
 
 def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeypatch):
     from flowverify.attacks.pgd import WassersteinPGD
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
 
     bad_image = bundled_digits()[0][1]
     real = WassersteinPGD.__call__
@@ -183,7 +183,7 @@ def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeyp
 def test_certify_smoothing_cli_matches_the_api(tmp_path):
     """--method smoothing runs Levine & Feizi's CERTIFY, the same records as the API."""
     from flowverify.baselines.smoothing import smoothed_certify
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
 
     out = tmp_path / "s.jsonl"

@@ -9,13 +9,11 @@ import zlib
 import numpy as np
 import pytest
 
-from flowverify.io.datasets import (
-    bundled_digits,
-    load_images,
-    parse_indices,
-    read_idx,
-    read_png,
-)
+from flowverify.io.bundled import bundled_digits
+from flowverify.io.images import load_images
+from flowverify.io.indices import parse_indices
+from flowverify.io.mnist_files import read_idx
+from flowverify.io.png import read_png
 
 # --------------------------------------------------------------------------- helpers
 

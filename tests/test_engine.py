@@ -16,8 +16,9 @@ from torch import nn
 
 import flowverify as fv
 from flowverify.core.results import Status
-from flowverify.io.datasets import bundled_digits
-from flowverify.model.loading import Elementwise, load_model
+from flowverify.io.bundled import bundled_digits
+from flowverify.model.layers import Elementwise
+from flowverify.model.loading import load_model
 from flowverify.transport.flows import apply_flow, flow_dim
 from flowverify.verification import polytope as _polytope
 from flowverify.verification import search as _search

@@ -14,8 +14,9 @@ from torch import nn
 
 import flowverify as fv
 from flowverify.cli.app import main
-from flowverify.io.datasets import bundled_digits
-from flowverify.model.loading import Elementwise, load_model
+from flowverify.io.bundled import bundled_digits
+from flowverify.model.layers import Elementwise
+from flowverify.model.loading import load_model
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -188,7 +189,7 @@ def test_api_refuses_bad_images_naming_them():
 
 
 def test_unsupported_layer_is_refused_once_up_front(tmp_path, capsys):
-    from flowverify.model.loading import save_checkpoint
+    from flowverify.model.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = nn.Sequential(

@@ -34,7 +34,7 @@ def digits():
 
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
     if not path.exists():  # pragma: no cover - the bundled sample is the fallback
-        from flowverify.io.datasets import bundled_digits
+        from flowverify.io.bundled import bundled_digits
 
         x, _ = bundled_digits()
         return x[:20, 0].astype(np.float64)

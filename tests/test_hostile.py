@@ -28,8 +28,11 @@ from torch import nn
 
 import flowverify as fv
 from flowverify.cli.app import main
-from flowverify.io.datasets import load_images, parse_indices
-from flowverify.model.loading import build_architecture, load_model, save_checkpoint
+from flowverify.io.images import load_images
+from flowverify.io.indices import parse_indices
+from flowverify.model.checkpoint import save_checkpoint
+from flowverify.model.loading import load_model
+from flowverify.model.zoo import build_architecture
 from flowverify.transport.flows import INVERSE_METHODS, flow_dim
 
 CLEAR = (ValueError, TypeError, FileNotFoundError)

@@ -317,7 +317,7 @@ def test_raise_if_interrupted_finds_an_interrupt_in_the_chain():
 
 def test_wrapped_interrupt_in_certify_stops_it(monkeypatch):
     import flowverify
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
     from flowverify.verification import exact_driver
 

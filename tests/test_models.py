@@ -10,19 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from flowverify.io.datasets import bundled_digits
-from flowverify.model.loading import (
-    ARCHITECTURES,
-    BUNDLED_MODELS,
-    Elementwise,
-    Reshape,
-    build_architecture,
-    bundled_model,
-    load_checkpoint,
-    load_model,
-    model_input_shape,
-    save_checkpoint,
-)
+from flowverify.io.bundled import bundled_digits
+from flowverify.model.checkpoint import load_checkpoint, save_checkpoint
+from flowverify.model.input_shape import model_input_shape
+from flowverify.model.layers import Elementwise, Reshape
+from flowverify.model.loading import load_model
+from flowverify.model.zoo import ARCHITECTURES, BUNDLED_MODELS, build_architecture, bundled_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

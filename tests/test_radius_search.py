@@ -7,7 +7,7 @@ import pytest
 
 import flowverify as fv
 from flowverify.core.results import Status
-from flowverify.io.datasets import bundled_digits
+from flowverify.io.bundled import bundled_digits
 from flowverify.verification import search as _search
 
 

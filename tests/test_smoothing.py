@@ -27,7 +27,7 @@ from flowverify.baselines.smoothing import (
     train_smoothed_model,
 )
 from flowverify.core.results import Status
-from flowverify.io.datasets import bundled_digits
+from flowverify.io.bundled import bundled_digits
 from flowverify.transport.flows import flow_dim
 
 # --------------------------------------------------------------------------- closed forms

@@ -898,7 +898,7 @@ def train_smoothed_model(
     torch.nn.Sequential
         The trained base classifier, in eval mode, on the CPU, float32.
     """
-    from flowverify.model.loading import build_architecture
+    from flowverify.model.zoo import build_architecture
 
     sigma = _check_sigma(sigma)
     epochs = _check_count(epochs, "epochs")

@@ -193,7 +193,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flowverify.core.results import JsonlWriter
-    from flowverify.io.datasets import bundled_digits
+    from flowverify.io.bundled import bundled_digits
     from flowverify.model.loading import load_model
     from flowverify.transport.references import make_reference
 
@@ -391,7 +391,7 @@ def _demo_row(rec: dict[str, object], cols: list[str], widths: dict[str, int]) -
 
 
 def _run_distance(args: argparse.Namespace) -> int:
-    from flowverify.io.datasets import load_images
+    from flowverify.io.images import load_images
     from flowverify.transport.flows import w1_distance
 
     xa, _ = load_images(args.a)

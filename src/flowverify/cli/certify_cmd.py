@@ -309,7 +309,7 @@ def _spec(text: str, keep: Sequence[str]) -> str:
 @functools.lru_cache(maxsize=2)
 def _cached_data(spec: str):
     """``load_images(spec)``, once per process (main process and each worker)."""
-    from flowverify.io.datasets import load_images
+    from flowverify.io.images import load_images
 
     return load_images(spec)
 
@@ -359,8 +359,8 @@ def _load_inputs(args: argparse.Namespace):
     every image and label of ``--data``, the selected indices and the specs workers load
     (cached: a serial run reuses what is loaded here).
     """
-    from flowverify.io.datasets import parse_indices
-    from flowverify.model.loading import BUNDLED_MODELS
+    from flowverify.io.indices import parse_indices
+    from flowverify.model.zoo import BUNDLED_MODELS
 
     data_spec = _spec(args.data, ("bundled",))
     model_spec = _spec(args.model, tuple(BUNDLED_MODELS))

@@ -1,13 +1,14 @@
-"""Module types the ONNX converter and checkpoints produce beyond ``torch.nn``: a
-constant element-wise operation (the normalisation ``(x - mean) / std`` of an ONNX front)
-and a reshape."""
+"""Module types the ONNX converter and checkpoints produce beyond ``torch.nn`` (a
+constant element-wise operation, the normalisation ``(x - mean) / std`` of an ONNX front,
+and a reshape), and the flattening of nested ``nn.Sequential`` containers into their leaf
+layers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["Elementwise", "Reshape"]
+__all__ = ["Elementwise", "Reshape", "flat_layers"]
 
 
 class Elementwise(nn.Module):
@@ -79,4 +80,13 @@ class Reshape(nn.Module):
         return f"shape={self.shape}"
 
 
-# --------------------------------------------------------------------------- architectures
+def flat_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` in order, with nested ``nn.Sequential`` containers
+    flattened (subclasses of ``nn.Sequential`` count as layers)."""
+    out: list[nn.Module] = []
+    for m in model.children():
+        if type(m) is nn.Sequential:
+            out.extend(flat_layers(m))
+        else:
+            out.append(m)
+    return out

@@ -12,8 +12,8 @@ MatMul(x, W) [+ Add(b)]   ``nn.Linear`` (bias from a following constant Add)
 Conv (2-D, group = 1)     ``nn.Conv2d`` (``nn.ZeroPad2d`` for uneven pads)
 Relu                      ``nn.ReLU``
 Flatten (axis = 1)        ``nn.Flatten``
-Reshape (constant shape)  :class:`flowverify.model.loading.Reshape` (first entry = batch)
-Add/Sub/Mul/Div constant  :class:`flowverify.model.loading.Elementwise`
+Reshape (constant shape)  :class:`flowverify.model.layers.Reshape` (first entry = batch)
+Add/Sub/Mul/Div constant  :class:`flowverify.model.layers.Elementwise`
 Identity, Dropout         dropped (inference semantics)
 Constant, initializers    constants
 ========================  ===================================================
@@ -95,7 +95,7 @@ def load_onnx(path: str | os.PathLike) -> nn.Module:
         docstring), otherwise the ``onnx2torch`` conversion. When the graph
         input has a static per-sample shape, it is stored in the attribute
         ``flowverify_input_shape`` (used by
-        :func:`flowverify.model.loading.model_input_shape`).
+        :func:`flowverify.model.input_shape.model_input_shape`).
 
     Raises
     ------

@@ -198,7 +198,8 @@ class _Env:
 
 
 def _load_env(out, quick, seed, data, smoothing_models) -> _Env:
-    from flowverify.io.datasets import bundled_digits, load_images
+    from flowverify.io.bundled import bundled_digits
+    from flowverify.io.images import load_images
 
     path, looked = find_data(data)
     if path is not None:

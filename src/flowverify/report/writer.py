@@ -111,7 +111,7 @@ def write_report(
     adv = _load_adversarial(Path(adversarial)) if adversarial is not None else None
     clean = None
     if images is not None:
-        from flowverify.io.datasets import load_images
+        from flowverify.io.images import load_images
 
         if adv is None:
             raise ValueError("images: only used with adversarial (the clean side of the grid)")
