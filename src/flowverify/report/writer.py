@@ -56,7 +56,7 @@ def write_report(
         ``index (N,)``, ``eps (N,)``; drawn as a grid (``adversarials.*``).
     images : path-like, optional
         The clean images the records' ``index`` refers to (any
-        :func:`flowverify.io.datasets.load_images` source); drawn above the adversarials.
+        :func:`flowverify.io.load_images` source); drawn above the adversarials.
     radii : sequence of float
         Radii (normalised W1) of the certified-accuracy table.
     plots : bool
