@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from flowverify.baselines.smoothing import (  # noqa: E402
+from flowverify.baselines import (  # noqa: E402
     ABSTAIN,
     add_flow_noise,
     laplace_scale,

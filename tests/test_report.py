@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from flowverify.baselines.smoothing import SmoothingResult
+from flowverify.baselines.result import SmoothingResult
 from flowverify.core.results import JsonlWriter, Status
 from flowverify.report.records import load_results
 from flowverify.report.summary import (

@@ -14,7 +14,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from flowverify import apply_flow, inverse_flow, make_reference
-from flowverify.baselines.smoothing import (
+from flowverify.baselines import (
     ABSTAIN,
     add_flow_noise,
     clopper_pearson_lower,
@@ -97,7 +97,7 @@ def test_noise_is_a_flow_of_the_normalised_image():
     delta = inverse_flow(ref, mu, method="minimal")
     sigma = 0.03
     noisy = add_flow_noise(x, sigma=sigma, generator=torch.Generator().manual_seed(5))
-    from flowverify.baselines.smoothing import _laplace
+    from flowverify.baselines.noise import _laplace
 
     eta = _laplace(
         (2, 1, flow_dim(6, 7)), laplace_scale(sigma), torch.Generator().manual_seed(5), x
@@ -110,7 +110,7 @@ def test_noise_is_a_flow_of_the_normalised_image():
 
 
 def test_laplace_noise_statistics():
-    from flowverify.baselines.smoothing import _laplace
+    from flowverify.baselines.noise import _laplace
 
     b = 0.7
     eta = _laplace((400_000,), b, torch.Generator().manual_seed(1), torch.zeros(1)).double()

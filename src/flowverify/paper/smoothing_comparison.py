@@ -32,7 +32,7 @@ PAPER = (
 
 
 def _smoothing_model(env: _Env, sigma: float, n_eval: int) -> tuple[nn.Module, str]:
-    from flowverify.baselines.smoothing import train_smoothed_model
+    from flowverify.baselines.training import train_smoothed_model
     from flowverify.model.checkpoint import load_checkpoint, save_checkpoint
 
     path = env.smoothing_models / f"smoothing_sigma{sigma:g}.pt"
