@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowverify.transport import mincostflow as mcf
+from flowverify.transport import simplex_kernels
+from flowverify.transport.grid import divergence
 from flowverify.transport.mincostflow import grid_min_cost_flow, grid_w1
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist10k.npz"
@@ -31,19 +32,6 @@ def pot_w1(x, y):
     return ot.emd2(x.ravel() / m, y.ravel() / y.sum(), _cost(h, w), numItermax=10**7) * m
 
 
-def apply_incidence(flow, h, w):
-    """``A @ flow`` on an ``h x w`` grid (layout ``concat(h.ravel(), v.ravel())``)."""
-    nh = h * (w - 1)
-    fh = flow[:nh].reshape(h, w - 1)
-    fv = flow[nh:].reshape(h - 1, w)
-    out = np.zeros((h, w))
-    out[:, :-1] -= fh
-    out[:, 1:] += fh
-    out[:-1, :] -= fv
-    out[1:, :] += fv
-    return out
-
-
 def check(supply, tol=1e-9):
     """Solve, verify the flow constraint, the cost identity and return the costs."""
     supply = np.asarray(supply, dtype=float)
@@ -53,7 +41,7 @@ def check(supply, tol=1e-9):
     assert costs.shape == (b,)
     for k in range(b):
         scale = max(np.abs(supply[k]).sum(), 1e-300)
-        resid = np.abs(apply_incidence(flows[k], h, w) - supply[k]).max()
+        resid = np.abs(divergence(flows[k], h, w) - supply[k]).max()
         assert resid <= 1e-12 * scale
         assert costs[k] == pytest.approx(np.abs(flows[k]).sum(), rel=1e-14, abs=0)
     np.testing.assert_allclose(grid_w1(supply), costs, rtol=1e-14, atol=0)
@@ -77,7 +65,7 @@ def test_sign_conventions():
     x = np.array([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     y = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
     flows, costs = check((y - x)[None])
-    np.testing.assert_allclose(x + apply_incidence(flows[0], 2, 3), y, atol=1e-15)
+    np.testing.assert_allclose(x + divergence(flows[0], 2, 3), y, atol=1e-15)
     assert costs[0] == pytest.approx(pot_w1(x, y), abs=1e-12)
 
 
@@ -172,7 +160,7 @@ def test_residual_imbalance_is_absorbed():
     s[:, 3, 4] += 1e-13  # unbalanced by 1e-13
     flows, costs = grid_min_cost_flow(s)
     for k in range(3):
-        resid = apply_incidence(flows[k], 8, 9) - s[k]
+        resid = divergence(flows[k], 8, 9) - s[k]
         assert np.abs(resid).max() <= 2e-13
         assert abs(resid.sum() + 1e-13) <= 1e-15  # the imbalance sits at one pixel
         assert costs[k] == pytest.approx(pot_w1(x[k], y[k]), abs=1e-11)
@@ -204,7 +192,7 @@ def test_batch_matches_single_and_threads():
 def test_cache_fallback(monkeypatch):
     """Without a usable numba cache directory, functions compile without caching."""
     calls = []
-    real_njit = mcf.njit
+    real_njit = simplex_kernels.njit
 
     def fake_njit(*args, cache=False, **kwargs):
         calls.append(cache)
@@ -212,9 +200,9 @@ def test_cache_fallback(monkeypatch):
             raise RuntimeError("cannot cache function: no locator available")
         return real_njit(cache=False, **kwargs)
 
-    monkeypatch.setattr(mcf, "njit", fake_njit)
+    monkeypatch.setattr(simplex_kernels, "njit", fake_njit)
 
-    @mcf._jit()
+    @simplex_kernels.jit_kernel()
     def add(a, b):
         return a + b
 
@@ -299,4 +287,4 @@ def test_mnist_vs_uniform_and_other_digits(digits):
     fd, _ = grid_min_cost_flow(sup_d)
     fr, cr = grid_min_cost_flow(-sup_d)
     np.testing.assert_allclose(cr, cd, rtol=1e-13)
-    np.testing.assert_allclose(apply_incidence(-fr[3], 28, 28), sup_d[3], atol=1e-15)
+    np.testing.assert_allclose(divergence(-fr[3], 28, 28), sup_d[3], atol=1e-15)

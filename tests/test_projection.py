@@ -1,4 +1,5 @@
-"""The feasible maps of the attack (flowverify.transport.projection): the set, exactness."""
+"""The attack's maps in the flow domain: the feasible maps (flowverify.transport.projection),
+the budgeted mass moves (transport_plans) and the compiled step (pgd_step)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from flowverify.transport.flows import apply_flow, apply_flow_adjoint, flow_dim, incidence_matrix
+from flowverify.transport.grid import adjoint, divergence, flow_dim, incidence_matrix
 from flowverify.transport.projection import (
-    adjoint,
-    best_moves,
-    divergence,
     feasible_map,
     fix_rounding,
     limit_step,
     project_l1_ball,
-    realise,
-    route,
     shrink_to_ball,
 )
+from flowverify.transport.transport_plans import best_moves, realise, route
 
 
 def _l1(w: torch.Tensor) -> torch.Tensor:
@@ -34,19 +31,6 @@ def _images(rng, n, c, h, w, zeros=0.5):
     x[rng.random(x.shape) < zeros] = 0.0
     x[..., 0, 0] += 0.1  # positive mass in every channel
     return torch.as_tensor(x)
-
-
-def test_divergence_and_adjoint_match_flows_module():
-    rng = np.random.default_rng(0)
-    x = torch.as_tensor(rng.random((3, 2, 4, 5)))
-    flow = torch.as_tensor(rng.standard_normal((3, 2, flow_dim(4, 5))))
-    torch.testing.assert_close(x + divergence(flow, 4, 5), apply_flow(x, flow))
-    g = torch.as_tensor(rng.standard_normal((3, 2, 4, 5)))
-    torch.testing.assert_close(adjoint(g), apply_flow_adjoint(g))
-    # <A flow, g> = <flow, Aᵀ g>
-    lhs = (divergence(flow, 4, 5) * g).sum()
-    rhs = (flow * adjoint(g)).sum()
-    assert abs(float(lhs - rhs)) < 1e-10
 
 
 def _sort_projection(v: np.ndarray, r: float) -> np.ndarray:
@@ -231,7 +215,7 @@ def test_best_moves_respects_room():
 @pytest.mark.parametrize("with_upper", [False, True])
 def test_compiled_step_equals_torch_step(with_upper):
     """The numba CPU kernel and the torch operations compute the same map."""
-    from flowverify.transport.projection import _pgd_step_torch, compiled_available, pgd_step_images
+    from flowverify.transport.pgd_step import _pgd_step_torch, compiled_available, pgd_step_images
 
     if not compiled_available():  # pragma: no cover - numba is a dependency
         pytest.skip("numba unavailable")

@@ -4,7 +4,7 @@ The attack's adversarials found without a budget start here.  At the current ima
 every candidate class :math:`t`, the linearised margin :math:`f_t = z_t - z_y` has a pixel
 gradient :math:`\varphi_t`; the smallest W1 budget of mass moves whose first-order gain
 reaches :math:`-f_t` is solved exactly by a multiple-choice knapsack
-(:func:`flowverify.transport.projection.best_moves`).  The step moves that budget for the
+(:func:`flowverify.transport.transport_plans.best_moves`).  The step moves that budget for the
 cheapest class and repeats until the class changes.  For a linear model the first step is
 the exact minimal perturbation.
 """
@@ -20,7 +20,8 @@ from flowverify.attacks.descent import Run
 from flowverify.attacks.losses import fooled
 from flowverify.attacks.objective import Objective
 from flowverify.transport.flows import flow_dim
-from flowverify.transport.projection import best_moves, divergence, realise
+from flowverify.transport.grid import divergence
+from flowverify.transport.transport_plans import best_moves, realise
 
 __all__ = ["deepfool", "deepfool_all"]
 
@@ -45,8 +46,8 @@ def deepfool(
 
     At the current image ``x``, for every candidate class ``t`` (the ``candidates``
     classes with the largest logits), the linearised margin ``f_t = z_t - z_y`` has the
-    pixel gradient ``φ_t``; :func:`~flowverify.transport.projection.best_moves` gives the smallest
-    W1 budget ``β_t`` of mass moves (from the current image, at most ``reach`` pixels
+    pixel gradient ``φ_t``; :func:`~flowverify.transport.transport_plans.best_moves` gives the
+    smallest W1 budget ``β_t`` of mass moves (from the current image, at most ``reach`` pixels
     long) whose first-order gain reaches ``-f_t``.  The step moves ``β_{t*}(1+overshoot)``
     for the class ``t*`` with the smallest ``β``, and repeats until the class changes.
     For a linear model and a large enough reach the first step is the exact minimal

@@ -27,13 +27,9 @@ import torch
 from flowverify.attacks.losses import adversarial_loss, fooled
 from flowverify.attacks.objective import Objective
 from flowverify.transport.flows import flow_dim
-from flowverify.transport.projection import (
-    _pgd_step_torch,
-    compiled_available,
-    divergence,
-    limit_step,
-    pgd_step_images,
-)
+from flowverify.transport.grid import divergence
+from flowverify.transport.pgd_step import _pgd_step_torch, compiled_available, pgd_step_images
+from flowverify.transport.projection import limit_step
 
 __all__ = [
     "RADIUS_SAFETY",
@@ -83,7 +79,7 @@ def descend(
     """One batched PGD run over the images ``idx`` (normalised units); early exit.
 
     Direct path (``R = µ``): the gradient is taken w.r.t. the image and the step applies
-    ``Aᵀ`` itself (:func:`~flowverify.transport.projection.pgd_step_images`; on CPU a compiled loop
+    ``Aᵀ`` itself (:func:`~flowverify.transport.pgd_step.pgd_step_images`; on CPU a compiled loop
     in float64 that also returns the next image).  With a FlowModel: w.r.t. the flow.
     Only flows that can move mass take part: the source holds more than a negligible
     amount (1e-9 of a mean pixel, so that rounding noise around 0 does not switch

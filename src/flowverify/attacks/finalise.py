@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from flowverify.transport.flows import w1_distance
-from flowverify.transport.projection import divergence, fix_rounding
+from flowverify.transport.grid import divergence
+from flowverify.transport.projection import fix_rounding
 
 __all__ = ["finalise", "predict"]
 

@@ -6,7 +6,7 @@ first finds *any* adversarial, then shrinks it.  Per image, the candidates are:
 
 * DeepFool-W1 steps (:mod:`flowverify.attacks.deepfool`: for every candidate class, the
   smallest W1 budget of mass moves whose first-order gain flips the class, solved exactly
-  by a multiple-choice knapsack, see :func:`flowverify.transport.projection.best_moves`;
+  by a multiple-choice knapsack, see :func:`flowverify.transport.transport_plans.best_moves`;
   for a linear model the first step is the exact minimal perturbation), else PGD at
   doubled budgets (:func:`flowverify.attacks.budget.anchor`);
 * the budget schedule (Algorithm 1 at the budgets of

@@ -38,12 +38,8 @@ import torch
 
 from flowverify.attacks.losses import margin
 from flowverify.attacks.objective import Objective
-from flowverify.transport.projection import (
-    _pgd_step_torch,
-    compiled_available,
-    divergence,
-    pgd_step_images,
-)
+from flowverify.transport.grid import divergence
+from flowverify.transport.pgd_step import _pgd_step_torch, compiled_available, pgd_step_images
 
 __all__ = ["shrink", "shrink_starts"]
 

@@ -10,8 +10,10 @@ give the image
     = x + A\delta ,
 
 with :math:`A` the sparse incidence matrix of the 4-neighbour grid (Theorem 2: the map is
-affine).  Flows are stored per channel as ``concat(h.ravel(), v.ravel())`` of length
-``D = H(W-1) + (H-1)W``; a batch of flows has shape ``(N, C, D)``.
+affine; ``A``, ``Aᵀ`` and the matrix are implemented once, in
+:mod:`flowverify.transport.grid`, and :func:`flow_dim` / :func:`incidence_matrix` are
+re-exported here).  Flows are stored per channel as ``concat(h.ravel(), v.ravel())`` of
+length ``D = H(W-1) + (H-1)W``; a batch of flows has shape ``(N, C, D)``.
 
 Mass is conserved (Lemma 4: :math:`1^T A = 0`) and flows compose
 (:math:`\Delta(\Delta(x,\delta_1),\delta_2) = \Delta(x, \delta_1+\delta_2)`).  Theorem 1
@@ -31,9 +33,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
 from flowverify.core.validation import (
     Array,
@@ -45,6 +45,7 @@ from flowverify.core.validation import (
     to_float,
     to_numpy64,
 )
+from flowverify.transport.grid import adjoint, divergence, flow_dim, incidence_matrix
 
 __all__ = [
     "INVERSE_METHODS",
@@ -64,11 +65,6 @@ W1_UNITS = ("normalised", "raw")
 MASS_RTOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-5}
 
 
-def flow_dim(height: int, width: int) -> int:
-    """Number of flow coordinates per channel, ``D = H(W-1) + (H-1)W``."""
-    return height * (width - 1) + (height - 1) * width
-
-
 def grid_shape(flow_dim_: int) -> tuple[int, int]:
     """The square grid ``(H, H)`` whose flow dimension is ``flow_dim_`` (``2H(H-1)``).
 
@@ -81,65 +77,6 @@ def grid_shape(flow_dim_: int) -> tuple[int, int]:
             "pass an image (or reference) to fix the grid shape"
         )
     return h, h
-
-
-def _check_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
-
-
-def incidence_matrix(height: int, width: int) -> sp.csr_matrix:
-    """The incidence matrix :math:`A` of one channel, ``x + A @ flow = Δ(x, flow)``.
-
-    Parameters
-    ----------
-    height, width : int
-        Grid size ``H``, ``W``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        Shape ``(H*W, D)`` with ``D = H(W-1) + (H-1)W``.  The column of ``h[i, j]`` has
-        -1 at pixel ``(i, j)`` and +1 at ``(i, j+1)``; the column of ``v[i, j]`` has -1 at
-        ``(i, j)`` and +1 at ``(i+1, j)`` (pixels in row-major order).  ``1ᵀA = 0``.
-    """
-    height = _check_int(height, "height")
-    width = _check_int(width, "width")
-    pix = np.arange(height * width).reshape(height, width)
-    src = np.concatenate([pix[:, :-1].ravel(), pix[:-1, :].ravel()])
-    dst = np.concatenate([pix[:, 1:].ravel(), pix[1:, :].ravel()])
-    d = src.size
-    cols = np.concatenate([np.arange(d), np.arange(d)])
-    rows = np.concatenate([src, dst])
-    vals = np.concatenate([-np.ones(d), np.ones(d)])
-    return sp.csr_matrix((vals, (rows, cols)), shape=(height * width, d))
-
-
-def _split(flow: Array, height: int, width: int) -> tuple[Array, Array]:
-    nh = height * (width - 1)
-    h = flow[..., :nh].reshape(*flow.shape[:-1], height, width - 1)
-    v = flow[..., nh:].reshape(*flow.shape[:-1], height - 1, width)
-    return h, v
-
-
-def _pad(x: Array, pad: tuple[int, int, int, int]) -> Array:
-    """Zero-pad the last two axes by (left, right, top, bottom)."""
-    left, right, top, bottom = pad
-    if isinstance(x, torch.Tensor):
-        return F.pad(x, (left, right, top, bottom))
-    widths = [(0, 0)] * (x.ndim - 2) + [(top, bottom), (left, right)]
-    return np.pad(x, widths)
-
-
-def _divergence(flow: Array, height: int, width: int) -> Array:
-    """``A @ flow`` for flows ``(..., D)``, giving ``(..., H, W)``; slicing only."""
-    h, v = _split(flow, height, width)
-    out = _pad(h, (1, 0, 0, 0)) - _pad(h, (0, 1, 0, 0))
-    out = out + _pad(v, (0, 0, 1, 0)) - _pad(v, (0, 0, 0, 1))
-    return out
 
 
 def _check_flow_shape(flow: Array, height: int, width: int, name: str = "flow") -> None:
@@ -196,7 +133,7 @@ def apply_flow(x: Array, flow: Array) -> Array:
             f"{tuple(x.shape)} (leading {tuple(x.shape[:-2])}) and flow of shape "
             f"{tuple(flow.shape)} (leading {tuple(flow.shape[:-1])})"
         ) from None
-    out = to_float(x) + _divergence(to_float(flow), height, width)
+    out = to_float(x) + divergence(to_float(flow), height, width)
     # NaN/inf in x or flow always reach the output (A has no cancelling entries), so one
     # sum over the output is the fast check; the inputs are only looked at when it fails.
     if not _finite_sum(out) and not _all_finite(out):
@@ -236,12 +173,7 @@ def apply_flow_adjoint(g: Array) -> Array:
     (``W̃ = W A`` has rows ``Aᵀ w``).
     """
     check_array(g, "g")
-    gh = g[..., :, 1:] - g[..., :, :-1]
-    gv = g[..., 1:, :] - g[..., :-1, :]
-    lead = g.shape[:-2]
-    if isinstance(g, torch.Tensor):
-        return torch.cat([gh.reshape(*lead, -1), gv.reshape(*lead, -1)], dim=-1)
-    return np.concatenate([gh.reshape(*lead, -1), gv.reshape(*lead, -1)], axis=-1)
+    return adjoint(g)
 
 
 def _masses(x: np.ndarray) -> np.ndarray:

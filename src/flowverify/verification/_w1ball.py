@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from flowverify.transport.grid import adjoint
+
 __all__ = ["InputDomain", "potentials"]
 
 #: Relative safety margin added to oracle values for floating-point rounding.
@@ -158,15 +160,6 @@ def potentials(c: np.ndarray, height: int, width: int, channels: int) -> np.ndar
     return v.reshape(m, channels * height * width)
 
 
-def _adjoint(v: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
-    """``Aᵀv`` for pixel maps ``v (m, C*H*W)``: flows ``(m, C*D)``."""
-    m = v.shape[0]
-    g = v.reshape(m, channels, height, width)
-    gh = (g[..., :, 1:] - g[..., :, :-1]).reshape(m, channels, -1)
-    gv = (g[..., 1:, :] - g[..., :-1, :]).reshape(m, channels, -1)
-    return np.concatenate([gh, gv], axis=-1).reshape(m, -1)
-
-
 class InputDomain:
     r"""The set ``P_U`` (or the plain L1 ball) and sound minima of ``Λ W₁ g`` over it.
 
@@ -198,7 +191,8 @@ class InputDomain:
         self.mass = float(np.sum(np.abs(self.x0)))
         if self.feasible:
             self.v_img = potentials(w1, self.height, self.width, self.channels)
-            resid = w1 - _adjoint(self.v_img, self.height, self.width, self.channels)
+            v_img = self.v_img.reshape(-1, self.channels, self.height, self.width)
+            resid = w1 - adjoint(v_img).reshape(self.v_img.shape[0], -1)
             self.resid_inf = np.abs(resid).max(axis=1) if resid.size else np.zeros(0)
             self.resid = resid
         else:
@@ -231,7 +225,7 @@ class InputDomain:
             val = -u * np.abs(c).max(axis=1)
             return val - _ROUND * (1.0 + np.abs(val) + u * (np.abs(lam) @ np.abs(self.w1)).max(1))
         v = np.ascontiguousarray(lam @ self.v_img)
-        grad = _adjoint(v, self.height, self.width, self.channels)
+        grad = adjoint(v.reshape(-1, self.channels, self.height, self.width)).reshape(len(v), -1)
         lam_max = np.abs(grad).max(axis=1) if grad.shape[1] else np.zeros(lam.shape[0])
         val, best_lam = _maximise_dual(
             v, self.x0, u, self.channels, self.height, self.width, lam_max, self.iters

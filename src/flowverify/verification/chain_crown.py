@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from flowverify.transport.flows import flow_dim
+from flowverify.transport.flows import apply_flow, flow_dim
 from flowverify.verification.ball import _grad_absmax_t
 from flowverify.verification.flownet import Batch, FlowNet, Linear, ball_norm
 from flowverify.verification.numerics import BOUND_RTOL, MARGIN_RTOL, _widen
@@ -330,7 +330,7 @@ def relu_bounds(
     centre = np.asarray(chain.weights[0]) @ dmu + np.asarray(chain.biases[0])
     c, h, w = shape
     d = flow_dim(h, w)
-    img = reference.reshape(c, h, w) + _divergence_np(dmu.reshape(c, d), h, w)
+    img = apply_flow(reference.reshape(c, h, w), dmu.reshape(c, d))
     batch = Batch.build(net, centre[None], 1.0, img[None], [0])
     sp = None
     if splits is not None:
@@ -342,10 +342,3 @@ def relu_bounds(
     with torch.no_grad():
         bounds = layer_bounds_batch(net, batch, float(eps), feasible=feasible, splits=sp)
     return [(lo[0].cpu().numpy(), up[0].cpu().numpy()) for lo, up in bounds]
-
-
-def _divergence_np(flow: np.ndarray, h: int, w: int) -> np.ndarray:
-    """``A flow`` for ``(C, D)`` flows -> ``(C, H, W)``."""
-    from flowverify.transport.flows import apply_flow
-
-    return apply_flow(np.zeros((flow.shape[0], h, w)), flow)
