@@ -5,7 +5,7 @@ nets; the LAST 2,000 evaluate them. For each noise level ``sigma`` (normalised f
 units, Laplace scale ``b = sigma/sqrt(2)``; see :mod:`flowverify.baselines.smoothing`) it
 
 * trains the ``smoothing_base`` architecture on flow-noised images
-  (:func:`flowverify.baselines.smoothing.train_smoothed_model`) and writes the checkpoint
+  (:func:`flowverify.baselines.train_smoothed_model`) and writes the checkpoint
   ``OUT/smoothing_sigma<sigma>.pt`` (flowverify checkpoint; metadata: settings and
   accuracies);
 * prints the clean accuracy of the base net (no noise), its accuracy under one noise

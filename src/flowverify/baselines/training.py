@@ -71,7 +71,7 @@ def train_smoothed_model(
     lr : float
         Initial Adam learning rate.
     architecture : str
-        A :func:`flowverify.model.loading.build_architecture` name, used when ``model`` is None;
+        A :func:`flowverify.model.build_architecture` name, used when ``model`` is None;
         default the Levine–Feizi MNIST base net ``"smoothing_base"``.
     model : torch.nn.Sequential, optional
         A network to train instead (trained in place).
