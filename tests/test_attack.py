@@ -122,6 +122,7 @@ def test_minimal_radius_on_bundled_model(digits):
     assert np.all(res.w1 > 0)
 
 
+@pytest.mark.slow
 def test_minimal_radius_never_below_the_exact_radius():
     """On a small net: attack radius >= the complete certifier's exact radius, close to it."""
     from flowverify import certify

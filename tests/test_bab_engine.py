@@ -93,6 +93,7 @@ class _Residual(nn.Module):
         return self.head(z.flatten(1))
 
 
+@pytest.mark.slow
 def test_networks_outside_the_chain_family():
     """Convolution, BatchNorm (eval) and a residual block: complete's bracket holds the
     exact radius (proven <= every misclassified image found) and starts at CROWN's."""

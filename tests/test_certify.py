@@ -380,6 +380,7 @@ def test_complete_linear_is_lemma_8():
         )
 
 
+@pytest.mark.slow
 def test_complete_chain_and_timeout():
     x = _images(19, n=3)
     model = _relu_net(20)

@@ -181,6 +181,7 @@ def test_sampled_points_never_leave_the_bounds(name, domain, digits):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_certified_radius_below_the_attack(name, digits):
     net = _seeded(name)

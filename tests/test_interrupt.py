@@ -245,6 +245,7 @@ def _strip_timing(records, drop=("seconds", "witness_path")):
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(CLI_VARIANTS))
 def test_killed_cli_run_resumes_to_the_serial_records(killed_cli_runs, variant):
     results, procs, sent = killed_cli_runs

@@ -80,6 +80,7 @@ def test_workers_identical_to_serial(tmp_path):
     assert [r["index"] for r in a] == [i for i in idx for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_ray_identical_to_serial(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     # Ray workers import this module by name: make the tests folder importable for them.
@@ -461,6 +462,7 @@ def test_cli_certify_two_workers_identical_to_serial(serial_certify, tmp_path):
     _check_same_as_serial(serial_certify, out, wit)
 
 
+@pytest.mark.slow
 def test_cli_certify_ray_identical_to_serial(serial_certify, tmp_path):
     pytest.importorskip("ray")
     out, wit = tmp_path / "ray.jsonl", tmp_path / "wit"
