@@ -282,23 +282,16 @@ def _demo_predictions(model, x: np.ndarray, *, num_classes: int) -> np.ndarray:
     not take them or does not return ``(N, num_classes)`` logits."""
     import torch
 
-    from flowverify.model.flow_model import _infer_flat
+    from flowverify.cli.common import first_line, model_input
 
-    tensors = [*model.parameters(), *model.buffers()]
-    param = next((t for t in tensors if t.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    inp = torch.as_tensor(x, dtype=dtype, device=device)
-    if _infer_flat(model):
-        inp = inp.reshape(len(x), -1)
+    inp = model_input(model, x)
     try:
         with torch.no_grad():
             logits = model(inp)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"--model: the model cannot run on the bundled digits (input shape "
-            f"{tuple(inp.shape)}): {reason}"
+            f"{tuple(inp.shape)}): {first_line(exc)}"
         ) from None
     expected = (len(x), num_classes)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:

@@ -1,9 +1,9 @@
 """The ``flowverify reproduce`` subcommand: re-run the paper's experimental claims.
 
-Contract with :mod:`flowverify.cli`: :func:`add_parser` registers the subcommand on the
-subparsers object and returns its parser; :func:`run` executes it and returns the exit
-code.  Bad input raises ValueError / FileNotFoundError naming the argument (the main
-program prints one line and exits with code 2).
+Wired by :mod:`flowverify.cli.app`: :func:`add_parser` adds the subcommand and returns
+its parser, :func:`run` runs it and returns the exit code.  A bad argument raises
+ValueError or FileNotFoundError naming it, which the main program reports on one line
+with exit code 2.
 """
 
 from __future__ import annotations
