@@ -1,6 +1,6 @@
-"""Benchmark of the Wasserstein PGD attack (issue 5): strength, speed, soundness.
+"""Benchmark of the Wasserstein PGD attack: strength, speed, soundness.
 
-Setting (the issue's reference points): 100 real MNIST digits, a 784-256-256-10 ReLU net
+Setting (the published reference points): 100 real MNIST digits, a 784-256-256-10 ReLU net
 on raw [0, 1] pixels, 30 iterations, batch 100, 2 torch threads.  The net is trained here
 (seeded, first 8,000 digits of ``mnist10k.npz``, about a minute) and cached under
 ``benchmarks/.cache/`` (git-ignored); the digits are the first ``--n`` correctly
@@ -54,7 +54,7 @@ from flowverify.transport.flows import w1_distance  # noqa: E402
 CACHE = REPO / "benchmarks" / ".cache"
 BUDGETS = (0.1, 0.3, 0.5, 1.0)
 RADII = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 1.0)
-# The issue's reference points (published attacks; their unit: normalised image,
+# The published reference points (published attacks; their unit: normalised image,
 # Euclidean ground cost, 5x5 window, looser than ours).
 PUBLISHED = [
     ("Wong et al. 2019, projected Sinkhorn", (0.01, 0.12, 0.36, 0.81), "1.1-1.8"),

@@ -1,4 +1,4 @@
-"""Would a verification-friendly ``fc`` meet the complete and tightness targets of issue 4?
+"""Would a verification-friendly ``fc`` meet the complete and tightness targets?
 
 Trains 784-100-100-10 ReLU nets like the bundled ``fc`` (first 8,000 digits of
 ``mnist10k.npz``, Adam, cosine schedule, random shifts of up to 2 px, seeded and

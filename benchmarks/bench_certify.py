@@ -1,4 +1,4 @@
-"""Benchmark of :func:`flowverify.verification.certify` (issue 4, "Performance").
+"""Benchmark of :func:`flowverify.certify` on the bundled models: speed, radii, tightness.
 
 On the bundled ``fc`` model (784-100-100-10) and the first ``--n`` bundled evaluation
 digits (the held-out part of ``mnist10k.npz``), with ``--threads`` CPU threads:

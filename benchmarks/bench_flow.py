@@ -1,4 +1,4 @@
-"""Flow-domain speed against POT (issue 3 target).
+"""Flow-domain speed against POT.
 
 On 200 real MNIST evaluation digits (mnist10k.npz indices 8000-8199; the first 8,000 are
 the training pool), reference uniform, float64: ``inverse_flow(method="minimal")`` and

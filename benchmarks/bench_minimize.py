@@ -1,4 +1,4 @@
-"""Benchmark of the minimal-radius attack (issue 15, item 1) against every other mode.
+"""Benchmark of the minimal-radius attack against every other mode.
 
 Per model (bundled ``fc`` and ``cnn``, and the outside VNN-COMP network
 ``mnist-net_256x2.onnx`` if present), on the first ``--n`` bundled digits, one run each of

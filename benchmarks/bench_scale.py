@@ -1,4 +1,4 @@
-"""Throughput of ``certify`` through the runner: serial, local workers and Ray (issue 7).
+"""Throughput of ``certify`` through the runner: serial, local workers and Ray.
 
 For each method (``feasible`` and ``complete`` by default) the same digits are certified
 through :func:`flowverify.runner.run_jobs` with 1 and N local worker processes and on a
@@ -8,7 +8,7 @@ function (wall time per task when there is nothing to compute), and the start-up
 (time to start the pool or Ray and run one no-op task per worker) separately; each timed
 run is preceded by an untimed warm-up run of a few other digits on the same backend.
 
-When :func:`flowverify.verification.certify` is not importable, or with ``--stand-in``, the
+When :func:`flowverify.certify` is not importable, or with ``--stand-in``, the
 methods are replaced by a clearly labelled STAND-IN work function (a fixed amount of
 single-threaded CPU work per image), so that the runner itself can still be measured.
 

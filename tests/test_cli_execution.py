@@ -170,8 +170,10 @@ def test_attack_failing_image_gives_error_records_and_nan_rows(tmp_path, monkeyp
     assert run_cli([*argv, "--out", out, "--save-adversarial", npz])[0] == 0
     recs = lines(out)
     assert [(r["index"], r["eps"]) for r in recs] == [(i, e) for i in range(3) for e in (0.1, 0.3)]
-    status = [r.get("status") for r in recs]
-    assert status == [None, None, "error", "error", None, None]
+    status = [r["status"] for r in recs]
+    assert [s == "error" for s in status] == [False, False, True, True, False, False]
+    assert {s for s in status if s != "error"} <= {"falsified", "unknown", "misclassified"}
+    assert {r["kind"] for r in recs} == {"attack"}
     assert "boom on image 1" in recs[2]["error"] and recs[2]["success"] is False
     with np.load(npz) as d:
         adv = d["adversarial"]

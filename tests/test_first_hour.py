@@ -436,3 +436,17 @@ def test_warnings_and_logs_start_their_own_line_under_a_progress_bar(capsys):
     err = capsys.readouterr().err
     assert after_last_cr(err, "UserWarning: boom").startswith("/x/y.py:7: UserWarning: boom")
     assert after_last_cr(err, "bang").startswith("WARNING flowverify.x: bang")
+
+
+def test_attack_on_channel_last_images_hints_at_the_layout():
+    from flowverify.io import bundled_digits
+    from flowverify.model import load_model
+
+    x, y = bundled_digits()
+    last = np.ascontiguousarray(x[:2].transpose(0, 2, 3, 1))  # (N, H, W, C)
+    try:
+        fv.attack(load_model("fc"), last, y[:2], eps=0.1)
+    except ValueError as exc:
+        assert "channel-last" in str(exc) and "transpose(0, 3, 1, 2)" in str(exc)
+    else:
+        raise AssertionError("channel-last images were accepted")

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowverify.core.validation import channel_last_hint
+
 __all__ = [
     "check_choice",
     "check_clip_max",
@@ -131,7 +133,10 @@ def check_images(images) -> np.ndarray:
     with np.errstate(over="ignore"):
         mass = arr.sum(axis=(2, 3))
     if arr.shape[0] and (mass <= 0).any():
-        raise ValueError("images: expected positive mass in every channel, got an all-zero one")
+        raise ValueError(
+            "images: expected positive mass in every channel, got an all-zero one"
+            + channel_last_hint(arr.shape)
+        )
     if not np.isfinite(mass).all():
         raise ValueError(
             f"images: expected a finite mass per channel, got one that overflows float64 "

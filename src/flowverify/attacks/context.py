@@ -17,7 +17,12 @@ from torch import nn
 
 from flowverify.attacks.descent import Run
 from flowverify.attacks.objective import Objective
-from flowverify.core.validation import check_labels, check_logits, model_errors
+from flowverify.core.validation import (
+    channel_last_hint,
+    check_labels,
+    check_logits,
+    model_errors,
+)
 from flowverify.transport.flows import flow_dim, inverse_flow
 from flowverify.transport.references import make_reference
 
@@ -112,7 +117,7 @@ def prepare(
     )
     with torch.no_grad():
         zero = torch.zeros(n, c, flow_dim(height, width), dtype=dtype, device=device)
-        with model_errors((c, height, width)):
+        with model_errors((c, height, width), channel_last_hint((n, c, height, width))):
             clean_logits = objective(mu, zero, torch.arange(n, device=device))
     check_logits(clean_logits, n)
     bad = ~torch.isfinite(clean_logits).all(dim=1)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flowverify.core.results import jsonable
+from flowverify.core.results import Status, jsonable
 
 __all__ = ["AttackResult"]
 
@@ -125,7 +125,9 @@ class AttackResult:
     ) -> list[dict[str, Any]]:
         """One JSON-ready dict per row.
 
-        Keys: ``index`` (``indices[index]`` when ``indices`` maps batch positions to data
+        Keys: ``kind`` (``"attack"``), ``status`` (``misclassified`` when the clean image
+        already is, ``falsified`` when an adversarial was found, else ``unknown``),
+        ``index`` (``indices[index]`` when ``indices`` maps batch positions to data
         set indices), ``label``, ``prediction``, ``eps``, ``success``, ``w1_bound``,
         ``w1``, ``w1_raw``, ``prediction_adversarial``, ``iterations``, ``seconds``,
         ``max_pixel``, ``unit``, ``threat_model``, ``mode``, and ``config`` if given.
@@ -133,7 +135,7 @@ class AttackResult:
         """
         rows = []
         for r in range(len(self)):
-            rec: dict[str, Any] = {}
+            rec: dict[str, Any] = {"kind": "attack", "status": self.row_status(r)}
             for key in self._ROW_KEYS:
                 rec[key] = getattr(self, key)[r].item()
             if indices is not None:
@@ -146,9 +148,18 @@ class AttackResult:
             rows.append(jsonable(rec))
         return rows
 
+    def row_status(self, r: int) -> Status:
+        """The shared status of row ``r``: ``misclassified`` (the clean image already is),
+        ``falsified`` (an adversarial image was found) or ``unknown``."""
+        if int(self.prediction[r]) != int(self.label[r]):
+            return Status.MISCLASSIFIED
+        return Status.FALSIFIED if bool(self.success[r]) else Status.UNKNOWN
+
     def to_dict(self) -> dict[str, Any]:
         """Column-wise JSON-ready dict (without the adversarial images)."""
         out = {key: getattr(self, key) for key in self._ROW_KEYS}
+        out["kind"] = "attack"
+        out["status"] = [self.row_status(r).value for r in range(len(self))]
         out.update(
             unit=self.unit, threat_model=self.threat_model, mode=self.mode, config=self.config
         )

@@ -40,7 +40,8 @@ class SmoothingResult:
     radius_lf : float
         Levine & Feizi's radius ``(b/2) ln(p_lower/(1 - p_lower))`` (0 unless certified).
     radius_raw, radius_lf_raw : float
-        The same in raw units (× ``mass``).
+        The same in raw units: × the image's smallest channel mass (× ``mass`` for one
+        channel), a sound raw radius for every channel.
     p_lower : float
         Clopper–Pearson lower bound on ``P[f(x + s·Aη) = c_A]`` at level ``alpha``.
     guess : int
@@ -50,12 +51,12 @@ class SmoothingResult:
     counts : list of int
         Estimation counts per class (length K).
     mass : float
-        Image mass ``s`` (data units; the smallest channel mass for ``C > 1``, so that
-        ``radius_raw`` stays a sound raw radius).
+        Image mass ``s`` (data units; the largest channel mass for ``C > 1``), as in
+        every record.
     seconds : float
         Wall time for this image.
     config : dict
-        ``sigma``, ``b``, ``n0``, ``n``, ``alpha``, ``seed``, ``batch_size``, ``unit``.
+        ``sigma``, ``b``, ``n0``, ``n_samples``, ``alpha``, ``seed``, ``batch_size``, ``unit``.
     method, certifier, exact, references, per_reference, witness
         Fields shared with :class:`flowverify.verification.CertifyResult`: ``"smoothing"``,
         ``"laplace-cohen"``, False, ``[]`` and ``{}`` (the smoothed classifier does not
@@ -89,6 +90,7 @@ class SmoothingResult:
         """One JSON object in the certify-record schema (plus smoothing fields)."""
         return jsonable(
             {
+                "kind": "smoothing",
                 "index": self.index,
                 "label": self.label,
                 "prediction": self.prediction,

@@ -234,7 +234,7 @@ def smoothed_certify(
         "sigma": sigma,
         "b": b,
         "n0": n0,
-        "n": n,
+        "n_samples": n,
         "alpha": alpha,
         "seed": seed,
         "batch_size": batch_size,
@@ -242,7 +242,8 @@ def smoothed_certify(
         "base_input": "x + mass * A eta (data units)",
         "unit": "normalised",
     }
-    masses = x.sum(dim=(-2, -1)).amin(dim=1).double().cpu().numpy()
+    channel_mass = x.sum(dim=(-2, -1)).double().cpu().numpy()  # (N, C)
+    masses = channel_mass.min(axis=1)  # raw radii: the smallest channel mass (sound)
     out: list[SmoothingResult] = []
     iterator = range(x.shape[0])
     if progress:
@@ -293,7 +294,7 @@ def smoothed_certify(
                     guess=guess,
                     count=n_a,
                     counts=[int(v) for v in c1],
-                    mass=mass,
+                    mass=float(channel_mass[i].max()),
                     seconds=time.perf_counter() - t0,
                     config=dict(config),
                 )

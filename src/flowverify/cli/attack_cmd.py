@@ -128,6 +128,8 @@ def _attack_errors(index: int, label: int, exc: Exception, *, atk) -> list[dict]
     budgets = [None] if atk.eps is None else list(atk.eps)
     return [
         {
+            "kind": "attack",
+            "status": "error",
             "index": int(index),
             "label": int(label),
             "prediction": -1,
@@ -143,7 +145,6 @@ def _attack_errors(index: int, label: int, exc: Exception, *, atk) -> list[dict]
             "unit": "normalised",
             "threat_model": atk.threat_model,
             "mode": "minimal" if atk.eps is None else "fixed",
-            "status": "error",
             "error": msg,
         }
         for eps in budgets

@@ -1,10 +1,13 @@
 """Result records and JSONL output shared by every operation.
 
-Each operation returns one dataclass per image (``CertifyResult``, ``AttackResult``, ...)
-with a :class:`Status`, radii in both units (``normalised``: image mass 1; ``raw``: the
-mass of the data), the method, references, timings and an optional witness.  Their
-``to_dict()`` gives one JSON object; :class:`JsonlWriter` writes one object per line,
-flushed as soon as it is known, never a half-written line.
+Each operation's records share one vocabulary: a ``kind`` (``"certify"``, ``"attack"``,
+``"smoothing"``), a :class:`Status`, the ``index`` and ``label`` of the image, radii or
+distances in both units (``normalised``: image mass 1; ``raw``: data units, with ``mass``
+the image's largest channel mass everywhere), the method, timings and an optional witness;
+a failed image is a record of its kind with status ``error`` and the message under
+``error``.  ``CertifyResult.to_dict()``, ``SmoothingResult.to_dict()`` and
+``AttackResult.to_records()`` give the JSON objects; :class:`JsonlWriter` writes one
+object per line, flushed as soon as it is known, never a half-written line.
 """
 
 from __future__ import annotations

@@ -282,11 +282,12 @@ def _claim_attack(env: _Env, cfg: dict[str, Any]) -> ClaimResult:
             rec[name] = float(r["w1"][i])
         res.per_image.append(rec)
     res.notes += [
-        "Minimal-radius mode of our attack: DeepFool-W1 start, budget doubling and "
-        f"{cfg['search_steps']} bisection probes, each probe a PGD run of at most "
-        f"{cfg['steps']} steps (so more gradient steps per digit in all; see 'mean "
-        "iterations'). The fixed-budget row is a single run of at most "
-        f"{cfg['steps']} steps at eps={cfg['fixed_eps']:g} (not minimal).",
+        "Minimal-radius mode of our attack: candidates from DeepFool-W1 and PGD runs of "
+        f"at most {cfg['steps']} steps at a schedule of fixed budgets, the closest one "
+        f"shrunk by a search of {cfg['search_steps']} x {cfg['steps']} steps (so more "
+        "gradient steps per digit in all; see 'mean iterations'). The fixed-budget row "
+        f"is a single run of at most {cfg['steps']} steps at "
+        f"eps={cfg['fixed_eps']:g} (not minimal).",
         f"Wong et al. via ART: one digit at a time, at most {cfg['wong_iters']} iterations, "
         "epsilon grown 10% per iteration from 0.1 (the first successful iterate is "
         "returned, so its W1 is close to the smallest budget reached). ART runs in numpy "

@@ -1,6 +1,7 @@
 """Reading the report's inputs: certify/attack JSONL records, grouped per file and method.
 
-Record kinds (one JSON object per line; ``"inf"``/``"nan"`` strings are numbers):
+Record kinds (one JSON object per line, named by its ``kind`` field; ``"inf"``/``"nan"``
+strings are numbers; every record has a ``status`` of :class:`~flowverify.core.results.Status`):
 
 * *certify*: ``index, label, prediction, method, certifier, status, radius`` (normalised
   W1), ``radius_raw, exact, seconds, ...``.  ``radius`` is a proven lower bound on the
@@ -54,6 +55,15 @@ def _int(value: Any, what: str) -> int:
 
 
 def _kind(rec: Mapping[str, Any]) -> str | None:
+    """``certify`` (also smoothing records) or ``attack``, from the record's ``kind``
+    (older files without one: from its keys)."""
+    kind = rec.get("kind")
+    if kind in ("certify", "smoothing"):
+        return "certify"
+    if kind == "attack":
+        return "attack"
+    if kind is not None:
+        return None
     if "status" in rec and "radius" in rec:
         return "certify"
     if "eps" in rec and "success" in rec:

@@ -106,4 +106,4 @@ class CertifyResult:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "witness"}
         out["status"] = str(self.status)
         out["unit"] = "normalised"
-        return jsonable(out)
+        return jsonable({"kind": "certify", **out})
