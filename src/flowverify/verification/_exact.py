@@ -4,6 +4,7 @@ the class of a witness)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,11 @@ class ExactResult:
     solver_status: str
     seconds: float
     nodes: int
+
+    @classmethod
+    def no_witness(cls, status: str, lower: float, info: str, seconds: float, nodes: int = 0):
+        """A result without a witness (``upper = inf``)."""
+        return cls(status, lower, math.inf, None, None, info, seconds, nodes)
 
 
 def _block_incidence(height: int, width: int, channels: int) -> sp.csr_matrix:

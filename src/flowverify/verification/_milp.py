@@ -152,36 +152,19 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
     secs = time.perf_counter() - t0
     if best_delta is None:
         if timed_out or unverified:
-            return ExactResult(
+            return ExactResult.no_witness(
                 "timeout",
                 max(0.0, min(lower, radius)),
-                math.inf,
-                None,
-                None,
                 "milp: time limit" if timed_out else "milp: no witness verified",
                 secs,
                 nodes,
             )
         if prob.feasible and radius >= _diameter(prob):
-            return ExactResult(
-                "infeasible",
-                math.inf,
-                math.inf,
-                None,
-                None,
-                "milp: no adversarial image",
-                secs,
-                nodes,
+            return ExactResult.no_witness(
+                "infeasible", math.inf, "milp: no adversarial image", secs, nodes
             )
-        return ExactResult(
-            "timeout",
-            radius,
-            math.inf,
-            None,
-            None,
-            "milp: no adversarial within the search radius",
-            secs,
-            nodes,
+        return ExactResult.no_witness(
+            "timeout", radius, "milp: no adversarial within the search radius", secs, nodes
         )
     lower = max(0.0, min(lower, best))
     ok = not timed_out and best - lower <= rtol * best + 1e-12

@@ -115,17 +115,10 @@ def _linear_ball(prob: Problem, rtol: float, t0: float) -> ExactResult:
     secs = time.perf_counter() - t0
     if best_delta is None:
         if unverified:  # never claim "no adversarial" without a proof
-            return ExactResult(
-                "timeout",
-                max(0.0, lower),
-                math.inf,
-                None,
-                None,
-                "lemma7: no witness verified",
-                secs,
-                0,
+            return ExactResult.no_witness(
+                "timeout", max(0.0, lower), "lemma7: no witness verified", secs, 0
             )
-        return ExactResult("infeasible", math.inf, math.inf, None, None, "lemma7", secs, 0)
+        return ExactResult.no_witness("infeasible", math.inf, "lemma7", secs, 0)
     status = "optimal" if best - lower <= rtol * best + 1e-12 else "timeout"
     return ExactResult(
         status, max(0.0, min(lower, best)), best, best_delta, best_t, "lemma7", secs, 0
@@ -180,40 +173,23 @@ def _linear_exact(
     secs = time.perf_counter() - t0
     if best_delta is None:
         if unverified and not timed_out:
-            return ExactResult(
+            return ExactResult.no_witness(
                 "timeout",
                 max(0.0, min(lower, radius)),
-                math.inf,
-                None,
-                None,
                 "lemma8-lp: an adversarial region was found but no witness verified",
                 secs,
                 0,
             )
         if timed_out:
-            return ExactResult(
-                "timeout", max(lower, 0.0), math.inf, None, None, "lemma8-lp: time limit", secs, 0
+            return ExactResult.no_witness(
+                "timeout", max(lower, 0.0), "lemma8-lp: time limit", secs, 0
             )
         if radius >= _diameter(prob):
-            return ExactResult(
-                "infeasible",
-                math.inf,
-                math.inf,
-                None,
-                None,
-                "lemma8-lp: no adversarial image",
-                secs,
-                0,
+            return ExactResult.no_witness(
+                "infeasible", math.inf, "lemma8-lp: no adversarial image", secs, 0
             )
-        return ExactResult(
-            "error",
-            radius,
-            math.inf,
-            None,
-            None,
-            "lemma8-lp: no adversarial within the upper_bound hint",
-            secs,
-            0,
+        return ExactResult.no_witness(
+            "error", radius, "lemma8-lp: no adversarial within the upper_bound hint", secs, 0
         )
     lower = min(lower, best)
     ok = not timed_out and best - lower <= rtol * best + 1e-12
@@ -412,24 +388,15 @@ def exact_radius(
     )
     if out.status == "infeasible":
         if feasible and not hinted and incumbent is None:
-            return ExactResult(
-                "infeasible",
-                math.inf,
-                math.inf,
-                None,
-                None,
-                info + "; no adversarial image",
-                secs,
-                out.nodes,
+            return ExactResult.no_witness(
+                "infeasible", math.inf, info + "; no adversarial image", secs, out.nodes
             )
         msg = "no adversarial within the search radius"
         st = "error" if hinted else "timeout"
         return ExactResult(st, radius, math.inf, None, None, f"{info}; {msg}", secs, out.nodes)
     if out.status == "timeout" and out.witness is None:
         lower = max(0.0, out.lower)
-        return ExactResult(
-            "timeout", lower, math.inf, None, None, info + "; " + out.message, secs, out.nodes
-        )
+        return ExactResult.no_witness("timeout", lower, info + "; " + out.message, secs, out.nodes)
     res = ExactResult(
         out.status, max(0.0, out.lower), out.upper, out.witness, out.target, info, secs, out.nodes
     )
