@@ -361,7 +361,7 @@ def test_w1_ball_oracle_matches_lp():
 )
 def test_unverified_witnesses_never_claim_no_adversarial(monkeypatch, sizes, feasible, algorithm):
     """If no witness passes the exact check, the result is a bound, not "infeasible"."""
-    from flowverify.verification import _bab, _milp, complete
+    from flowverify.verification import _bab, _bab_witness, _milp, complete
 
     _, chain, dmu, ref, label, _ = _setup(3, sizes)
     truth = exact_radius(
@@ -370,7 +370,8 @@ def test_unverified_witnesses_never_claim_no_adversarial(monkeypatch, sizes, fea
     assert truth.status == "optimal"
     never = lambda *a, **k: (False, None)  # noqa: E731 - every witness check fails
     monkeypatch.setattr(complete, "verify_witness", never)
-    monkeypatch.setattr(_bab, "verify_witness", never)
+    for module in (_bab, _bab_witness):
+        monkeypatch.setattr(module, "verify_witness", never)
     monkeypatch.setattr(_milp, "_region_witness", lambda *a, **k: None)
     res = exact_radius(
         chain, dmu, ref, label, height=H, width=W, feasible=feasible, algorithm=algorithm

@@ -36,12 +36,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flowverify.core.interrupt import raise_if_interrupted
-from flowverify.verification._highs import new_highs, set_time_limit
-from flowverify.verification._propagate import effective, layer_bounds
+from flowverify.verification._bab_nodes import _Branching, _Node
+from flowverify.verification._bab_witness import (
+    linearised_attack,
+    repair_feasibility,
+    verify_witness,
+)
+from flowverify.verification._propagate import layer_bounds
 from flowverify.verification._relaxlp import Problem, RelaxationLP
 from flowverify.verification._w1ball import problem_domain
 
-__all__ = ["BabOutcome", "branch_and_bound", "verify_witness"]
+__all__ = ["BabOutcome", "branch_and_bound"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,94 +63,7 @@ class BabOutcome:
     stats: dict = field(default_factory=dict)
 
 
-def repair_feasibility(prob: Problem, g: np.ndarray, max_iter: int = 200) -> np.ndarray | None:
-    """Make ``R + A(δµ + g) ≥ 0`` hold exactly in float64 by tiny changes of ``g``.
-
-    LP solutions (and even ``R + Aδµ`` itself) can have pixels of ``-1e-15`` from
-    rounding.  For each negative pixel the flow on the edge carrying the most mass out of
-    it is reduced by the deficit plus a few ulps of that flow, which moves
-    the deficit downstream; repeated until no pixel is negative.  The distance changes by
-    about the total deficit.  Returns None if a deficit exceeds ``1e-7`` of the mass or
-    the repair does not converge.
-    """
-    if not prob.feasible:
-        return g
-    g = np.array(g, dtype=np.float64)
-    amat = prob.amat
-    scale = 1e-7 * max(1.0, float(prob.channel_mass.max()))
-    csr = amat.tocsr()
-    for _ in range(max_iter):
-        delta = prob.delta_mu + g
-        nu = prob.reference + amat @ delta
-        neg = np.nonzero(nu < 0)[0]
-        if neg.size == 0:
-            return g
-        if -nu[neg].min() > scale:
-            return None
-        for i in neg:
-            deficit = -nu[i]
-            start, end = csr.indptr[i], csr.indptr[i + 1]
-            edges = csr.indices[start:end]
-            sgns = csr.data[start:end]  # column e adds sgn * flow_e to pixel i
-            out = -sgns * delta[edges]  # mass leaving i along each edge
-            k = int(np.argmax(out))
-            if out[k] <= 0:
-                return None
-            e = edges[k]
-            step = deficit + 4.0 * np.spacing(abs(delta[e])) + 4.0 * np.spacing(deficit)
-            step = min(step, float(out[k]))
-            g[e] += sgns[k] * step  # less mass leaves i
-            delta[e] = prob.delta_mu[e] + g[e]
-    return None
-
-
-def verify_witness(prob: Problem, delta: np.ndarray) -> tuple[bool, float]:
-    """Exact float64 check: ``argmax f(δ) ≠ y`` strictly, and ``R + Aδ ≥ 0`` if feasible."""
-    logits = prob.forward(delta)
-    y = prob.label
-    others = np.delete(logits, y)
-    margin = float(others.max() - logits[y])
-    ok = margin > 0 and int(np.argmax(logits)) != y
-    if ok and prob.feasible:
-        nu = prob.reference + prob.amat @ delta
-        ok = bool(nu.min() >= 0)
-    return ok, margin
-
-
-def margin_witness(prob: Problem, lp, kappa: float, tries: int = 6) -> np.ndarray | None:
-    """A verified adversarial flow ``δ`` from ``lp`` (a :class:`RelaxationLP` whose node
-    and radius are set), or None.
-
-    The LP is re-solved with the margin ``f_t - f_y >= κ`` (``κ`` grown 10x per try, at
-    most ``tries`` times) until its solution, repaired to ``R + Aδ >= 0``
-    (:func:`repair_feasibility`), passes :func:`verify_witness`.  The margin is left set.
-    """
-    k = kappa
-    for _ in range(tries):
-        lp.set_margin(k)
-        st, _, x = lp.solve()
-        if st != "optimal":
-            break
-        g = repair_feasibility(prob, lp.flow(x))
-        if g is not None and verify_witness(prob, prob.delta_mu + g)[0]:
-            return prob.delta_mu + g
-        k *= 10.0
-    return None
-
-
-@dataclass(order=True)
-class _Node:
-    lb: float
-    seq: int
-    target: int = field(compare=False)
-    splits: list = field(compare=False)
-    bounds: list = field(compare=False)
-    hint: list | None = field(compare=False)  # (z, a, tri_dual) per layer from the LP
-    depth: int = field(compare=False, default=0)
-    basis: object = field(compare=False, default=None)  # HiGHS basis of the node's LP
-
-
-class _Solver:
+class _Solver(_Branching):
     def __init__(
         self,
         prob: Problem,
@@ -280,163 +198,8 @@ class _Solver:
         return out
 
     # -------------------------------------------------------------- primal heuristics
-    def region_search(self, target, delta, bounds):
-        """Local search over linear regions starting from the region of ``delta``."""
-        prob = self.prob
-        pre = prob.pre_activations(delta)
-        splits = [np.where(z > 0, 1, -1).astype(np.int8) for z in pre]
-        # respect the node bounds: a neuron proven stable keeps its sign
-        for k, (lo, hi) in enumerate(bounds):
-            splits[k] = np.where(lo >= 0, 1, np.where(hi <= 0, -1, splits[k])).astype(np.int8)
-        st, _, x, lp = self._solve(target, bounds, splits, kappa=self.kappa)
-        if st != "optimal":
-            return
-        self.consider(prob.delta_mu + lp.flow(x), target, "region")
-        cur = float(np.abs(lp.flow(x)).sum())
-        for _ in range(self.max_region_flips):
-            if self.remaining() <= 0:
-                break
-            dual = lp.col_duals()
-            cand = []
-            for k, n in enumerate(prob.hidden):
-                zo = lp.zoff[k]
-                z = x[zo : zo + n]
-                d = dual[zo : zo + n]
-                lo, hi = bounds[k]
-                free = (lo < 0) & (hi > 0)
-                at_zero = free & (np.abs(z) <= 1e-9 * (1 + np.abs(hi - lo)))
-                for j in np.nonzero(at_zero & (np.abs(d) > 1e-12))[0]:
-                    cand.append((abs(d[j]), k, j))
-            if not cand:
-                break
-            cand.sort(reverse=True)
-            improved = False
-            for _, k, j in cand[:3]:
-                trial = [s.copy() for s in splits]
-                trial[k][j] = -trial[k][j]
-                st, _, x2, lp = self._solve(target, bounds, trial, kappa=self.kappa)
-                if st != "optimal":
-                    continue
-                val = float(np.abs(lp.flow(x2)).sum())
-                if val < cur - 1e-12 * (1 + cur):
-                    splits, x, cur = trial, x2, val
-                    self.consider(prob.delta_mu + lp.flow(x), target, "region-flip")
-                    improved = True
-                    break
-            if not improved:
-                break
 
     # -------------------------------------------------------------- branch and bound
-    def branch_candidates(self, node: _Node, count: int):
-        """Up to ``count`` unstable neurons ``(k, j)``, best first.
-
-        Score: ``(a_j - relu(z_j)) · (y_j + 1e-6)`` at the node's LP solution (how much
-        the relaxation of neuron ``j`` is used, weighted by the dual ``y_j`` of its
-        triangle row); neurons with no slack come last, by ``min(u, -l)``.
-        """
-        scored, fallback = [], []
-        for k, (lo, hi) in enumerate(node.bounds):
-            lo_e, hi_e = effective(lo, hi, node.splits[k])
-            free = (lo_e < 0) & (hi_e > 0) & (node.splits[k] == 0)
-            if not free.any():
-                continue
-            idx = np.nonzero(free)[0]
-            width = np.minimum(hi_e, -lo_e)[idx]
-            fallback.extend(zip(width.tolist(), [k] * idx.size, idx.tolist(), strict=True))
-            if node.hint is None:
-                continue
-            z, a, tri = node.hint[k]
-            gap = (a - np.maximum(z, 0.0))[idx]
-            if self.branching == "gap":
-                score = gap
-            elif self.branching == "babsr":
-                score = tri[idx] * (hi_e * -lo_e / (hi_e - lo_e))[idx] + 1e-9 * gap
-            else:
-                score = gap * (tri[idx] + 1e-6)
-            ok = gap > 1e-9
-            scored.extend(
-                zip(score[ok].tolist(), [k] * int(ok.sum()), idx[ok].tolist(), strict=True)
-            )
-        scored.sort(reverse=True)
-        fallback.sort(reverse=True)
-        out = [(k, j) for _, k, j in scored[:count]]
-        if len(out) < count:
-            seen = set(out)
-            out += [(k, j) for _, k, j in fallback if (k, j) not in seen][: count - len(out)]
-        return out
-
-    def child_bounds(self, parent: _Node, splits, k):
-        if not self.refresh or k + 1 >= len(self.prob.hidden):
-            return parent.bounds
-        dom = self.domain.with_radius(min(self.radius, self.best), iters=40)
-        return layer_bounds(
-            self.prob.weights,
-            self.prob.biases,
-            self.prob.c1,
-            dom,
-            splits=splits,
-            prev=parent.bounds,
-            start=k + 1,
-        )
-
-    def expand(self, node: _Node, heap):
-        cands = self.branch_candidates(node, self.strong)
-        if not cands:
-            # every neuron fixed, the LP value is the node's exact minimum but no witness
-            # with margin κ was found in it: keep its bound in the final lower bound
-            self.closed_min = min(self.closed_min, node.lb)
-            return
-        best, best_key = None, None
-        for k, j in cands:
-            children = []
-            for sgn in (1, -1):
-                splits = [s.copy() for s in node.splits]
-                splits[k][j] = sgn
-                bounds = self.child_bounds(node, splits, k)
-                children.append(
-                    self.evaluate(node.target, bounds, splits, node.lb, node.depth + 1, node.basis)
-                )
-            lbs = sorted(math.inf if c is None else c.lb for c in children)
-            key = (lbs[0], lbs[1])
-            if best_key is None or key > best_key:
-                best, best_key = children, key
-            if len(cands) == 1 or self.remaining() <= 0 or lbs[0] >= self.best:
-                break
-        for child in best:
-            if child is not None and child.lb < self.best:
-                heapq.heappush(heap, child)
-
-    def evaluate(self, target, bounds, splits, parent_lb, depth, basis=None):
-        """Solve a node's LP; returns the node to keep open, or None if closed."""
-        for k, (lo, hi) in enumerate(bounds):
-            lo_e, hi_e = effective(lo, hi, splits[k])
-            if np.any(lo_e > hi_e):
-                return None  # empty sub-domain (sound bounds)
-        st, lb, x, lp = self._solve(target, bounds, splits, basis=basis)
-        if st == "infeasible":
-            return None
-        if st != "optimal":
-            return _Node(parent_lb, next(self.seq), target, splits, bounds, None, depth, basis)
-        own_basis = lp.h.getBasis() if self.warm else None
-        lb = max(lb, parent_lb)
-        g = lp.flow(x)
-        self.consider(self.prob.delta_mu + g, target, "lp")
-        if lb >= self.best:
-            return None
-        hint = self._hint(lp, x)
-        # exact LP solution (every ReLU satisfied)? Then lb is the node's exact value.
-        tight = True
-        for z, a, _ in hint:
-            if np.any(np.abs(a - np.maximum(z, 0.0)) > 1e-9 * (1 + np.abs(z))):
-                tight = False
-                break
-        node = _Node(lb, next(self.seq), target, splits, bounds, hint, depth, own_basis)
-        if tight:
-            self.region_search(target, self.prob.delta_mu + g, bounds)
-            if self.best <= lb + self.rtol * self.best:
-                self.closed_min = min(self.closed_min, lb)
-                return None
-        return node
 
     def lower(self, heap) -> float:
         """Proven lower bound of the current search: nodes closed by the ball row or by
@@ -642,80 +405,6 @@ class _Solver:
             "",
             stats,
         )
-
-
-def linearised_attack(solver: _Solver, budget: float, iters: int = 12) -> None:
-    """Iterated linearisation (DeepFool-like, L1 + feasibility) for every target.
-
-    At ``δ_k`` the margin ``f_t - f_y`` is affine on the linear region of ``δ_k``,
-    ``m(δ) = w·δ + c``; the LP ``min ‖δ - δµ‖₁ s.t. R + Aδ ≥ 0, w·δ + c ≥ κ'`` gives
-    ``δ_{k+1}``.  Every iterate is checked exactly; adversarial ones become candidates
-    (then improved by :meth:`_Solver.region_search` from the root).
-    """
-    import highspy
-
-    prob = solver.prob
-    n0 = prob.n0
-    stop = time.perf_counter() + budget
-    amat = prob.amat.tocoo()
-    h = new_highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
-    inf = highspy.kHighsInf
-    h.addVars(2 * n0, np.zeros(2 * n0), np.full(2 * n0, inf))
-    h.changeColsCost(2 * n0, np.arange(2 * n0, dtype=np.int32), np.ones(2 * n0))
-    if prob.feasible:
-        import scipy.sparse as sp
-
-        mat = sp.hstack([prob.amat, -prob.amat]).tocsr()
-        h.addRows(
-            mat.shape[0],
-            -prob.x0,
-            np.full(mat.shape[0], inf),
-            mat.nnz,
-            mat.indptr[:-1].astype(np.int32),
-            mat.indices.astype(np.int32),
-            mat.data,
-        )
-    del amat
-    margin_row = h.getNumRow()
-    h.addRow(-inf, inf, 0, np.zeros(0, np.int32), np.zeros(0))
-    scale = 1e-6 * max(1.0, float(np.abs(prob.forward(prob.delta_mu)).max()))
-    for t in solver.targets:
-        delta = prob.delta_mu.copy()
-        for _ in range(iters):
-            if time.perf_counter() > stop or solver.remaining() <= 0:
-                return
-            w, c = _local_margin(prob, delta, t)
-            coef = np.concatenate([w, -w])
-            h.deleteRows(1, np.array([margin_row], np.int32))
-            nz = np.nonzero(coef)[0].astype(np.int32)
-            rhs = scale - c - float(w @ prob.delta_mu)
-            h.addRow(rhs, inf, nz.size, nz, coef[nz])
-            set_time_limit(h, min(stop, solver.deadline) - time.perf_counter())
-            h.run()
-            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                break
-            x = np.asarray(h.getSolution().col_value)
-            delta = prob.delta_mu + x[:n0] - x[n0:]
-            if solver.consider(delta, t, "linearisation"):
-                break
-            if verify_witness(prob, delta)[0]:
-                break
-
-
-def _local_margin(prob: Problem, delta: np.ndarray, t: int):
-    """``(w, c)`` with ``f_t - f_y = w·δ + c`` on the linear region of ``δ``."""
-    jac = prob.weights[0].copy()
-    off = prob.biases[0].copy()
-    z = jac @ delta + off
-    for w, b in zip(prob.weights[1:], prob.biases[1:], strict=True):
-        d = (z > 0).astype(float)
-        jac = w @ (d[:, None] * jac)
-        off = w @ (d * off) + b
-        z = w @ np.maximum(z, 0.0) + b
-    y = prob.label
-    return jac[t] - jac[y], float(off[t] - off[y])
 
 
 def branch_and_bound(

@@ -24,7 +24,7 @@ import time
 import highspy
 import numpy as np
 
-from flowverify.verification._bab import margin_witness
+from flowverify.verification._bab_witness import margin_witness
 from flowverify.verification._exact import ExactResult, _diameter, _witness_target
 from flowverify.verification._highs import new_highs, set_time_limit
 from flowverify.verification._propagate import layer_bounds

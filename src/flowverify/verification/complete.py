@@ -57,8 +57,8 @@ import time
 import numpy as np
 
 from flowverify.transport.flows import flow_dim
-from flowverify.verification._bab import (
-    branch_and_bound,
+from flowverify.verification._bab import branch_and_bound
+from flowverify.verification._bab_witness import (
     margin_witness,
     repair_feasibility,
     verify_witness,
