@@ -355,22 +355,21 @@ def _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit):
     ok = sel[pred[sel] == lab[sel]]
     mass = _mass(x)
     out: dict[int, CertifyResult] = {}
+
+    def zero(i, status, **kw) -> CertifyResult:  # a record of radius 0 (no certificate)
+        names = [r.name for r in ref_sets[i]]
+        return _result(
+            ctx, i, idx[i], lab[i], pred[i], names, status=status, radius=0.0,
+            radius_raw=0.0, mass=float(mass[i]), **kw,
+        )  # fmt: skip
+
     for i in sel:
         if pred[i] != lab[i]:
-            names = [r.name for r in ref_sets[i]]
-            out[i] = _result(
-                ctx,
+            out[i] = zero(
                 i,
-                idx[i],
-                lab[i],
-                pred[i],
-                names,
-                status=Status.MISCLASSIFIED,
-                radius=0.0,
-                radius_raw=0.0,
-                per_reference={nm: 0.0 for nm in names},
+                Status.MISCLASSIFIED,
+                per_reference={r.name: 0.0 for r in ref_sets[i]},
                 lower=0.0,
-                mass=float(mass[i]),
                 eps=eps,
                 eps_raw=None if eps is None else _eps_raw(eps, unit, mass[i]),
             )
@@ -387,20 +386,7 @@ def _certify_chunk_results(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit):
             raise_if_interrupted(exc)
             logger.exception("certify: batch %s failed", idx[ok].tolist())
             for i in ok:
-                names = [r.name for r in ref_sets[i]]
-                out[i] = _result(
-                    ctx,
-                    i,
-                    idx[i],
-                    lab[i],
-                    pred[i],
-                    names,
-                    status=Status.ERROR,
-                    radius=0.0,
-                    radius_raw=0.0,
-                    mass=float(mass[i]),
-                    message=f"{type(exc).__name__}: {exc}",
-                )
+                out[i] = zero(i, Status.ERROR, message=f"{type(exc).__name__}: {exc}")
     per = (time.perf_counter() - t0) / max(len(sel), 1)
     results = []
     for i in sel:
