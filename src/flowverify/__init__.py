@@ -11,7 +11,9 @@ Packages follow the pipeline, each importing only from those before it:
 W1, references, min-cost flow, W1 projection), :mod:`~flowverify.model` (Corollary 2.1,
 loading, ONNX), :mod:`~flowverify.verification` (section 3, Appendix A: the bound
 engine, LP, branch and bound, MILP), :mod:`~flowverify.attacks` (section 4, Algorithm 1),
-:mod:`~flowverify.baselines` (randomised smoothing), :mod:`~flowverify.io` (images),
+:mod:`~flowverify.baselines` (randomised smoothing), :mod:`~flowverify.api` (the public
+:func:`certify`, composing the certifiers with the attack and the baseline),
+:mod:`~flowverify.io` (images),
 :mod:`~flowverify.runner` (parallel, resumable runs), :mod:`~flowverify.report`,
 :mod:`~flowverify.paper` (the paper's claims) and :mod:`~flowverify.cli`.
 """

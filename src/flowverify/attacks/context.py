@@ -26,7 +26,7 @@ from flowverify.core.validation import (
 from flowverify.transport.flows import flow_dim, inverse_flow
 from flowverify.transport.references import make_reference
 
-__all__ = ["Context", "model_dtype", "prepare", "reference_flow"]
+__all__ = ["Context", "prepare", "reference_flow"]
 
 
 @dataclass
@@ -49,14 +49,6 @@ class Context:
     @property
     def flow_shape(self) -> tuple[int, int]:
         return self.mu.shape[1], flow_dim(self.mu.shape[-2], self.mu.shape[-1])
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's parameters (float32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def reference_flow(fm_reference, kind, mu_data, dtype, device, seed):

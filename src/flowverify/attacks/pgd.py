@@ -67,13 +67,13 @@ from flowverify.attacks.arguments import (
     check_step_size,
 )
 from flowverify.attacks.budget import fixed
-from flowverify.attacks.context import model_dtype, prepare
+from flowverify.attacks.context import prepare
 from flowverify.attacks.descent import SCHEDULES
 from flowverify.attacks.finalise import finalise
 from flowverify.attacks.losses import LOSSES
 from flowverify.attacks.minimal import candidates, closest
 from flowverify.attacks.result import AttackResult
-from flowverify.core.validation import check_device
+from flowverify.core.validation import check_device, model_dtype
 from flowverify.model.flow_model import INPUT_SCALES, FlowModel, _infer_flat
 
 __all__ = ["WassersteinPGD", "attack"]

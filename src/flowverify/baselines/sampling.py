@@ -19,7 +19,7 @@ from torch import nn
 
 from flowverify.baselines.checks import _check_count, _check_images, _check_indices, _check_sigma
 from flowverify.baselines.noise import _image_seed, add_flow_noise
-from flowverify.core.validation import check_device, check_logits, model_errors
+from flowverify.core.validation import check_device, check_logits, model_dtype, model_errors
 
 __all__ = ["smoothed_counts"]
 
@@ -53,9 +53,7 @@ def _model_context(model: nn.Module, device: str | torch.device):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     device = check_device(device)
-    param = next(iter(model.parameters()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    return device, dtype
+    return device, model_dtype(model)
 
 
 @torch.no_grad()

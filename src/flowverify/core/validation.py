@@ -203,3 +203,18 @@ def channel_last_hint(shape: tuple) -> str:
             f"(N, C, H, W), e.g. {perm}"
         )
     return ""
+
+
+def model_dtype(model) -> torch.dtype:
+    """The floating dtype of a model's parameters (float32 if it has none): the dtype its
+    inputs are cast to."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (the CPU if it has none)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -9,6 +9,7 @@ import operator
 import torch
 from torch import nn
 
+from flowverify.core.validation import model_device, model_dtype
 from flowverify.model.layers import Elementwise, flat_layers
 
 __all__ = ["DEFAULT_IMAGE_SHAPE", "model_input_shape"]
@@ -124,11 +125,8 @@ def model_input_shape(
             shape = DEFAULT_IMAGE_SHAPE
             source = "default input shape"
     try:
-        param = next(iter(model.parameters()), None)
-        dtype = param.dtype if param is not None else torch.float32
-        device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            model(torch.zeros((1, *shape), dtype=dtype, device=device))
+            model(torch.zeros((1, *shape), dtype=model_dtype(model), device=model_device(model)))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(
             f"model does not accept the {source} {shape} (batch of 1): {exc}; "

@@ -14,6 +14,8 @@ from torch import nn
 from flowverify.core.validation import (
     channel_last_hint,
     check_logits,
+    model_device,
+    model_dtype,
     model_errors,
 )
 from flowverify.model.flow_model import (
@@ -174,11 +176,9 @@ def _probe_model(model: nn.Module, x: np.ndarray, flat: bool, input_scale: str) 
     """Run ``model`` on the first image (on none for an empty batch): it must accept the
     images and return logits ``(N, classes)`` with at least two classes.  Returns the
     number of classes."""
-    param = next(iter(model.parameters()), None)
-    dev = param.device if param is not None else torch.device("cpu")
     xin = torch.as_tensor(x[:1])
     scale = xin.sum(dim=(-2, -1)) if input_scale == "normalised" else None
-    inp = _model_input(xin, scale, flat).to(dtype=_model_dtype(model), device=dev)
+    inp = _model_input(xin, scale, flat).to(dtype=model_dtype(model), device=model_device(model))
     with model_errors(x.shape[1:], f" (model input {tuple(inp.shape)})"), torch.no_grad():
         out = model(inp)
     return check_logits(out, inp.shape[0])
@@ -201,11 +201,6 @@ def _model_input(x: torch.Tensor, scale: torch.Tensor | None, flat: bool) -> tor
     if scale is not None:
         x = x / scale[:, :, None, None]
     return x.reshape(x.shape[0], -1) if flat else x
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    param = next(iter(model.parameters()), None)
-    return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
 def _e_max(x: np.ndarray) -> np.ndarray:

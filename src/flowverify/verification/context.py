@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowverify.core.validation import model_device, model_dtype
 from flowverify.model.flow_model import (
     FlowModel,
 )
@@ -79,9 +80,7 @@ def _predict(
 ) -> np.ndarray:
     """The model's classes on images ``x`` in data units (divided by their mass per
     channel when ``input_scale="normalised"``)."""
-    param = next(iter(model.parameters()), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    dev = param.device if param is not None else torch.device("cpu")
+    dtype, dev = model_dtype(model), model_device(model)
     out = []
     with torch.no_grad():
         for s in range(0, len(x), 256):
