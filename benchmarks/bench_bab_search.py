@@ -44,7 +44,6 @@ from flowverify.model.loading import load_model
 from flowverify.transport.flows import inverse_flow
 from flowverify.transport.references import make_reference
 from flowverify.verification import _bab, _relaxlp
-from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification._chain import affine_chain
 from flowverify.verification._exact import _block_incidence
 from flowverify.verification._milp import milp_exact
@@ -129,7 +128,6 @@ def main(argv=None) -> int:
         feasible=True,
         amat=_block_incidence(28, 28, 1),
     )
-    bound_fn = functools.partial(_chain_crown.relu_bounds, height=28, width=28, device="cpu")
     factors = [float(f) for f in args.factors.split(",")]
     cap = max(factors) * r_f
     print(
@@ -149,8 +147,6 @@ def main(argv=None) -> int:
                 deadline=time.perf_counter() + 600,
                 rtol=1e-6,
                 kappa=1e-9,
-                bound_fn=bound_fn,
-                chain=chain,
                 refresh=True,
                 max_region_flips=20,
                 log_every=0,

@@ -18,11 +18,13 @@ import flowverify as fv
 from flowverify.io.images import load_images
 from flowverify.transport.flows import apply_flow_adjoint, incidence_matrix
 from flowverify.verification import ball as _ball
-from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification import flownet as _flownet
 from flowverify.verification import polytope as _polytope
 from flowverify.verification import search as _search
 from flowverify.verification._chain import affine_chain
+from flowverify.verification._exact import _block_incidence
+from flowverify.verification._relaxlp import Problem
+from flowverify.verification.chain_bounds import relu_bounds
 
 
 def _lp_gain(q, mu, eps):
@@ -130,6 +132,24 @@ def _setup(model, x, label=0):
     return chain, dmu, ref
 
 
+def _problem(chain, dmu, ref, x, feasible=True, label=0):
+    c, h, w = x.shape
+    weights = [np.asarray(wk, dtype=np.float64) for wk in chain.weights]
+    biases = [np.asarray(bk, dtype=np.float64) for bk in chain.biases]
+    return Problem(
+        weights,
+        biases,
+        np.asarray(dmu, dtype=np.float64).reshape(-1),
+        np.asarray(ref, dtype=np.float64).reshape(-1),
+        label,
+        height=h,
+        width=w,
+        channels=c,
+        feasible=feasible,
+        amat=_block_incidence(h, w, c),
+    )
+
+
 def _samples(rng, x, eps, n, feasible):
     """Flow perturbations g with ||g||_1 <= eps (and x + A g >= 0 when feasible)."""
     c, h, w = x.shape
@@ -163,16 +183,13 @@ def test_relu_bounds_contain_samples(feasible, conv):
     model = _net(1, [8, 6, 3], c=x.shape[0], conv=conv)
     chain, dmu, ref = _setup(model, x)
     eps = 0.6
-    bnds = _chain_crown.relu_bounds(
-        chain, dmu, ref.ravel(), eps, feasible=feasible, height=6, width=6
-    )
+    prob = _problem(chain, dmu, ref, x, feasible)
+    bnds = relu_bounds(prob, eps)
     pts = dmu + _samples(rng, x, eps, 300, feasible)
     for (lo, up), z in zip(bnds, _activations(chain, pts), strict=True):
         assert np.all(z >= lo - 1e-9) and np.all(z <= up + 1e-9)
     if feasible:  # the polytope never loosens a bound
-        ball = _chain_crown.relu_bounds(
-            chain, dmu, ref.ravel(), eps, feasible=False, height=6, width=6
-        )
+        ball = relu_bounds(prob, eps, feasible=False)
         for (lo, up), (bl, bu) in zip(bnds, ball, strict=True):
             assert np.all(lo >= bl - 1e-12) and np.all(up <= bu + 1e-12)
 
@@ -183,14 +200,15 @@ def test_relu_bounds_with_splits():
     model = _net(2, [10, 8, 3])
     chain, dmu, ref = _setup(model, x)
     eps = 0.8
-    lo0, up0 = _chain_crown.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True)[0]
+    prob = _problem(chain, dmu, ref, x)
+    lo0, up0 = relu_bounds(prob, eps)[0]
     unstable = np.flatnonzero((lo0 < 0) & (up0 > 0))
     assert unstable.size >= 2
     splits = [np.zeros(10, dtype=np.int8), np.zeros(8, dtype=np.int8)]
     centre = chain.weights[0] @ dmu + chain.biases[0]
     u0, u1 = unstable[:2]
     splits[0][u0], splits[0][u1] = np.where(centre[[u0, u1]] >= 0, 1, -1)
-    bnds = _chain_crown.relu_bounds(chain, dmu, ref.ravel(), eps, feasible=True, splits=splits)
+    bnds = relu_bounds(prob, eps, splits=splits)
     for u in (u0, u1):
         assert (bnds[0][0][u] >= 0) if splits[0][u] > 0 else (bnds[0][1][u] <= 0)
     pts = dmu + _samples(rng, x, eps, 2000, True)
@@ -296,8 +314,6 @@ def test_vanilla_radii_with_float32_norms_match_float64(monkeypatch):
     # every FlowNet built now has no float32 copy
     monkeypatch.setattr(_flownet, "_F32_SAFE", 0.0)
     monkeypatch.setattr(_ball, "_F32_SAFE", 0.0)
-    _chain_crown._NET_CACHE.clear()
     r64 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
-    _chain_crown._NET_CACHE.clear()
     assert np.any(r64 > 0)
     np.testing.assert_allclose(r32, r64, rtol=2e-3)

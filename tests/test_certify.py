@@ -399,8 +399,20 @@ def test_complete_chain_and_timeout():
                 assert b.radius_raw <= c.radius_raw * (1 + 1e-6)
     tiny = certify(model, x[:2], method="complete", timeout=1e-3)
     for q, c in zip(tiny, comp, strict=False):
-        assert q.status == Status.UNKNOWN and not q.exact
+        assert q.status == Status.UNKNOWN and not q.exact and q.message
         assert q.radius_raw <= c.upper_raw * (1 + 1e-6)  # a proven lower bound, nothing claimed
+
+
+@pytest.mark.parametrize("certifier", ["bab", "milp"])
+def test_complete_lp_searches_say_why_they_stopped(certifier):
+    """Out of time, the LP and MILP searches give ``unknown`` with the proven bracket in
+    the message, never a bare ``unknown``."""
+    x = _images(21, n=2)
+    model = _relu_net(22)
+    for r in certify(model, x, method="complete-ball", certifier=certifier, timeout=1e-3):
+        if r.status == Status.UNKNOWN:
+            assert r.message and "lies in [" in r.message, r.message
+            assert r.radius_raw <= r.upper_raw
 
 
 def test_complete_on_bundled_fc_brackets_the_attacks():

@@ -2,8 +2,9 @@ r"""Best-first branch and bound on ReLU splits for the exact W1 radius.
 
 Problem (SPEC section 4, Theorem 6): ``r* = min_{t≠y} min {‖g‖₁ : g ∈ P, f_t(δµ+g) ≥
 f_y(δµ+g)}``.  Nodes are ``(target t, splits)``; a node's lower bound is the safe dual
-bound of its LP relaxation (:mod:`._relaxlp`) with intermediate bounds from
-:mod:`._propagate` over ``P_U`` (``U`` the incumbent radius), refreshed below every split.
+bound of its LP relaxation (:mod:`._relaxlp`) with intermediate bounds from the engine
+(:func:`~.chain_bounds.relu_bounds`) over ``P_U`` (``U`` the incumbent radius), refreshed
+below every split.
 The open node with the smallest bound is expanded: the unstable neuron whose relaxation
 the LP exploits most (``a_j - relu(z_j)``, weighted by the dual of its triangle row) is
 split into ``z_j ≥ 0`` / ``z_j ≤ 0``.  When an LP solution satisfies every ReLU, the
@@ -35,16 +36,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowverify.core.interrupt import raise_if_interrupted
 from flowverify.verification._bab_nodes import _Branching, _Node
 from flowverify.verification._bab_witness import (
     linearised_attack,
     repair_feasibility,
     verify_witness,
 )
-from flowverify.verification._propagate import layer_bounds
+from flowverify.verification._exact import ExactStatus
 from flowverify.verification._relaxlp import Problem, RelaxationLP
-from flowverify.verification._w1ball import problem_domain
+from flowverify.verification.chain_bounds import lp_image_form, relu_bounds
 
 __all__ = ["BabOutcome", "branch_and_bound"]
 
@@ -71,8 +71,6 @@ class _Solver(_Branching):
         deadline,
         rtol,
         kappa,
-        bound_fn,
-        chain,
         refresh,
         max_region_flips,
         log_every,
@@ -93,8 +91,6 @@ class _Solver(_Branching):
         self.deadline = deadline
         self.rtol = rtol
         self.kappa = kappa
-        self.bound_fn = bound_fn
-        self.chain = chain
         self.refresh = refresh
         self.max_region_flips = max_region_flips
         self.log_every = log_every
@@ -135,22 +131,7 @@ class _Solver(_Branching):
         return False
 
     def _bounds(self, radius: float):
-        prob = self.prob
-        dom = self.domain.with_radius(radius)
-        b = layer_bounds(prob.weights, prob.biases, prob.c1, dom)
-        if self.bound_fn is not None and self.chain is not None:
-            try:
-                extra = self.bound_fn(
-                    self.chain, prob.delta_mu, prob.reference, radius, feasible=prob.feasible
-                )
-                b = [
-                    (np.maximum(lo, np.asarray(el, float)), np.minimum(hi, np.asarray(eh, float)))
-                    for (lo, hi), (el, eh) in zip(b, extra, strict=True)
-                ]
-            except Exception as exc:  # noqa: BLE001 - optional helper, never fatal
-                raise_if_interrupted(exc)
-                logger.warning("bound_fn failed (%s); using the built-in bounds", exc)
-        return b
+        return relu_bounds(self.prob, radius)
 
     def _sync_radius(self) -> None:
         """Every LP's ball row: ``min(U, ε)``, the incumbent and the search radius (the
@@ -241,9 +222,7 @@ class _Solver(_Branching):
         """Fix the largest radius ever searched (``cap``, the box of every LP) and the
         input domain over it; :meth:`search` may then run at any ``ε <= cap``."""
         self.cap = self.radius = radius
-        self.domain, use_image = problem_domain(self.prob, radius)
-        self.v_img = self.domain.v_img if use_image else None
-        self.resid = self.domain.resid if use_image else None
+        self.v_img, self.resid = lp_image_form(self.prob)
 
     def run(self, radius, lower_hint):
         """Raise a proven lower bound ``L`` towards the incumbent ``U`` by searches over
@@ -373,6 +352,10 @@ class _Solver(_Branching):
         if st == "optimal":
             self.region_search(node.target, self.prob.delta_mu + lp.flow(x), node.bounds)
 
+    def _open_status(self) -> ExactStatus:
+        """A search that ended with the gap open: out of time, or restricted to a radius."""
+        return ExactStatus.TIMEOUT if self.remaining() <= 0 else ExactStatus.BOUNDED
+
     def finish(self, heap, lower_hint, proven=0.0) -> BabOutcome:
         lower = max(self.lower(heap), min(proven, self.best))
         if lower_hint > lower and lower_hint <= self.best:
@@ -381,7 +364,7 @@ class _Solver(_Branching):
         if self.best_delta is None:
             if not heap and not math.isfinite(self.closed_min) and self.radius >= self.cap:
                 return BabOutcome(
-                    "infeasible",
+                    ExactStatus.INFEASIBLE,
                     math.inf,
                     math.inf,
                     None,
@@ -391,10 +374,17 @@ class _Solver(_Branching):
                     stats,
                 )
             return BabOutcome(
-                "timeout", lower, math.inf, None, None, self.nodes, "no adversarial found", stats
+                self._open_status(),
+                lower,
+                math.inf,
+                None,
+                None,
+                self.nodes,
+                "no adversarial found",
+                stats,
             )
         gap_ok = self.best - lower <= self.rtol * self.best + 1e-12
-        status = "optimal" if gap_ok else "timeout"
+        status = ExactStatus.OPTIMAL if gap_ok else self._open_status()
         return BabOutcome(
             status,
             min(lower, self.best),
@@ -416,8 +406,6 @@ def branch_and_bound(
     kappa: float = 1e-9,
     incumbent: np.ndarray | None = None,
     lower_hint: float = 0.0,
-    bound_fn=None,
-    chain=None,
     refresh: bool = True,
     max_region_flips: int = 20,
     log_every: float = 0.0,
@@ -460,8 +448,6 @@ def branch_and_bound(
         deadline=deadline,
         rtol=rtol,
         kappa=kappa,
-        bound_fn=bound_fn,
-        chain=chain,
         refresh=refresh,
         max_region_flips=max_region_flips,
         log_every=log_every,

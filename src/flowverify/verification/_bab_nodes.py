@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowverify.verification._propagate import effective, layer_bounds
+from flowverify.verification.chain_bounds import effective, relu_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +120,8 @@ class _Branching:
     def child_bounds(self, parent: _Node, splits, k):
         if not self.refresh or k + 1 >= len(self.prob.hidden):
             return parent.bounds
-        dom = self.domain.with_radius(min(self.radius, self.best), iters=40)
-        return layer_bounds(
-            self.prob.weights,
-            self.prob.biases,
-            self.prob.c1,
-            dom,
-            splits=splits,
-            prev=parent.bounds,
-            start=k + 1,
+        return relu_bounds(
+            self.prob, min(self.radius, self.best), splits=splits, known=parent.bounds
         )
 
     def expand(self, node: _Node, heap):

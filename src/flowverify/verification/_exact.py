@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,7 +14,26 @@ import scipy.sparse as sp
 from flowverify.transport.flows import incidence_matrix
 from flowverify.verification._relaxlp import Problem
 
-__all__ = ["ExactResult"]
+__all__ = ["ExactResult", "ExactStatus"]
+
+
+class ExactStatus(str, Enum):
+    """How an exact search ended (compares equal to its value)."""
+
+    #: ``lower`` and ``upper`` agree to ``rtol``: the exact radius.
+    OPTIMAL = "optimal"
+    #: The time limit came first: ``lower`` proven, ``upper`` the best verified witness.
+    TIMEOUT = "timeout"
+    #: The search was restricted to a radius (``upper_bound``) and proved ``r* >= lower``
+    #: there; whatever lies beyond it (``upper``, if a witness was found) is not proven.
+    BOUNDED = "bounded"
+    #: The search ended, but no candidate adversarial passed the exact check: ``lower``
+    #: is proven, nothing is claimed above it.
+    UNVERIFIED = "unverified"
+    #: No image of the same mass is classified otherwise (``lower = upper = inf``).
+    INFEASIBLE = "infeasible"
+    #: The caller's hints were inconsistent (an ``upper_bound`` with nothing below it).
+    ERROR = "error"
 
 
 @dataclass
@@ -22,9 +42,7 @@ class ExactResult:
 
     Attributes
     ----------
-    status : str
-        ``"optimal"`` (``lower`` and ``upper`` agree to ``rtol``), ``"timeout"``,
-        ``"infeasible"`` (no adversarial image exists) or ``"error"``.
+    status : ExactStatus
     lower : float
         Proven lower bound on the radius.
     upper : float
@@ -41,7 +59,7 @@ class ExactResult:
         Branch-and-bound nodes expanded (MILP: HiGHS nodes).
     """
 
-    status: str
+    status: ExactStatus
     lower: float
     upper: float
     witness_flow: np.ndarray | None
@@ -51,7 +69,9 @@ class ExactResult:
     nodes: int
 
     @classmethod
-    def no_witness(cls, status: str, lower: float, info: str, seconds: float, nodes: int = 0):
+    def no_witness(
+        cls, status: ExactStatus, lower: float, info: str, seconds: float, nodes: int = 0
+    ):
         """A result without a witness (``upper = inf``)."""
         return cls(status, lower, math.inf, None, None, info, seconds, nodes)
 

@@ -25,11 +25,10 @@ import highspy
 import numpy as np
 
 from flowverify.verification._bab_witness import margin_witness
-from flowverify.verification._exact import ExactResult, _diameter, _witness_target
+from flowverify.verification._exact import ExactResult, ExactStatus, _diameter, _witness_target
 from flowverify.verification._highs import new_highs, set_time_limit
-from flowverify.verification._propagate import layer_bounds
 from flowverify.verification._relaxlp import Problem, RelaxationLP
-from flowverify.verification._w1ball import problem_domain
+from flowverify.verification.chain_bounds import lp_image_form, relu_bounds
 
 __all__ = ["milp_exact"]
 
@@ -58,8 +57,8 @@ def _region_witness(prob, lp: RelaxationLP, bounds, x, kappa):
 
 def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
     """Exact radius by one big-M MILP per target (HiGHS); returns an ExactResult."""
-    dom, image = problem_domain(prob, radius)
-    bounds = layer_bounds(prob.weights, prob.biases, prob.c1, dom)
+    v_img, resid = lp_image_form(prob)
+    bounds = relu_bounds(prob, radius)
     best, best_delta = math.inf, None
     if incumbent is not None:
         best_delta = incumbent
@@ -78,8 +77,8 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
             t,
             radius,
             bounds,
-            v_img=dom.v_img if image else None,
-            resid=dom.resid if image else None,
+            v_img=v_img,
+            resid=resid,
         )
         lp.set_node(bounds, zero)
         lp.set_time_limit(max(deadline - time.perf_counter(), 1e-3))
@@ -153,7 +152,7 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
     if best_delta is None:
         if timed_out or unverified:
             return ExactResult.no_witness(
-                "timeout",
+                ExactStatus.TIMEOUT if timed_out else ExactStatus.UNVERIFIED,
                 max(0.0, min(lower, radius)),
                 "milp: time limit" if timed_out else "milp: no witness verified",
                 secs,
@@ -161,15 +160,19 @@ def milp_exact(prob: Problem, *, radius, deadline, rtol, kappa, incumbent, t0):
             )
         if prob.feasible and radius >= _diameter(prob):
             return ExactResult.no_witness(
-                "infeasible", math.inf, "milp: no adversarial image", secs, nodes
+                ExactStatus.INFEASIBLE, math.inf, "milp: no adversarial image", secs, nodes
             )
         return ExactResult.no_witness(
-            "timeout", radius, "milp: no adversarial within the search radius", secs, nodes
+            ExactStatus.BOUNDED,
+            radius,
+            "milp: no adversarial within the search radius",
+            secs,
+            nodes,
         )
     lower = max(0.0, min(lower, best))
     ok = not timed_out and best - lower <= rtol * best + 1e-12
     return ExactResult(
-        "optimal" if ok else "timeout",
+        ExactStatus.OPTIMAL if ok else (ExactStatus.TIMEOUT if timed_out else ExactStatus.BOUNDED),
         lower,
         best,
         best_delta,

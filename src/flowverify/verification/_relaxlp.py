@@ -36,6 +36,7 @@ import highspy
 import numpy as np
 import scipy.sparse as sp
 
+from flowverify.verification import numerics as _numerics
 from flowverify.verification._highs import new_highs, set_time_limit
 
 __all__ = ["Problem", "RelaxationLP"]
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 INF = highspy.kHighsInf
 _OPTIMAL = highspy.HighsModelStatus.kOptimal
 _INFEASIBLE = highspy.HighsModelStatus.kInfeasible
-_ROUND = 2e-13
 
 
 class Problem:
@@ -413,24 +413,9 @@ class RelaxationLP:
     def safe_bound(self, y: np.ndarray, cost: np.ndarray | None = None) -> float:
         """A valid lower bound of the LP from any row duals ``y`` (see module notes)."""
         c = self.cost if cost is None else cost
-        y = np.array(y, dtype=np.float64)
-        y = np.where((y > 0) & ~np.isfinite(self.rl), 0.0, y)
-        y = np.where((y < 0) & ~np.isfinite(self.ru), 0.0, y)
-        y = np.where(np.isfinite(y), y, 0.0)
+        y = _numerics.clean_duals(y, self.rl, self.ru)
         mty, amty = self._mat_t_y(y)
-        red = c - mty
-        row_part = np.where(
-            y > 0,
-            y * np.where(np.isfinite(self.rl), self.rl, 0.0),
-            y * np.where(np.isfinite(self.ru), self.ru, 0.0),
-        )
-        col_part = np.where(red > 0, red * self.cl, red * self.cu)
-        total = float(row_part.sum() + col_part.sum())
-        xmax = np.maximum(np.abs(self.cl), np.abs(self.cu))
-        rmax = np.where(np.isfinite(self.rl), np.abs(self.rl), 0.0)
-        rmax = np.maximum(rmax, np.where(np.isfinite(self.ru), np.abs(self.ru), 0.0))
-        err = (np.abs(c) + amty) @ xmax + np.abs(y) @ rmax + abs(total)
-        return total - _ROUND * (1.0 + float(err))
+        return _numerics.safe_lp_bound(c, y, mty, amty, self.rl, self.ru, self.cl, self.cu)
 
     def solve(self):
         """Solve; returns ``(status, lower_bound, x)``.

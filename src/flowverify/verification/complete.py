@@ -20,10 +20,10 @@ Algorithms
   closed form without feasibility).  Exact and fast.
 * ``algorithm="bab"`` (default): best-first branch and bound over ReLU splits
   (:mod:`._bab`).  Node bounds: LP relaxation (triangle relaxation of unstable ReLUs,
-  image-space form) with intermediate bounds from CROWN-style propagation whose linear
+  image-space form) with intermediate bounds from the engine's CROWN, whose linear
   bounds are minimised *exactly* over the W1 ball ∩ feasibility polytope by Kantorovich
-  duality (:mod:`._w1ball`), recomputed under every split and over the ball of the
-  search radius; that radius grows from ``lower_bound`` by steps (searches over
+  duality (:func:`~.chain_bounds.relu_bounds`), recomputed under every split and over
+  the ball of the search radius; that radius grows from ``lower_bound`` by steps (searches over
   ``P_ε``, each proving ``r* ≥ ε`` when it closes) before the gap to the incumbent is
   closed.  Upper bounds: the caller's witness, an iterated-linearisation attack, every
   LP solution, and a local search over linear regions.
@@ -42,10 +42,12 @@ Soundness
   Witnesses are found with the margin constraint ``f_t - f_y ≥ κ`` (``κ`` = 1e-9 of the
   logit scale, raised if the check fails), so ``upper`` approaches ``r*`` from above;
   ties ``f_t = f_y`` are never reported as adversarial.
-* ``status="optimal"`` only when ``upper - lower ≤ rtol · upper`` (``rtol = 1e-6``).
-  Otherwise ``"timeout"`` (time limit) with the best proven ``lower``;
-  ``"infeasible"`` when no image of the same mass is classified otherwise (feasible
-  problems only; ``lower = upper = inf``); ``"error"`` when hints were inconsistent.
+* ``status`` (:class:`~._exact.ExactStatus`) is ``OPTIMAL`` only when ``upper - lower ≤
+  rtol · upper`` (``rtol = 1e-6``).  Otherwise ``TIMEOUT`` (time limit) or ``BOUNDED``
+  (the search was restricted to the radius of an ``upper_bound`` hint) with the best
+  proven ``lower``; ``UNVERIFIED`` when no candidate passed the exact check;
+  ``INFEASIBLE`` when no image of the same mass is classified otherwise (feasible
+  problems only; ``lower = upper = inf``); ``ERROR`` when hints were inconsistent.
 """
 
 from __future__ import annotations
@@ -65,12 +67,13 @@ from flowverify.verification._bab_witness import (
 )
 from flowverify.verification._exact import (
     ExactResult,
+    ExactStatus,
     _block_incidence,
     _diameter,
     _witness_target,
 )
 from flowverify.verification._relaxlp import Problem, RelaxationLP
-from flowverify.verification._w1ball import problem_domain
+from flowverify.verification.chain_bounds import lp_image_form
 
 __all__ = ["ALGORITHMS", "ExactResult", "exact_radius"]
 
@@ -116,10 +119,11 @@ def _linear_ball(prob: Problem, rtol: float, t0: float) -> ExactResult:
     if best_delta is None:
         if unverified:  # never claim "no adversarial" without a proof
             return ExactResult.no_witness(
-                "timeout", max(0.0, lower), "lemma7: no witness verified", secs, 0
+                ExactStatus.UNVERIFIED, max(0.0, lower), "lemma7: no witness verified", secs, 0
             )
-        return ExactResult.no_witness("infeasible", math.inf, "lemma7", secs, 0)
-    status = "optimal" if best - lower <= rtol * best + 1e-12 else "timeout"
+        return ExactResult.no_witness(ExactStatus.INFEASIBLE, math.inf, "lemma7", secs, 0)
+    ok = best - lower <= rtol * best + 1e-12
+    status = ExactStatus.OPTIMAL if ok else ExactStatus.BOUNDED
     return ExactResult(
         status, max(0.0, min(lower, best)), best, best_delta, best_t, "lemma7", secs, 0
     )
@@ -129,7 +133,7 @@ def _linear_exact(
     prob: Problem, radius: float, deadline: float, rtol: float, kappa: float, incumbent, t0: float
 ) -> ExactResult:
     """Lemma 8: one LP per target, ``min ‖g‖₁ s.t. x0 + Ag ≥ 0, f_t - f_y ≥ 0``."""
-    dom, image = problem_domain(prob, radius)  # prob.feasible: Lemma 8 is the feasible LP
+    v_img, resid = lp_image_form(prob)  # prob.feasible: Lemma 8 is the feasible LP
     best, best_delta = math.inf, None
     if incumbent is not None:
         best_delta = incumbent
@@ -149,8 +153,8 @@ def _linear_exact(
             t,
             radius,
             [],
-            v_img=dom.v_img if image else None,
-            resid=dom.resid if image else None,
+            v_img=v_img,
+            resid=resid,
         )
         lp.set_time_limit(max(deadline - time.perf_counter(), 1e-3))
         st, lb, x = lp.solve()
@@ -174,7 +178,7 @@ def _linear_exact(
     if best_delta is None:
         if unverified and not timed_out:
             return ExactResult.no_witness(
-                "timeout",
+                ExactStatus.UNVERIFIED,
                 max(0.0, min(lower, radius)),
                 "lemma8-lp: an adversarial region was found but no witness verified",
                 secs,
@@ -182,19 +186,23 @@ def _linear_exact(
             )
         if timed_out:
             return ExactResult.no_witness(
-                "timeout", max(lower, 0.0), "lemma8-lp: time limit", secs, 0
+                ExactStatus.TIMEOUT, max(lower, 0.0), "lemma8-lp: time limit", secs, 0
             )
         if radius >= _diameter(prob):
             return ExactResult.no_witness(
-                "infeasible", math.inf, "lemma8-lp: no adversarial image", secs, 0
+                ExactStatus.INFEASIBLE, math.inf, "lemma8-lp: no adversarial image", secs, 0
             )
         return ExactResult.no_witness(
-            "error", radius, "lemma8-lp: no adversarial within the upper_bound hint", secs, 0
+            ExactStatus.ERROR,
+            radius,
+            "lemma8-lp: no adversarial within the upper_bound hint",
+            secs,
+            0,
         )
     lower = min(lower, best)
     ok = not timed_out and best - lower <= rtol * best + 1e-12
     return ExactResult(
-        "optimal" if ok else "timeout",
+        ExactStatus.OPTIMAL if ok else (ExactStatus.TIMEOUT if timed_out else ExactStatus.BOUNDED),
         max(lower, 0.0),
         best,
         best_delta,
@@ -218,7 +226,6 @@ def exact_radius(
     lower_bound=0.0,
     upper_bound=math.inf,
     witness_flow=None,
-    bound_fn=None,
     algorithm: str = "bab",
     rtol: float = 1e-6,
 ) -> ExactResult:
@@ -245,7 +252,7 @@ def exact_radius(
         Restrict to flows that give images (``R + Aδ ≥ 0``, Theorem 6).  False: the
         plain L1 ball ("complete-ball").
     timeout : float, optional
-        Seconds; at the limit the result has status ``"timeout"`` and the proven
+        Seconds; at the limit the result has status ``TIMEOUT`` and the proven
         ``lower``.
     lower_bound : float
         A proven lower bound (from an incomplete certifier); reported if better.
@@ -254,9 +261,6 @@ def exact_radius(
         ball of that radius.
     witness_flow : ndarray, optional
         An adversarial flow; verified here and used as the first incumbent.
-    bound_fn : callable, optional
-        ``bound_fn(chain, delta_mu, reference, eps, *, feasible)`` giving sound
-        pre-activation bounds per ReLU layer; intersected with the built-in ones.
     algorithm : {"bab", "milp"}
         Branch and bound (default) or the big-M MILP (cross-check, small networks).
     rtol : float
@@ -312,7 +316,7 @@ def exact_radius(
         d0 = delta_mu + g0
         dist = float(np.abs(g0).sum())
         return ExactResult(
-            "optimal",
+            ExactStatus.OPTIMAL,
             0.0,
             dist,
             d0,
@@ -378,8 +382,6 @@ def exact_radius(
         kappa=kappa,
         incumbent=incumbent,
         lower_hint=float(lower_bound or 0.0),
-        bound_fn=bound_fn,
-        chain=chain,
     )
     secs = time.perf_counter() - t0
     info = (
@@ -389,14 +391,14 @@ def exact_radius(
     if out.status == "infeasible":
         if feasible and not hinted and incumbent is None:
             return ExactResult.no_witness(
-                "infeasible", math.inf, info + "; no adversarial image", secs, out.nodes
+                ExactStatus.INFEASIBLE, math.inf, info + "; no adversarial image", secs, out.nodes
             )
         msg = "no adversarial within the search radius"
-        st = "error" if hinted else "timeout"
+        st = ExactStatus.ERROR if hinted else ExactStatus.BOUNDED
         return ExactResult(st, radius, math.inf, None, None, f"{info}; {msg}", secs, out.nodes)
-    if out.status == "timeout" and out.witness is None:
+    if out.witness is None:
         lower = max(0.0, out.lower)
-        return ExactResult.no_witness("timeout", lower, info + "; " + out.message, secs, out.nodes)
+        return ExactResult.no_witness(out.status, lower, info + "; " + out.message, secs, out.nodes)
     res = ExactResult(
         out.status, max(0.0, out.lower), out.upper, out.witness, out.target, info, secs, out.nodes
     )

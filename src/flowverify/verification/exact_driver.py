@@ -6,7 +6,6 @@ optimised multipliers) or the LP/MILP search on a chain of layers: the exact rad
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from typing import Any
@@ -19,8 +18,8 @@ from flowverify.model.flow_model import (
     FlowModel,
 )
 from flowverify.transport.flows import apply_flow, inverse_flow, w1_distance
-from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification._chain import affine_chain
+from flowverify.verification._exact import ExactStatus
 from flowverify.verification.checks import INVERSE_METHOD, _check_architecture, _e_max
 from flowverify.verification.complete import exact_radius
 from flowverify.verification.context import (
@@ -78,35 +77,40 @@ def _complete_one(ctx: _Ctx, x: np.ndarray, label: int, ref: np.ndarray, eps_raw
         lower_bound=lower,
         upper_bound=upper,
         witness_flow=witness_flow,
-        bound_fn=functools.partial(
-            _chain_crown.relu_bounds, height=h, width=w, device=str(ctx.device)
-        ),
         algorithm="bab" if ctx.certifier == "beta-crown" else ctx.certifier,
     )
     res = exact_radius(chain, dmu.reshape(-1), ref.reshape(-1), int(label), **kwargs)
-    status = str(getattr(res, "status", "error"))
     out = {
-        "nodes": getattr(res, "nodes", None),
-        "solver_status": str(getattr(res, "solver_status", status)),
-        "lower": max(float(getattr(res, "lower", 0.0)), lower),
-        "upper": min(float(getattr(res, "upper", math.inf)), upper),
-        "exact": False,
+        "nodes": res.nodes,
+        "solver_status": res.solver_status,
+        "lower": max(res.lower, lower),
+        "upper": min(res.upper, upper),
+        "exact": res.status == ExactStatus.OPTIMAL,
         "witness": None,
+        "message": None,
     }
-    wf = getattr(res, "witness_flow", None)
-    if wf is not None and float(getattr(res, "upper", math.inf)) <= upper:
-        img = apply_flow(ref, np.asarray(wf, dtype=np.float64).reshape(c, -1))
-        out["witness"] = img
+    if res.witness_flow is not None and res.upper <= upper:
+        out["witness"] = apply_flow(ref, np.asarray(res.witness_flow, np.float64).reshape(c, -1))
     elif adv is not None:
         out["witness"] = adv
-    if status == "optimal":
-        out["exact"] = True
-    elif status == "infeasible":  # no image of this mass is classified otherwise
+    if res.status == ExactStatus.INFEASIBLE:  # no image of this mass is classified otherwise
         out.update(exact=True, lower=e_max, upper=math.inf, witness=None)
         out["message"] = "no adversarial image exists; radius capped at the grid diameter"
-    elif status == "error":
-        out["message"] = f"complete solver error ({out['solver_status']})"
+    elif res.status == ExactStatus.ERROR:
+        out["message"] = f"complete solver error ({res.solver_status})"
+    elif not out["exact"]:
+        out["message"] = f"{_OPEN[res.status]} ({res.solver_status})" + (
+            f"; the exact radius lies in [{out['lower']:.6g}, {out['upper']:.6g}] (raw)"
+        )
     return out
+
+
+#: Why an exact search ended without the exact radius.
+_OPEN = {
+    ExactStatus.TIMEOUT: "time limit reached",
+    ExactStatus.BOUNDED: "the search was restricted to the attacks' radius",
+    ExactStatus.UNVERIFIED: "no candidate adversarial passed the exact check",
+}
 
 
 def _is_chain(model) -> bool:

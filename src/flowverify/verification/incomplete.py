@@ -30,23 +30,32 @@ def _lp_radii(ctx: _Ctx, x, refs, labels, eps_raw, lower):
     """Raw radii ``(n,)`` and convergence flags of the ``lp`` certifier (one reference
     slot): the LP relaxation over the polytope on the fused chain, searched from the
     engine's radius ``lower`` (radius mode) or evaluated at ``ε`` (``eps`` mode)."""
+    from flowverify.verification.engine import EngineProblem, make_domain
     from flowverify.verification.lp import LPOracle
 
     net, batch = _problem(ctx, x, refs, labels)
     n = len(x)
     e_max = _e_max(x)
+    inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
+    eng = EngineProblem(
+        ctx.graph, x, labels, make_domain("w1-polytope", x), inv_scale=inv, device=ctx.device
+    )
     if eps_raw is not None:
         best = lower.copy()
         todo = np.flatnonzero(best < eps_raw)
         if todo.size:
-            f_val = LPOracle(net, batch.subset(todo))(np.arange(todo.size), eps_raw[todo])
+            f_val = LPOracle(net, batch, eng)(todo, eps_raw[todo])
             val = np.minimum(np.maximum(np.minimum(f_val, eps_raw[todo]), 0.0), e_max[todo])
             best[todo] = np.maximum(best[todo], val)
         return best, np.ones(n, dtype=bool)
     if net.num_relu == 0:  # polytope CROWN is already exact (Lemma 8) on a linear model
         return lower, np.ones(n, dtype=bool)
     res = _search.search_radius(
-        LPOracle(net, batch), e_max, rtol=ctx.rtol, deadline=_deadline(ctx, n), lower_init=lower
+        LPOracle(net, batch, eng),
+        e_max,
+        rtol=ctx.rtol,
+        deadline=_deadline(ctx, n),
+        lower_init=lower,
     )
     return np.maximum(res.lower, lower), res.converged
 

@@ -1,8 +1,8 @@
 r"""The LP relaxation of a flow-domain ReLU network over the feasibility polytope (HiGHS).
 
 For one image, a radius ``ε`` and a target class ``t``, with pre-activation bounds
-``l_k <= z_k <= u_k`` valid on the polytope (CROWN tightened over the polytope,
-:mod:`flowverify.verification.chain_crown`), the LP
+``l_k <= z_k <= u_k`` valid on the polytope (the engine's CROWN over the polytope,
+:mod:`flowverify.verification.engine`), the LP
 
 .. math::
 
@@ -37,7 +37,6 @@ import torch
 
 from flowverify.core.interrupt import raise_if_interrupted
 from flowverify.transport.flows import incidence_matrix
-from flowverify.verification import chain_crown as _chain_crown
 from flowverify.verification import flownet as _flownet
 from flowverify.verification import numerics as _numerics
 from flowverify.verification._highs import new_highs, set_time_limit
@@ -196,20 +195,13 @@ class _Model:
 
         ``β(ε') = β + |y_b|(ε - ε')``.
         """
-        y = np.asarray(y, dtype=np.float64).copy()
-        # a dual of the wrong sign on an infinite side would give -inf: drop it
-        y[(y > 0) & ~np.isfinite(self.row_lo)] = 0.0
-        y[(y < 0) & ~np.isfinite(self.row_up)] = 0.0
+        y = _numerics.clean_duals(y, self.row_lo, self.row_up)
         y[self.budget_row] = min(y[self.budget_row], 0.0)
-        d = cost - self.A.T @ y
-        row_term = np.zeros_like(y)
-        pos, neg = y > 0, y < 0
-        row_term[pos] = y[pos] * self.row_lo[pos]
-        row_term[neg] = y[neg] * self.row_up[neg]
-        col_term = np.minimum(d * self.col_lo, d * self.col_up)
-        val = float(np.sum(row_term) + np.sum(col_term))
-        mag = float(np.sum(np.abs(row_term)) + np.sum(np.abs(col_term)))
-        return val - 1e-12 * mag, -float(y[self.budget_row])
+        mty, amty = self.A.T @ y, abs(self.A).T @ np.abs(y)
+        val = _numerics.safe_lp_bound(
+            cost, y, mty, amty, self.row_lo, self.row_up, self.col_lo, self.col_up
+        )
+        return val, -float(y[self.budget_row])
 
 
 def lp_margin_bounds(
@@ -254,24 +246,33 @@ def lp_margin_bounds(
 class LPOracle:
     """``F(ε)`` for the ``lp`` certifier: the polytope CROWN radius, improved by the LP.
 
-    Targets that CROWN already certifies at ``ε`` are skipped; for the others the LP's
-    safe bound gives the largest ``ε' <= ε`` at which the margin stays positive.
+    ``engine`` (an :class:`~flowverify.verification.engine.EngineProblem` over the W1
+    polytope, on the same images as ``batch``) gives the pre-activation bounds and the
+    CROWN radius of each margin.  Targets that CROWN already certifies at ``ε`` are
+    skipped; for the others the LP's safe bound gives the largest ``ε' <= ε`` at which
+    the margin stays positive.
     """
 
     def __init__(
-        self, net: _flownet.FlowNet, batch: _flownet.Batch, *, time_limit: float | None = None
+        self,
+        net: _flownet.FlowNet,
+        batch: _flownet.Batch,
+        engine,
+        *,
+        time_limit: float | None = None,
     ):
-        self.net, self.batch, self.time_limit = net, batch, time_limit
+        self.net, self.batch, self.engine, self.time_limit = net, batch, engine, time_limit
+        self.pre = sorted(engine.graph.pre_activations())
 
     def __call__(self, idx: np.ndarray, eps: np.ndarray) -> np.ndarray:
-        net = self.net
+        net, eng = self.net, self.engine
         sub = self.batch.subset(idx)
         eps = np.asarray(eps, dtype=np.float64)
-        eps_t = torch.as_tensor(eps, device=net.device)
+        idx_e, eps_t = eng._eps(idx, eps)
         with torch.no_grad():
-            bounds = _chain_crown.layer_bounds_batch(net, sub, eps_t, feasible=True)
-            lin = _chain_crown.final_linear(net, sub, bounds)
-            rad = _chain_crown.polytope_radius_batch(net, sub, lin, eps).cpu().numpy()
+            found, _, lin = eng.margins(idx_e, eps_t)
+            rad = eng._radii(lin, eps_t, idx_e).cpu().numpy()
+        bounds = [tuple(t.reshape(len(idx), -1) for t in found[i]) for i in self.pre]
         if not net.num_relu:
             return rad.min(axis=1)
         for b in range(len(idx)):

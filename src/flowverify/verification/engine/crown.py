@@ -201,8 +201,14 @@ class EngineProblem:
 
     # ------------------------------------------------------------- bounds and oracle
 
-    def layer_bounds(self, idx, eps: torch.Tensor):
-        """Pre-activation bounds ``{node: (lo, up)}`` on ``D_ε`` and the relaxations."""
+    def layer_bounds(self, idx, eps: torch.Tensor, *, known: dict | None = None):
+        """Pre-activation bounds ``{node: (lo, up)}`` on ``D_ε`` and the relaxations.
+
+        ``known``: pre-activation node -> ``(lo, up)`` (flat, ``(B, n)``) already known to
+        hold on the region (a subdomain's, e.g. split constraints); each node's bounds are
+        intersected with them before they relax its activation and bound the nodes above
+        (bounds that cross mean an empty region: returned as they are, relaxed as a
+        point)."""
         graph = self.graph
         lo_in, up_in = self.domain.box(idx, eps, self.x)
         vals = {0: (self._model_input(lo_in, idx), self._model_input(up_in, idx))}
@@ -213,6 +219,7 @@ class EngineProblem:
             ins = [vals[j] for j in node.inputs]
             if isinstance(op, act.Activation):
                 lo, up = bounds[node.inputs[0]]
+                up = torch.maximum(up, lo)
                 relax[i] = op.relax(lo, up)
                 vals[i] = op.interval(lo, up)
                 if i in self.pre:  # an activation of an activation: monotone, exact enough
@@ -224,6 +231,8 @@ class EngineProblem:
                 vals[i] = op.interval(*ins[0])
             if i in self.pre:
                 bounds[i] = self._crown_bounds(idx, eps, i, *vals[i], relax)
+                if known is not None and i in known:
+                    bounds[i] = _intersect(*bounds[i], *known[i])
                 vals[i] = bounds[i]
         return bounds, relax
 
@@ -439,6 +448,17 @@ class EngineProblem:
         gain = self.domain.gain(self.q(lin), eps_t, idx)
         val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
+
+
+def _intersect(lo, up, k_lo, k_up):
+    """``[lo, up] ∩ [k_lo, k_up]`` with ``k_*`` flat ``(B, n)`` (None: no bound)."""
+    shape = lo.shape
+    lo, up = lo.reshape(shape[0], -1), up.reshape(shape[0], -1)
+    if k_lo is not None:
+        lo = torch.maximum(lo, k_lo)
+    if k_up is not None:
+        up = torch.minimum(up, k_up)
+    return lo.reshape(shape), up.reshape(shape)
 
 
 def _linear_front(graph: Graph, pre) -> set[int]:
