@@ -360,29 +360,13 @@ def exact_radius(
             )
         return _with_lower_hint(res, lower_bound)
 
+    search = dict(radius=radius, deadline=deadline, rtol=rtol, kappa=kappa, incumbent=incumbent)
     if algorithm == "milp":
         from flowverify.verification._milp import milp_exact
 
-        res = milp_exact(
-            prob,
-            radius=radius,
-            deadline=deadline,
-            rtol=rtol,
-            kappa=kappa,
-            incumbent=incumbent,
-            t0=t0,
-        )
-        return _with_lower_hint(res, lower_bound)
+        return _with_lower_hint(milp_exact(prob, t0=t0, **search), lower_bound)
 
-    out = branch_and_bound(
-        prob,
-        radius=radius,
-        deadline=deadline,
-        rtol=rtol,
-        kappa=kappa,
-        incumbent=incumbent,
-        lower_hint=float(lower_bound or 0.0),
-    )
+    out = branch_and_bound(prob, lower_hint=float(lower_bound or 0.0), **search)
     secs = time.perf_counter() - t0
     info = (
         f"bab: {out.nodes} nodes, {out.stats.get('lp_solves', 0)} LPs, "

@@ -136,35 +136,6 @@ def _gain_one(g, src, mus, C, H, W, eps, iters, h, arg):
     return best
 
 
-def _gain_rows_impl(q, src, mus, ptr, img, C, H, W, eps, iters):
-    """Row ``r`` of ``q`` on image ``img[r]``, whose sources are ``src[ptr[i]:ptr[i+1]]``."""
-    m = q.shape[0]
-    out = np.empty(m)
-    for r in numba.prange(m):
-        h = np.empty(q.shape[1])
-        arg = np.empty(q.shape[1], dtype=np.int64)
-        i = img[r]
-        s0, s1 = ptr[i], ptr[i + 1]
-        out[r] = _gain_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, eps[r], iters, h, arg)
-    return out
-
-
-_gain_rows_par = numba.njit(cache=True, parallel=True)(_gain_rows_impl)
-
-
-def _one_image(src, m):
-    """``ptr`` and ``img`` for rows that all belong to one image."""
-    return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
-
-
-def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None):
-    if ptr is None:
-        ptr, img = _one_image(src, q.shape[0])
-    return _small_serial(
-        _gain_rows_par, q.shape[0] * q.shape[1], q, src, mus, ptr, img, C, H, W, eps, iters
-    )
-
-
 @numba.njit(cache=True)
 def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     """Largest ``ε`` with ``gain(ε) + extra·ε <= margin`` (a sound lower estimate)."""
@@ -198,7 +169,10 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     return best
 
 
-def _radius_rows_impl(q, src, mus, ptr, img, C, H, W, margin, extra, iters):
+def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters):
+    """Row ``r`` of ``q`` on image ``img[r]``, whose sources are ``src[ptr[i]:ptr[i+1]]``:
+    ``kind`` 0, its gain at ``ε = a[r]``; 1, its radius for the margin ``a[r]`` with
+    the slope ``b[r]`` (:func:`_radius_one`)."""
     m = q.shape[0]
     out = np.empty(m)
     for r in numba.prange(m):
@@ -206,33 +180,36 @@ def _radius_rows_impl(q, src, mus, ptr, img, C, H, W, margin, extra, iters):
         arg = np.empty(q.shape[1], dtype=np.int64)
         i = img[r]
         s0, s1 = ptr[i], ptr[i + 1]
-        out[r] = _radius_one(
-            q[r], src[s0:s1], mus[s0:s1], C, H, W, margin[r], extra[r], iters, h, arg
-        )
+        if kind == 0:
+            out[r] = _gain_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, a[r], iters, h, arg)
+        else:
+            out[r] = _radius_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, a[r], b[r], iters, h, arg)
     return out
 
 
-_radius_rows_par = numba.njit(cache=True, parallel=True)(_radius_rows_impl)
+_rows_par = numba.njit(cache=True, parallel=True)(_rows_impl)
+
+
+def _one_image(src, m):
+    """``ptr`` and ``img`` for rows that all belong to one image."""
+    return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
+
+
+def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img):
+    if ptr is None:
+        ptr, img = _one_image(src, q.shape[0])
+    work = q.shape[0] * q.shape[1]
+    return _small_serial(_rows_par, work, kind, q, src, mus, ptr, img, C, H, W, a, b, iters)
+
+
+def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None):
+    """Gains of the rows ``q`` (:func:`_gain_one`), ``ε`` per row."""
+    return _rows(0, q, src, mus, C, H, W, eps, eps, iters, ptr, img)
 
 
 def _radius_rows(q, src, mus, C, H, W, margin, extra, iters, ptr=None, img=None):
-    if ptr is None:
-        ptr, img = _one_image(src, q.shape[0])
-    return _small_serial(
-        _radius_rows_par,
-        q.shape[0] * q.shape[1],
-        q,
-        src,
-        mus,
-        ptr,
-        img,
-        C,
-        H,
-        W,
-        margin,
-        extra,
-        iters,
-    )
+    """Radii of the rows ``q`` (:func:`_radius_one`), margin and slope per row."""
+    return _rows(1, q, src, mus, C, H, W, margin, extra, iters, ptr, img)
 
 
 @numba.njit(cache=True)
