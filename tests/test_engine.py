@@ -404,3 +404,50 @@ def test_domain_radii_hold_at_the_radius(domain, digits):
         domain_radii(net, digits[0], labels, domain=domain)
     with pytest.raises(ValueError, match="rtol"):
         domain_radii(net, digits, labels, domain=domain, rtol=0)
+
+
+def _dilated_stem():
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=1, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(3, 6, 4, stride=3, padding=1, groups=3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 9 * 9, 10),
+    )
+
+
+@pytest.mark.parametrize("name", ["bn-leaky-tanh", "dilated", "cnn"])
+@pytest.mark.parametrize("domain", ["w1-ball", "w1-polytope"])
+def test_patch_rows_give_the_dense_bounds(name, domain, digits, monkeypatch):
+    """A convolution's rows kept as patches down to the front (:mod:`.engine.patches`)
+    give the bounds of the dense path, and the path is taken (not vacuous)."""
+    from flowverify.verification.engine import patches
+
+    if name == "cnn":
+        net = load_model("cnn")
+    elif name == "dilated":
+        torch.manual_seed(5)
+        net = _dilated_stem().eval()
+    else:
+        net = _seeded(name)
+    net64 = copy.deepcopy(net).double()
+    graph = build_graph(net64, torch.as_tensor(digits[:1]))
+    eps = torch.full((len(digits),), 1.5, dtype=torch.float64)
+    idx = np.arange(len(digits))
+
+    def bounds():
+        prob = EngineProblem(graph, digits, _labels(net, digits), make_domain(domain, digits))
+        found, _ = prob.layer_bounds(idx, eps)
+        return found
+
+    taken = []
+    orig = patches.patch_bounds
+    monkeypatch.setattr(patches, "patch_bounds", lambda *a: taken.append(1) or orig(*a))
+    fast = bounds()
+    assert taken
+    monkeypatch.setattr(patches, "patch_front", lambda prob, i: None)
+    dense = bounds()
+    for node, (lo, up) in dense.items():
+        np.testing.assert_allclose(fast[node][0].numpy(), lo.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(fast[node][1].numpy(), up.numpy(), rtol=1e-9, atol=1e-9)

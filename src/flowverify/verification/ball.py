@@ -147,19 +147,25 @@ def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None)
 
 
 @numba.njit(cache=True, parallel=True)
-def _lam_g_lip_csr(lam, indptr, indices, data, p_all, scale, rows, C, H, W):
-    """:func:`_lam_g_lip` (unpaired) for a sparse ``G`` in CSR form (convolutions)."""
-    nb, m, n0 = lam.shape
+def _lam_g_lip_csr(vals, cols, indptr, indices, data, p_all, scale, rows, C, H, W):
+    """:func:`_lam_g_lip` (unpaired) for a sparse ``G`` in CSR form (convolutions) and
+    rows ``Λ_r`` given by their entries: ``vals[b, r, e]`` at the row ``cols[b, r, e]``
+    of ``G`` (``cols`` may broadcast over ``b``, ``r``: a dense ``Λ`` has
+    ``cols = arange(n_0)``)."""
+    nb, m, p = vals.shape
     out = np.zeros((nb, m))
     for t in numba.prange(nb * m):
         b = t // m
         r = t % m
         if not rows[b, r]:
             continue
+        cb = b if cols.shape[0] > 1 else 0
+        cr = r if cols.shape[1] > 1 else 0
         acc = np.zeros(p_all)
-        for k in range(n0):
-            a = lam[b, r, k]
+        for e in range(p):
+            a = vals[b, r, e]
             if a != 0.0:
+                k = cols[cb, cr, e]
                 for z in range(indptr[k], indptr[k + 1]):
                     acc[indices[z]] += a * data[z]
         out[b, r] = _acc_lip(acc, scale[b], C, H, W)

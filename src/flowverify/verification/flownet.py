@@ -15,7 +15,15 @@ from flowverify.transport.flows import apply_flow_adjoint, flow_dim
 from flowverify.verification.ball import _F32_SAFE, _grad_absmax_t, _lam_g_lip, _lam_g_lip_csr
 from flowverify.verification.numerics import _EPS64, _small_serial
 
-__all__ = ["Batch", "FlowNet", "Linear", "ball_norm", "flow_to_image_weights", "margin_spec"]
+__all__ = [
+    "Batch",
+    "FlowNet",
+    "Linear",
+    "ball_norm",
+    "flow_to_image_weights",
+    "margin_spec",
+    "sparse_rows_norm",
+]
 
 
 def flow_to_image_weights(
@@ -232,6 +240,16 @@ class Linear:
         return q.reshape(n, m, -1)
 
 
+def sparse_rows_norm(net: FlowNet, vals, cols, scale, rows) -> np.ndarray:
+    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` of rows given by entries ``vals (N, m, P)`` at the
+    front rows ``cols`` (broadcast over ``N``, ``m``) where ``rows (N, m)``; ``G`` sparse."""
+    indptr, indices, data = net.G_csr
+    c, h, w = net.shape
+    work = int(rows.sum()) * vals.shape[2] * max(indices.size // max(indptr.size - 1, 1), 1)
+    args = (vals, cols, indptr, indices, data, net.G_np.shape[1], scale, rows, c, h, w)
+    return _small_serial(_lam_g_lip_csr, work // 50, *args)
+
+
 def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
     """``‖ã‖_∞ = ‖Aᵀ q‖_∞ + extra`` per bound ``(N, m)`` (the dual norm of the L1 ball).
 
@@ -246,21 +264,8 @@ def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> 
     c, h, w = net.shape
     scale = np.ascontiguousarray(lin.inv_scale.detach().cpu().numpy())
     if net.G_csr is not None:
-        indptr, indices, data = net.G_csr
-        lip = _small_serial(
-            _lam_g_lip_csr,
-            int(mask.sum()) * indices.size // 50,
-            lam,
-            indptr,
-            indices,
-            data,
-            net.G_np.shape[1],
-            scale,
-            mask,
-            c,
-            h,
-            w,
-        )
+        cols = np.arange(lam.shape[2], dtype=np.int64).reshape(1, 1, -1)
+        lip = sparse_rows_norm(net, lam, cols, scale, mask)
     else:
         pair = bool(paired and m % 2 == 0)
         lip = _lam_g_lip(

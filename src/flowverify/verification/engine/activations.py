@@ -120,21 +120,31 @@ class TanhOp(_SShaped):
         return 1 - torch.tanh(z) ** 2
 
 
-def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, torch.Tensor]:
+def apply(
+    lam: torch.Tensor, beta: torch.Tensor, relax, cols: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower-bound ``Λ σ(z) + β`` by ``Λ' z + β'`` from a relaxation.
 
     ``lam (B, m, *S)``, ``beta (B, m)``; ``relax`` = ``(s_lo, b_lo, s_up, b_up)``, each
     ``(B, *S)`` (``b_lo`` may be ``None`` for a zero intercept; ``s_lo`` may be
     ``(B, m, *S)``: one lower slope per row, alpha-CROWN).  Each coefficient takes
     the lower line where it is non-negative and the upper line where it is negative.
+    ``cols (B, m, P)``: ``lam (B, m, P)`` holds only the coefficients of the neurons
+    ``cols`` (flat indices; the rows of a convolution as patches, :mod:`.patches`).
     """
     s_lo, b_lo, s_up, b_up = relax
     b, m = lam.shape[:2]
     flat = lam.reshape(b, m, -1)
     n = flat.shape[2]
-    per_row = s_lo.dim() == lam.dim()  # alpha-CROWN: one lower slope per row
+    if cols is not None:  # every line gathered per row at its neurons
+        at = cols.reshape(b, -1)
+        s_lo, b_lo, s_up, b_up = (
+            None if t is None else t.reshape(b, -1).gather(1, at).reshape(b, m, n) for t in relax
+        )
+    per_row = s_lo.dim() == lam.dim()  # alpha-CROWN (or patches): one lower slope per row
     s_lo = s_lo.reshape(b, m if per_row else 1, -1)
-    s_up, b_up = s_up.reshape(b, 1, -1), b_up.reshape(b, -1)
+    if cols is None:
+        s_up, b_up = s_up.reshape(b, 1, -1), b_up.reshape(b, -1)
     if b_lo is None and not per_row:
         # the lines differ only on unstable neurons: one dense product, then those columns
         loose = (s_lo != s_up)[:, 0] | (b_up != 0)
@@ -156,10 +166,17 @@ def apply(lam: torch.Tensor, beta: torch.Tensor, relax) -> tuple[torch.Tensor, t
     neg = flat < 0
     out = flat * torch.where(neg, s_up, s_lo)
     lam_neg = torch.where(neg, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    beta = beta + torch.bmm(lam_neg, b_up[:, :, None])[..., 0]
+    beta = beta + _row_dot(lam_neg, b_up)
     if b_lo is not None:
-        beta = beta + torch.bmm(flat - lam_neg, b_lo.reshape(b, -1, 1))[..., 0]
+        beta = beta + _row_dot(flat - lam_neg, b_lo)
     return out.reshape(lam.shape), beta
+
+
+def _row_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ_j lam_{bmj} t_{bj}`` (``t (B, n)``) or ``Σ_j lam_{bmj} t_{bmj}`` (per row)."""
+    if t.dim() == 3:
+        return (lam * t).sum(dim=2)
+    return torch.bmm(lam, t.reshape(t.shape[0], -1, 1))[..., 0]
 
 
 class MaxPoolOp(Activation):

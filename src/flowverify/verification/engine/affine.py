@@ -161,6 +161,48 @@ class ConvOp(_Affine):
         beta = wt * self.b[ch] if self.b is not None else torch.zeros_like(wt)
         return out.reshape(b, k, c_in, h, w), beta.reshape(b, k)
 
+    def patch_rows(self, sel: torch.Tensor, weight: torch.Tensor):
+        """The rows of :meth:`unit_rows` as patches: ``(vals (B, K, P), cols (B, K, P),
+        beta (B, K))``, ``vals`` the kernel entries (``P = C_in/groups · kh · kw``) at the
+        flat input neurons ``cols`` of the neuron's window (an entry in the padding has
+        value 0 at neuron 0)."""
+        b, k = sel.shape
+        c_out = self.weight.shape[0]
+        ho_wo = self.out_shape[1] * self.out_shape[2]
+        s = sel.reshape(-1)
+        ch = s // ho_wo
+        table, valid = self._patch_table(s.device)
+        row = (ch // (c_out // self.groups)) * ho_wo + s % ho_wo
+        cols, ok = table[row], valid[row]
+        wt = weight.reshape(-1).to(self.weight.dtype)
+        vals = self.weight[ch].reshape(s.numel(), -1) * wt[:, None] * ok
+        beta = wt * self.b[ch] if self.b is not None else torch.zeros_like(wt)
+        return vals.reshape(b, k, -1), cols.reshape(b, k, -1), beta.reshape(b, k)
+
+    def _patch_table(self, device):
+        """Flat input indices ``(G·Ho·Wo, P)`` of each group's window at each output
+        position, and which are inside the input (not padding); cached."""
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0].device != device:
+            _, c_in_g, kh, kw = self.weight.shape
+            c_in, h, w = self.in_shape
+            _, out_h, out_w = self.out_shape
+            ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+            oy, ox = ar(out_h)[:, None], ar(out_w)[None, :]
+            y = oy[..., None] * self.stride[0] - self.padding[0] + ar(kh) * self.dilation[0]
+            x = ox[..., None] * self.stride[1] - self.padding[1] + ar(kw) * self.dilation[1]
+            y = y[:, :, :, None].expand(out_h, out_w, kh, kw)  # (Ho, Wo, kh, kw)
+            x = x[:, :, None, :].expand(out_h, out_w, kh, kw)
+            ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+            pix = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).reshape(out_h * out_w, 1, kh * kw)
+            chans = ar(self.groups)[:, None] * c_in_g + ar(c_in_g)[None]  # (G, Cg)
+            cols = chans[:, None, :, None] * (h * w) + pix[None]  # (G, HoWo, Cg, kh*kw)
+            valid = ok.reshape(1, out_h * out_w, 1, kh * kw).expand_as(cols)
+            cols = torch.where(valid, cols, torch.zeros_like(cols))
+            n = self.groups * out_h * out_w
+            self._table = (cols.reshape(n, -1), valid.reshape(n, -1))
+        return self._table
+
 
 class BatchNormOp(_Affine):
     """BatchNorm in eval mode: ``y = a x + d`` per channel (dimension 1 of the input)."""

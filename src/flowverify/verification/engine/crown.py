@@ -28,6 +28,8 @@ from flowverify.verification import flownet as _flownet
 from flowverify.verification import numerics as _numerics
 from flowverify.verification import search as _search
 from flowverify.verification.engine import activations as act
+from flowverify.verification.engine import alpha as _alpha
+from flowverify.verification.engine import patches as _patches
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
 from flowverify.verification.engine.graph import Graph
@@ -315,6 +317,9 @@ class EngineProblem:
         order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True)
         sel, valid = order.indices[:, :k], order.values[:, :k].bool()
         one = valid.to(lo_f.dtype)
+        front = _patches.patch_front(self, i)
+        if front is not None:  # a convolution's rows stay on their windows
+            return _patches.patch_bounds(self, idx, eps, i, front, (sel, valid), lo, up, relax)
         if isinstance(node.op, ConvOp) or (isinstance(node.op, LinearOp) and len(node.shape) == 1):
             # the first step in closed form: the selected neurons' rows
             lam_in, beta = node.op.unit_rows(torch.cat([sel, sel], 1), torch.cat([one, -one], 1))
@@ -385,60 +390,8 @@ class EngineProblem:
             bounds, relax, lin = self.margins(idx, eps_t)
             best = self._radii(lin, eps_t, idx).min(dim=1).values
         if self.optimise:
-            best = torch.maximum(best, self._optimise(idx, eps_t, bounds, relax))
+            best = torch.maximum(best, _alpha.optimise(self, idx, eps_t, bounds, relax))
         return best.cpu().numpy()
-
-    def _optimise(self, idx, eps_t, bounds, relax) -> torch.Tensor:
-        """alpha-CROWN (Xu et al. 2021): the lower slopes of the unstable (leaky) ReLUs,
-        one per margin and neuron, optimised by Adam for the final bound; intermediate
-        bounds stay CROWN's.  Every slope in ``[a, 1]`` gives a sound bound; the best radius
-        seen is kept, and the slopes warm-start the next call on the same image."""
-        graph = self.graph
-        m = self.spec.shape[1]
-        nodes = [i for i in relax if isinstance(graph.nodes[i].op, act.LeakyReLUOp)]
-        alphas = {}
-        for i in nodes:
-            lo, up = (t.reshape(len(idx), -1) for t in bounds[graph.nodes[i].inputs[0]])
-            init = (up >= -lo).to(lo.dtype)[:, None, :].expand(-1, m, -1).clone()
-            for k, img in enumerate(idx):
-                saved = self._alpha.get((int(img), i))
-                if saved is not None:
-                    init[k] = saved
-            alphas[i] = init.requires_grad_(True)
-        if not alphas:
-            return torch.zeros(len(idx), dtype=torch.float64, device=self.device)
-        opt = torch.optim.Adam(list(alphas.values()), lr=self.lr)
-        best = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
-        keep = {i: a.detach().clone() for i, a in alphas.items()}
-        cap = eps_t[:, None] * 1.05
-        for _ in range(self.iterations):
-            opt.zero_grad()
-            rel = dict(relax)
-            for i, a in alphas.items():
-                node = graph.nodes[i]
-                lo, up = bounds[node.inputs[0]]
-                s_lo, b_lo, s_up, b_up = node.op.relax(lo, up)
-                lo_f, up_f = lo.reshape(len(idx), -1), up.reshape(len(idx), -1)
-                unstable = ((lo_f < 0) & (up_f > 0))[:, None, :]
-                slope = torch.where(
-                    unstable, a.clamp(node.op.a, 1.0), s_lo.reshape(len(idx), 1, -1)
-                )
-                rel[i] = (slope.reshape(len(idx), m, *node.shape), b_lo, s_up, b_up)
-            lin = self.linear(idx, graph.output, self.spec[idx], rel)
-            rad = self._radii(lin, eps_t, idx, grad=True)
-            val = rad.detach().min(dim=1).values
-            better = val > best
-            if bool(better.any()):
-                best = torch.where(better, val, best)
-                for i, a in alphas.items():
-                    keep[i][better] = a.detach()[better]
-            obj = torch.minimum(torch.where(torch.isfinite(rad), rad, cap), cap)
-            (-obj.sum()).backward()
-            opt.step()
-        for i, a in keep.items():
-            for k, img in enumerate(idx):
-                self._alpha[(int(img), i)] = a[k]
-        return best
 
     @torch.no_grad()
     def lower_bounds(self, idx, eps) -> np.ndarray:

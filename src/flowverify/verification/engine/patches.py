@@ -1,0 +1,95 @@
+r"""Rows of a convolution's neurons as patches on the linear front (auto_LiRPA's
+"patches" mode), for the CROWN bounds of :class:`~.crown.EngineProblem`.
+
+The bound of a neuron ``o`` of a convolution ``z_i = w ∗ σ(z_f) + d`` reading an
+element-wise activation ``σ`` of a node ``f`` of the linear front (conv -> ReLU -> conv,
+the usual stem of a CNN) starts as ``±w_o`` on the ``P = C_in · kh · kw`` neurons of its
+window; ``σ``'s relaxation keeps it there, and the front's rows ``G`` (image space,
+sparse) give its value at the image and its W1-ball dual norm ``‖Aᵀ(Λ G)‖_∞`` (Theorem 3).
+So each row costs ``P`` entries instead of a dense map of ``f``'s size: the same bound,
+computed by the same relaxation (:func:`~.activations.apply`) and the same norm
+(:func:`~..flownet.sparse_rows_norm`), as the dense path of
+:meth:`~.crown.EngineProblem._crown_bounds`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowverify.verification import flownet as _flownet
+from flowverify.verification.engine import activations as act
+from flowverify.verification.engine.affine import ConvOp
+
+__all__ = ["patch_bounds", "patch_front"]
+
+
+def patch_front(prob, i: int):
+    """``(activation, front node)`` when the rows of node ``i`` can stay patches down
+    to the linear front (:func:`patch_bounds`): a convolution reading an element-wise
+    activation of a front node, over a W1 domain whose front rows are sparse, on the
+    CPU; else None."""
+    node = prob.graph.nodes[i]
+    if not isinstance(node.op, ConvOp) or not prob.domain.w1 or prob.device.type != "cpu":
+        return None
+    j = node.inputs[0]
+    op = prob.graph.nodes[j].op
+    if not isinstance(op, act.Activation) or isinstance(op, act.MaxPoolOp):
+        return None
+    f = prob.graph.nodes[j].inputs[0]
+    if f not in prob.front or prob._front().G_csr is None:
+        return None
+    return j, f
+
+
+def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
+    """CROWN bounds of the selected neurons ``sel`` of a convolution ``i`` whose rows
+    stay on their windows down to the front (auto_LiRPA's "patches"): the kernel
+    entries (:meth:`~.affine.ConvOp.patch_rows`), the activation's relaxation at
+    the window's neurons (:func:`~.activations.apply` with ``cols``), the centre from
+    the front's values there and the ball's dual norm from the front's sparse rows
+    (:func:`~..flownet.sparse_rows_norm`).  The same bound as the dense path, in
+    ``P = C_in · kh · kw`` entries per row instead of the front's size."""
+    j, f = front
+    sel, valid = selected
+    b = lo.shape[0]
+    k = sel.shape[1]
+    one = valid.to(lo.dtype)
+    vals, cols, beta = prob.graph.nodes[i].op.patch_rows(
+        torch.cat([sel, sel], 1), torch.cat([one, -one], 1)
+    )
+    vals, beta = act.apply(vals, beta, relax[j], cols=cols)
+    cols = cols + prob._offsets[f][0]  # rows of the front map
+    at = cols.reshape(b, -1)
+    centre = (vals * prob._front_vals[idx].gather(1, at).reshape(vals.shape)).sum(2) + beta
+    net = prob._front()
+    inv = prob.inv_scale[idx]
+    mask = torch.cat([valid, valid], dim=1)
+    norm = _flownet.sparse_rows_norm(
+        net,
+        np.ascontiguousarray(vals.numpy()),
+        np.ascontiguousarray(cols.numpy()),
+        np.ascontiguousarray(inv.numpy()),
+        mask.numpy(),
+    )
+
+    def q_rows():
+        lam = vals.new_zeros((b, 2 * k, net.G.shape[0]))
+        lam.scatter_add_(2, cols, vals)
+        return prob.q(_flownet.Linear(lam, centre, torch.zeros_like(centre), inv))
+
+    lo_f, up_f = lo.reshape(b, -1), up.reshape(b, -1)
+    new_lo, new_up = prob._tighten(
+        idx,
+        eps,
+        centre,
+        torch.as_tensor(norm),
+        q_rows,
+        torch.gather(lo_f, 1, sel),
+        torch.gather(up_f, 1, sel),
+        valid,
+        prob._piecewise(i),
+    )
+    lo_f = lo_f.scatter(1, sel, new_lo)
+    up_f = up_f.scatter(1, sel, new_up)
+    return lo_f.reshape(lo.shape), up_f.reshape(up.shape)
