@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import relu_net
 from flowverify.attacks import LOSSES, AttackResult, WassersteinPGD, attack
 from flowverify.cli import attack_cmd as _cli_attack
 from flowverify.model.flow_model import FlowModel
@@ -18,16 +19,7 @@ from flowverify.transport.flows import w1_distance
 
 
 def _mlp(seed: int = 0, side: int = 8, hidden: int = 16, classes: int = 4, dtype=torch.float32):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(side * side, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    )
-    return net.to(dtype)
+    return relu_net(seed, [hidden, hidden, classes], h=side, w=side, dtype=dtype)
 
 
 def _conv(seed: int = 0, channels: int = 1):

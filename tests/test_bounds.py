@@ -15,6 +15,7 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
+from conftest import relu_net
 from flowverify.io.images import load_images
 from flowverify.transport.flows import apply_flow_adjoint, incidence_matrix
 from flowverify.verification import ball as _ball
@@ -64,6 +65,37 @@ def test_polytope_gain_is_the_lp_optimum(c):
         assert np.all(gain <= ball + 1e-12) and np.all(gain >= -1e-12)
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_polytope_gain_of_local_rows_is_the_lp_optimum(c):
+    """Rows supported on a small window (a convolution's), where the kernels run the
+    distance transform on the window grown by ``max|q| / θ`` only: still the LP optimum,
+    for budgets from tiny (large ``θ``, a small box) to the whole image; the plan's
+    image attains it and the radius is sound."""
+    rng = np.random.default_rng(10 + c)
+    h, w = 12, 11
+    mu = rng.random((c, h, w)) * (rng.random((c, h, w)) < 0.5)
+    q = np.zeros((6, c, h, w))
+    for k in range(6):
+        i, j = rng.integers(0, h - 3), rng.integers(0, w - 3)
+        q[k, :, i : i + 3, j : j + 3] = rng.normal(size=(c, 3, 3)) * 10.0 ** rng.integers(-2, 2)
+    q[5, :, :3, :3] = 1.5  # at the corner: the grown box is clipped by the border
+    q = q.reshape(6, -1)
+    for eps in (1e-3, 0.05, 0.4, 3.0, 40.0):
+        gain = _polytope.polytope_gain(q, mu, eps)
+        exact = np.array([_lp_gain(row, mu, eps) for row in q])
+        np.testing.assert_allclose(gain, exact, rtol=1e-9, atol=1e-9)
+        nu = _polytope.polytope_plan(q, mu, eps)
+        for k in range(6):
+            np.testing.assert_allclose(
+                q[k] @ (mu.ravel() - nu[k].ravel()), exact[k], rtol=1e-7, atol=1e-9
+            )
+    margin = np.abs(rng.normal(size=6)) + 0.01
+    rad = _polytope.polytope_radius(q, mu, margin)
+    for k in range(6):
+        if np.isfinite(rad[k]):
+            assert _lp_gain(q[k], mu, rad[k]) <= margin[k] + 1e-9
+
+
 def test_polytope_radius_is_tight_and_sound():
     rng = np.random.default_rng(3)
     for _ in range(5):
@@ -109,20 +141,7 @@ def test_flow_weights_to_image_space():
 
 
 def _net(seed, sizes, c=1, h=6, w=6, conv=False):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    if conv:
-        layers += [nn.Conv2d(c, 3, 3, stride=2), nn.ReLU(), nn.Flatten()]
-        n_in = 3 * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
-    else:
-        layers += [nn.Flatten()]
-        n_in = c * h * w
-    for k, n_out in enumerate(sizes):
-        layers.append(nn.Linear(n_in, n_out))
-        if k < len(sizes) - 1:
-            layers.append(nn.ReLU())
-        n_in = n_out
-    return nn.Sequential(*layers).double().eval()
+    return relu_net(seed, sizes, c=c, h=h, w=w, conv=3 if conv else None)
 
 
 def _setup(model, x, label=0):

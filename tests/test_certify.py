@@ -16,6 +16,7 @@ from scipy.optimize import linprog
 from torch import nn
 
 import flowverify as fv
+from conftest import relu_net
 from flowverify.api import certify
 from flowverify.core.results import Status
 from flowverify.transport.flows import incidence_matrix
@@ -38,32 +39,9 @@ def _linear(seed, c=1, h=6, w=6, k=3):
 
 
 def _relu_net(seed, c=1, h=6, w=6, conv=False):
-    torch.manual_seed(seed)
     if conv:
-        return (
-            nn.Sequential(
-                nn.Conv2d(c, 4, 3, stride=2),
-                nn.ReLU(),
-                nn.Flatten(),
-                nn.Linear(16, 8),
-                nn.ReLU(),
-                nn.Linear(8, 3),
-            )
-            .double()
-            .eval()
-        )
-    return (
-        nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(c * h * w, 12),
-            nn.ReLU(),
-            nn.Linear(12, 10),
-            nn.ReLU(),
-            nn.Linear(10, 3),
-        )
-        .double()
-        .eval()
-    )
+        return relu_net(seed, [8, 3], c=c, h=h, w=w, conv=4)
+    return relu_net(seed, [12, 10, 3], c=c, h=h, w=w)
 
 
 def _lemma_terms(model, x, label):

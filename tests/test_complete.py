@@ -15,8 +15,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 from scipy.optimize import linprog
-from torch import nn
 
+from conftest import relu_net
 from flowverify.model.flow_model import FlowModel
 from flowverify.transport.flows import incidence_matrix, inverse_flow, w1_distance
 from flowverify.transport.references import make_reference
@@ -40,15 +40,7 @@ def _image(seed, c=1, h=H, w=W, sparse=True):
 
 
 def _net(seed, sizes, c=1, h=H, w=W):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    prev = c * h * w
-    for k, n in enumerate(sizes):
-        layers.append(nn.Linear(prev, n))
-        if k < len(sizes) - 1:
-            layers.append(nn.ReLU())
-        prev = n
-    return nn.Sequential(*layers).double().eval()
+    return relu_net(seed, sizes, c=c, h=h, w=w)
 
 
 def _setup(seed, sizes, c=1, h=H, w=W, ref="uniform"):

@@ -67,7 +67,9 @@ def test_l1_projection_exact_with_enough_newton_steps(seed, d, r):
     inside = np.abs(v).sum(1) <= radius.numpy()
     tol = 1e-12 * np.abs(v).sum(1)
     assert np.all(norms[~inside] >= radius.numpy()[~inside] - tol[~inside])
-    assert np.all(_l1(shrink_to_ball(few, radius)).numpy() <= radius.numpy() * (1 + 1e-12))
+    # (plus a few subnormal units: a subnormal radius has no relative precision)
+    bound = radius.numpy() * (1 + 1e-12) + 1e-320
+    assert np.all(_l1(shrink_to_ball(few, radius)).numpy() <= bound)
 
 
 @settings(max_examples=60, deadline=None)

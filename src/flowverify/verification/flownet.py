@@ -106,6 +106,7 @@ class FlowNet:
 
             csr = sp.csr_matrix(self.G_np)
             self.G_csr = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
+            self.G_sparse_t = csr.T.tocsr()
         self.G_lip = _grad_absmax_t(self.G, self.shape, per_channel=True)  # (n_0, C)
         # float32 copy for the dense intermediate-bound norms (see _lam_g_lip)
         self.G_np32 = None
@@ -234,9 +235,15 @@ class Linear:
 
     def q(self, net: FlowNet) -> torch.Tensor:
         """Image-space coefficients ``(N, m, C*H*W)`` of the bounds (``Λ G / s``)."""
-        n, m, _ = self.lam.shape
+        n, m, n0 = self.lam.shape
         c = net.shape[0]
-        q = (self.lam @ net.G).reshape(n, m, c, -1) * self.inv_scale[:, None, :, None]
+        if net.G_csr is not None and not self.lam.requires_grad and net.device.type == "cpu":
+            # a sparse G (a convolution's rows): (Gᵀ Λᵀ)ᵀ costs its non-zeros only
+            lam = self.lam.detach().reshape(n * m, n0).numpy()
+            q = torch.as_tensor(np.asarray(net.G_sparse_t @ lam.T).T).reshape(n, m, c, -1)
+        else:
+            q = (self.lam @ net.G).reshape(n, m, c, -1)
+        q = q * self.inv_scale[:, None, :, None]
         return q.reshape(n, m, -1)
 
 

@@ -13,8 +13,29 @@ from flowverify.verification.numerics import _small_serial
 
 
 @numba.njit(cache=True)
-def _inf_conv(g, theta, C, H, W, h, arg):
-    """``h[p] = min_q g[q] + θ‖p - q‖₁`` (per channel) and an argmin ``arg[p]``.
+def _support(g, C, H, W):
+    """``[i0, i1, j0, j1, max|g|]``: the rows and columns holding ``g``'s non-zeros (over
+    every channel; ``i0 > i1`` if none) and its largest magnitude."""
+    out = np.array([H, -1.0, W, -1.0, 0.0])
+    hw = H * W
+    for p in range(C * hw):
+        v = abs(g[p])
+        if v > 0.0:
+            i = (p % hw) // W
+            j = p % W
+            out[0] = min(out[0], i)
+            out[1] = max(out[1], i)
+            out[2] = min(out[2], j)
+            out[3] = max(out[3], j)
+            out[4] = max(out[4], v)
+    return out
+
+
+@numba.njit(cache=True)
+def _inf_conv(g, theta, C, H, W, h, arg, i0, i1, j0, j1):
+    """``h[p] = min_q g[q] + θ‖p - q‖₁`` (per channel) and an argmin ``arg[p]``, with
+    ``p`` and ``q`` in the rows ``i0..i1`` and columns ``j0..j1`` (``h`` and ``arg`` are
+    not written elsewhere).
 
     Separable L1 distance transform: forward/backward passes along the rows, then along
     the columns; loops ordered so that the independent lines vectorise (branch-free).
@@ -22,34 +43,36 @@ def _inf_conv(g, theta, C, H, W, h, arg):
     hw = H * W
     for c in range(C):
         base = c * hw
-        for p in range(base, base + hw):
-            h[p] = g[p]
-            arg[p] = p
-        for j in range(1, W):
-            for i in range(H):
+        for i in range(i0, i1 + 1):
+            for j in range(j0, j1 + 1):
+                p = base + i * W + j
+                h[p] = g[p]
+                arg[p] = p
+        for j in range(j0 + 1, j1 + 1):
+            for i in range(i0, i1 + 1):
                 p = base + i * W + j
                 v = h[p - 1] + theta
                 better = v < h[p]
                 h[p] = v if better else h[p]
                 arg[p] = arg[p - 1] if better else arg[p]
-        for j in range(W - 2, -1, -1):
-            for i in range(H):
+        for j in range(j1 - 1, j0 - 1, -1):
+            for i in range(i0, i1 + 1):
                 p = base + i * W + j
                 v = h[p + 1] + theta
                 better = v < h[p]
                 h[p] = v if better else h[p]
                 arg[p] = arg[p + 1] if better else arg[p]
-        for i in range(1, H):
+        for i in range(i0 + 1, i1 + 1):
             r = base + i * W
-            for j in range(W):
+            for j in range(j0, j1 + 1):
                 p = r + j
                 v = h[p - W] + theta
                 better = v < h[p]
                 h[p] = v if better else h[p]
                 arg[p] = arg[p - W] if better else arg[p]
-        for i in range(H - 2, -1, -1):
+        for i in range(i1 - 1, i0 - 1, -1):
             r = base + i * W
-            for j in range(W):
+            for j in range(j0, j1 + 1):
                 p = r + j
                 v = h[p + W] + theta
                 better = v < h[p]
@@ -58,19 +81,39 @@ def _inf_conv(g, theta, C, H, W, h, arg):
 
 
 @numba.njit(cache=True)
-def _dual_terms(g, theta, src, mus, C, H, W, h, arg):
-    """``K(θ) = Σ_p µ_p (g_p - h_θ(p))`` and the cost ``T(θ)`` of the greedy plan."""
-    _inf_conv(g, theta, C, H, W, h, arg)
+def _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup):
+    """``K(θ) = Σ_p µ_p (g_p - h_θ(p))`` and the cost ``T(θ)`` of the greedy plan.
+
+    Only pixels within ``R = max|g| / θ`` (at least 1) of ``g``'s support box ``sup``
+    (:func:`_support`) can have ``h_θ(p) != g(p)``: elsewhere ``g = 0`` and every
+    ``g(q) + θ‖p - q‖₁ >= -max|g| + θR >= 0``, and the ring of zeros around the support
+    stands in for every point beyond it.  So the transform runs on the support box
+    grown by ``R``, and a source outside it stays where it is (its terms are exactly 0,
+    ``arg[p] = p``).
+    """
+    i0, i1, j0, j1 = 0, H - 1, 0, W - 1
+    if theta > 0.0 and sup[1] >= sup[0] and sup[4] < theta * (H + W):
+        r = max(int(np.ceil(sup[4] / theta)), 1)
+        i0 = max(int(sup[0]) - r, 0)
+        i1 = min(int(sup[1]) + r, H - 1)
+        j0 = max(int(sup[2]) - r, 0)
+        j1 = min(int(sup[3]) + r, W - 1)
+    _inf_conv(g, theta, C, H, W, h, arg, i0, i1, j0, j1)
     hw = H * W
     k_val = 0.0
     t_val = 0.0
     for s in range(src.size):
         p = src[s]
+        pp = p % hw
+        i = pp // W
+        j = pp % W
+        if i < i0 or i > i1 or j < j0 or j > j1:
+            arg[p] = p
+            continue
         q = arg[p]
         k_val += mus[s] * (g[p] - h[p])
-        pp = p % hw
         qq = q % hw
-        t_val += mus[s] * (abs(pp // W - qq // W) + abs(pp % W - qq % W))
+        t_val += mus[s] * (abs(i - qq // W) + abs(j - qq % W))
     return k_val, t_val
 
 
@@ -105,10 +148,11 @@ def _gain_one(g, src, mus, C, H, W, eps, iters, h, arg):
     gives a sound bound; the smallest is returned.
     """
     lip = _grad_absmax(g, C, H, W)
+    sup = _support(g, C, H, W)
     best = lip * eps  # θ = ‖Aᵀg‖_∞: K = 0 (the ball bound)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return best
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg)
+    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
     if k0 < best:
         best = k0
     if t0 <= eps:
@@ -122,7 +166,7 @@ def _gain_one(g, src, mus, C, H, W, eps, iters, h, arg):
             break
         if it % 3 == 2 or not (a < theta < b):
             theta = 0.5 * (a + b)
-        k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg)
+        k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
         f = theta * eps + k_val
         if f < best:
             best = f
@@ -142,12 +186,13 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     if margin <= 0.0:
         return 0.0
     lip = _grad_absmax(g, C, H, W)
+    sup = _support(g, C, H, W)
     if lip + extra <= 0.0:
         return np.inf
     best = margin / (lip + extra)
     if src.size == 0:
         return best
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg)
+    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
     if k0 < margin:
         if extra <= 0.0:
             return np.inf
@@ -158,7 +203,7 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     hi = lip
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg)
+        k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg, sup)
         psi = (margin - k_val) / (mid + extra)
         if psi > best:
             best = psi
@@ -221,11 +266,12 @@ def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
     for s in range(src.size):
         nu[src[s]] += mus[s]
     lip = _grad_absmax(g, C, H, W)
+    sup = _support(g, C, H, W)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return
     arg_lo = np.empty(p_all, dtype=np.int64)
     arg_hi = np.empty(p_all, dtype=np.int64)
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg)
+    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
     t_lo = t0
     t_hi = 0.0
     for p in range(p_all):
@@ -236,7 +282,7 @@ def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
         hi = lip
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
-            k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg)
+            k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg, sup)
             if t_val > eps:
                 lo = mid
                 t_lo = t_val
@@ -291,6 +337,7 @@ def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
         h = np.empty(p_all)
         arg = np.empty(p_all, dtype=np.int64)
         lip = _grad_absmax(g, C, H, W)
+        sup = _support(g, C, H, W)
         x = extra[r]
         if lip + x <= 0.0:
             rad[r] = np.inf if margin[r] > 0 else 0.0
@@ -298,7 +345,7 @@ def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
         best = margin[r] / (lip + x)
         best_theta = lip
         if margin[r] > 0.0 and src.size > 0:
-            k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg)
+            k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
             if k0 < margin[r] and x <= 0.0:
                 rad[r] = np.inf
                 continue
@@ -309,7 +356,7 @@ def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
             hi = lip
             for _ in range(iters):
                 mid = 0.5 * (lo + hi)
-                k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg)
+                k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg, sup)
                 psi = (margin[r] - k_val) / (mid + x)
                 if psi > best:
                     best = psi
@@ -323,7 +370,7 @@ def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
         gm[r] = 1.0 / den
         gx[r] = -best / den
         if margin[r] > 0.0 and best_theta < lip and src.size > 0:
-            _dual_terms(g, best_theta, src, mus, C, H, W, h, arg)
+            _dual_terms(g, best_theta, src, mus, C, H, W, h, arg, sup)
             for s in range(src.size):
                 p = src[s]
                 gq[r, p] -= mus[s] / den
