@@ -264,7 +264,7 @@ class EngineProblem:
             eps,
             torch.cat([centre, -centre], dim=1),
             torch.cat([norm, norm], dim=1),
-            lambda: torch.cat([q, -q])[None] * inv[:, None, :, None, None],
+            lambda: _scaled_rows(torch.cat([q, -q]), inv),
             lo.reshape(b, n),
             up.reshape(b, n),
             torch.ones((b, n), dtype=torch.bool, device=lo.device),
@@ -401,6 +401,14 @@ class EngineProblem:
         gain = self.domain.gain(self.q(lin), eps_t, idx)
         val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
+
+
+def _scaled_rows(q: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Rows ``q (R, C, H, W)`` scaled per image and channel, ``(B, R, C, H, W)`` (a view
+    when every scale is 1: callers pick rows)."""
+    if bool((inv == 1).all()):
+        return q[None].expand(inv.shape[0], *q.shape)
+    return q[None] * inv[:, None, :, None, None]
 
 
 def _intersect(lo, up, k_lo, k_up):
