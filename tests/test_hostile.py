@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, reject, settings
+from hypothesis import HealthCheck, assume, example, given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
@@ -320,6 +320,7 @@ def test_make_reference_hostile(kind, image, seed, use_torch):
 
 @SETTINGS
 @given(pattern=arrays(), image=arrays(min_rank=2, max_rank=4, min_side=1, hostile=False))
+@example(pattern=np.array([[5e-324]]), image=np.array([[0.0]]))  # a subnormal pattern
 def test_make_reference_from_an_array(pattern, image):
     image = image + 0.5  # a valid image with positive mass
     assume(problem(pattern) != "empty grid")

@@ -46,11 +46,12 @@ def _check_seed(seed: object, name: str = "seed") -> int:
 
 def _scale_to_mass(shape_img: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Scale ``shape_img (N, C, H, W)`` so that each channel has the mass of ``target``."""
-    m_shape = shape_img.sum(axis=(-2, -1), keepdims=True)
-    m_target = target.sum(axis=(-2, -1), keepdims=True)
-    if (m_shape <= 0).any():
+    peak = shape_img.max(axis=(-2, -1), keepdims=True)
+    if (peak <= 0).any():
         raise ValueError("reference: expected positive mass in every channel, got a zero channel")
-    return shape_img * (m_target / m_shape)
+    unit = shape_img / peak  # peak 1 first: a tiny (subnormal) pattern does not overflow
+    m_target = target.sum(axis=(-2, -1), keepdims=True)
+    return unit * (m_target / unit.sum(axis=(-2, -1), keepdims=True))
 
 
 def make_reference(kind: str | Array, image: Array, *, seed: int = 0) -> Array:

@@ -13,21 +13,24 @@ from flowverify.verification.numerics import _small_serial
 
 
 @numba.njit(cache=True)
-def _acc_lip(acc, scale, C, H, W):
-    """``max_c scale_c · max |neighbour differences of acc in channel c|``."""
+def _acc_lip(acc, scale, C, H, W, i0=0, i1=-1, j0=0, j1=-1):
+    """``max_c scale_c · max |neighbour differences of acc in channel c|``, over the
+    pixel pairs inside rows ``i0..i1`` and columns ``j0..j1`` (default: the image)."""
+    if i1 < 0:
+        i1, j1 = H - 1, W - 1
     hw = H * W
     out = 0.0
     for c in range(C):
         base = c * hw
         m = 0.0
-        for i in range(H):
-            for j in range(W - 1):
+        for i in range(i0, i1 + 1):
+            for j in range(j0, j1):
                 p = base + i * W + j
                 d = abs(acc[p + 1] - acc[p])
                 if d > m:
                     m = d
-        for i in range(H - 1):
-            for j in range(W):
+        for i in range(i0, i1):
+            for j in range(j0, j1 + 1):
                 p = base + i * W + j
                 d = abs(acc[p + W] - acc[p])
                 if d > m:
@@ -147,11 +150,14 @@ def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None)
 
 
 @numba.njit(cache=True, parallel=True)
-def _lam_g_lip_csr(vals, cols, indptr, indices, data, p_all, scale, rows, C, H, W):
+def _lam_g_lip_csr(vals, cols, indptr, indices, data, boxes, p_all, scale, rows, C, H, W):
     """:func:`_lam_g_lip` (unpaired) for a sparse ``G`` in CSR form (convolutions) and
     rows ``Λ_r`` given by their entries: ``vals[b, r, e]`` at the row ``cols[b, r, e]``
     of ``G`` (``cols`` may broadcast over ``b``, ``r``: a dense ``Λ`` has
-    ``cols = arange(n_0)``)."""
+    ``cols = arange(n_0)``).  ``boxes (n_0, 4)``: the rows and columns that hold each
+    row of ``G`` (:func:`row_boxes`); a row of ``ΛG`` lives in the union of its entries'
+    boxes, so its sum and its differences are taken there, grown by one pixel (the
+    zeros around it) and clipped to the image: the same norm, on the box only."""
     nb, m, p = vals.shape
     out = np.zeros((nb, m))
     for t in numba.prange(nb * m):
@@ -161,14 +167,45 @@ def _lam_g_lip_csr(vals, cols, indptr, indices, data, p_all, scale, rows, C, H, 
             continue
         cb = b if cols.shape[0] > 1 else 0
         cr = r if cols.shape[1] > 1 else 0
-        acc = np.zeros(p_all)
+        i0, i1, j0, j1 = H, -1, W, -1
+        for e in range(p):
+            if vals[b, r, e] != 0.0:
+                k = cols[cb, cr, e]
+                i0 = min(i0, boxes[k, 0])
+                i1 = max(i1, boxes[k, 1])
+                j0 = min(j0, boxes[k, 2])
+                j1 = max(j1, boxes[k, 3])
+        if i1 < 0:
+            continue
+        i0, i1 = max(i0 - 1, 0), min(i1 + 1, H - 1)
+        j0, j1 = max(j0 - 1, 0), min(j1 + 1, W - 1)
+        acc = np.empty(p_all)
+        for c in range(C):
+            for i in range(i0, i1 + 1):
+                for j in range(j0, j1 + 1):
+                    acc[c * H * W + i * W + j] = 0.0
         for e in range(p):
             a = vals[b, r, e]
             if a != 0.0:
                 k = cols[cb, cr, e]
                 for z in range(indptr[k], indptr[k + 1]):
                     acc[indices[z]] += a * data[z]
-        out[b, r] = _acc_lip(acc, scale[b], C, H, W)
+        out[b, r] = _acc_lip(acc, scale[b], C, H, W, i0, i1, j0, j1)
+    return out
+
+
+def row_boxes(indptr, indices, H: int, W: int) -> np.ndarray:
+    """``(n, 4)`` int64: the first and last row and column of each CSR row's non-zeros
+    (over every channel; ``[H, -1, W, -1]`` for an empty row)."""
+    n = indptr.size - 1
+    out = np.tile(np.array([H, -1, W, -1], dtype=np.int64), (n, 1))
+    row = np.repeat(np.arange(n), np.diff(indptr))
+    pix = indices % (H * W)
+    i, j = pix // W, pix % W
+    np.minimum.at(out[:, 0], row, i)
+    np.maximum.at(out[:, 1], row, i)
+    np.minimum.at(out[:, 2], row, j)
+    np.maximum.at(out[:, 3], row, j)
     return out
 
 

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from flowverify.transport.flows import apply_flow_adjoint, flow_dim
-from flowverify.verification.ball import _F32_SAFE, _grad_absmax_t, _lam_g_lip, _lam_g_lip_csr
+from flowverify.verification.ball import (
+    _F32_SAFE,
+    _grad_absmax_t,
+    _lam_g_lip,
+    _lam_g_lip_csr,
+    row_boxes,
+)
 from flowverify.verification.numerics import _EPS64, _small_serial
 
 __all__ = [
@@ -107,6 +113,7 @@ class FlowNet:
             csr = sp.csr_matrix(self.G_np)
             self.G_csr = (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data)
             self.G_sparse_t = csr.T.tocsr()
+            self.G_boxes = row_boxes(*self.G_csr[:2], *self.shape[1:])
         self.G_lip = _grad_absmax_t(self.G, self.shape, per_channel=True)  # (n_0, C)
         # float32 copy for the dense intermediate-bound norms (see _lam_g_lip)
         self.G_np32 = None
@@ -253,7 +260,7 @@ def sparse_rows_norm(net: FlowNet, vals, cols, scale, rows) -> np.ndarray:
     indptr, indices, data = net.G_csr
     c, h, w = net.shape
     work = int(rows.sum()) * vals.shape[2] * max(indices.size // max(indptr.size - 1, 1), 1)
-    args = (vals, cols, indptr, indices, data, net.G_np.shape[1], scale, rows, c, h, w)
+    args = (vals, cols, indptr, indices, data, net.G_boxes, net.G_np.shape[1], scale, rows, c, h, w)
     return _small_serial(_lam_g_lip_csr, work // 50, *args)
 
 
