@@ -28,8 +28,12 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[1]))
 import flowverify as fv
-from flowverify.io.bundled import bundled_digits
-from flowverify.model.loading import load_model
+try:
+    from flowverify.io.bundled import bundled_digits
+    from flowverify.model.loading import load_model
+except ImportError:  # a checkout from before the layout by pipeline stage
+    from flowverify.datasets import bundled_digits
+    from flowverify.models import load_model
 x, y = bundled_digits()
 out = {}
 for name, n in (("fc", int(sys.argv[2])), ("cnn", int(sys.argv[3]))):
