@@ -66,8 +66,8 @@ def budget_run(settings, ctx, radius, idx):
     todo = (~found).nonzero().squeeze(1)
     if todo.numel() == 0:
         return flow, found, iters
-    a_flow, a_norm, shrunk, shrunk_norm = anchor(settings, ctx)
     sub = idx[todo]
+    a_flow, a_norm, shrunk, shrunk_norm = anchor(settings, ctx, sub)
     use_shrunk = shrunk_norm[sub] < a_norm[sub]
     start = torch.where(use_shrunk[:, None, None], shrunk[sub], a_flow[sub]).to(flow.dtype)
     norm = torch.minimum(a_norm[sub], shrunk_norm[sub])
@@ -86,26 +86,38 @@ def budget_run(settings, ctx, radius, idx):
     return flow, found, iters
 
 
-def anchor(settings, ctx):
-    """Adversarials found without a budget (computed once per batch, then cached).
+def anchor(settings, ctx, rows: torch.Tensor | None = None):
+    """Adversarials found without a budget for the images ``rows`` (default: all; each
+    computed once per batch, then cached).
 
     DeepFool-W1; for the images it does not fool, PGD at budgets doubled from twice
     the last budget of the schedule up to the grid diameter; then shrunk
     (:func:`~flowverify.attacks.shrink.shrink_starts`, ``steps`` iterations: cheap enough
-    for every fixed-budget run).  Returns ``(start, start_norm, shrunk, shrunk_norm)``:
-    per image the unshrunk and the shrunk adversarial flows and their L1 norms
-    (``inf`` where none).
+    for every fixed-budget run).  Returns ``(start, start_norm, shrunk, shrunk_norm)``,
+    batch-sized: per image the unshrunk and the shrunk adversarial flows and their L1
+    norms (``inf`` where none, or not computed).
     """
+    mu = ctx.mu
+    n = mu.shape[0]
+    device, dtype = mu.device, mu.dtype
     if ctx.anchor is None:
-        mu = ctx.mu
-        n = mu.shape[0]
-        device, dtype = mu.device, mu.dtype
+        zero = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
+        inf = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        ctx.anchor = (zero, inf, zero.clone(), inf.clone())
+        ctx.anchor_done = torch.zeros(n, dtype=torch.bool, device=device)
+    want = torch.ones(n, dtype=torch.bool, device=device)
+    if rows is not None:
+        want = torch.zeros_like(want)
+        want[rows] = True
+    new = want & ~ctx.anchor_done
+    if bool(new.any()):
         cap = float(mu.shape[1] * (mu.shape[-2] + mu.shape[-1] - 2))
-        df = deepfool_all(ctx)
-        start, ok = df.flow.clone(), df.success.clone()
+        df = deepfool_all(ctx, new.nonzero().squeeze(1))
+        start = torch.where(new[:, None, None], df.flow, torch.zeros_like(df.flow))
+        ok = df.success & new
         eps = 2 * BUDGET_SCHEDULE[-1]
         while eps <= cap:
-            todo = (~ok).nonzero().squeeze(1)
+            todo = (new & ~ok).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             radius = torch.full((n,), eps, dtype=dtype, device=device)
@@ -113,6 +125,9 @@ def anchor(settings, ctx):
             start[todo[won]], ok[todo[won]] = f[won], True
             eps *= 2
         norm = torch.where(ok, start.abs().flatten(1).sum(1).double(), math.inf)
-        shrunk = shrink_starts(ctx, start, ok, settings.steps, settings.step_size)
-        ctx.anchor = (start, norm, *shrunk)
+        shrunk, shrunk_norm = shrink_starts(ctx, start, ok, settings.steps, settings.step_size)
+        a_start, a_norm, a_shrunk, a_shrunk_norm = ctx.anchor
+        a_start[new], a_norm[new] = start[new], norm[new]
+        a_shrunk[new], a_shrunk_norm[new] = shrunk[new].to(dtype), shrunk_norm[new]
+        ctx.anchor_done |= new
     return ctx.anchor

@@ -43,8 +43,10 @@ class Context:
     prediction: np.ndarray
     input_scale: str
     flat: bool
-    deepfool: Run | None = None  # DeepFool-W1 of the whole batch, once needed
+    deepfool: Run | None = None  # DeepFool-W1 of the images that needed it (batch-sized)
+    deepfool_done: torch.Tensor | None = None  # (N,) which rows of ``deepfool`` are computed
     anchor: tuple[torch.Tensor, ...] | None = None  # see flowverify.attacks.budget.anchor
+    anchor_done: torch.Tensor | None = None  # (N,) which rows of ``anchor`` are computed
 
     @property
     def flow_shape(self) -> tuple[int, int]:

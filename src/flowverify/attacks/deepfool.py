@@ -105,18 +105,36 @@ def deepfool(
     return Run(best, found, iters_used)
 
 
-def deepfool_all(ctx) -> Run:
-    """DeepFool-W1 of every image of the batch ``ctx`` (computed once, then cached)."""
+def deepfool_all(ctx, rows: torch.Tensor | None = None) -> Run:
+    """DeepFool-W1 of the images ``rows`` of the batch ``ctx`` (default: all), each
+    computed once and cached in ``ctx.deepfool`` (batch-sized; rows not computed yet
+    have no success and no iterations)."""
+    n = ctx.mu.shape[0]
     if ctx.deepfool is None:
-        n = ctx.mu.shape[0]
-        ctx.deepfool = deepfool(
+        ctx.deepfool = Run(
+            torch.zeros(n, *ctx.flow_shape, dtype=ctx.mu.dtype, device=ctx.mu.device),
+            torch.zeros(n, dtype=torch.bool, device=ctx.mu.device),
+            torch.zeros(n, dtype=torch.long, device=ctx.mu.device),
+        )
+        ctx.deepfool_done = torch.zeros(n, dtype=torch.bool, device=ctx.mu.device)
+    want = torch.ones(n, dtype=torch.bool, device=ctx.mu.device)
+    if rows is not None:
+        want = torch.zeros_like(want)
+        want[rows] = True
+    new = (want & ~ctx.deepfool_done).nonzero().squeeze(1)
+    if new.numel():
+        run = deepfool(
             ctx.objective,
             ctx.mu,
             ctx.labels,
-            torch.arange(n, device=ctx.mu.device),
+            new,
             iters=_DF_ITERS,
             reach=_REACH,
             candidates=_CANDIDATES,
             upper=ctx.upper,
         )
+        df = ctx.deepfool
+        df.flow[new], df.success[new] = run.flow.to(df.flow.dtype), run.success
+        df.iterations[new] = run.iterations.to(df.iterations.dtype)
+        ctx.deepfool_done[new] = True
     return ctx.deepfool
