@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from flowverify.attacks.budget import BUDGET_SCHEDULE, anchor, budget_run
+from flowverify.attacks.deepfool import deepfool_all
 from flowverify.attacks.shrink import shrink_starts
 
 __all__ = ["candidates", "closest"]
@@ -54,7 +55,7 @@ def candidates(settings, ctx):
     sched = torch.zeros(n, *ctx.flow_shape, dtype=dtype, device=device)
     s_found = torch.zeros(n, dtype=torch.bool, device=device)
     s_eps = inf.clone()
-    iters = ctx.deepfool.iterations.clone()
+    iters = deepfool_all(ctx).iterations.clone()  # computed by the anchor (none if empty)
     for eps in BUDGET_SCHEDULE:
         todo = (~s_found).nonzero().squeeze(1)
         if todo.numel() == 0:
