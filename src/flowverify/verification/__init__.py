@@ -8,7 +8,8 @@ LP/MILP search of :mod:`~.complete`), with :mod:`~.falsify` as the verifier's ow
 :mod:`~.numerics` (rounding margins), :mod:`~.ball` (the ball's dual norm),
 :mod:`~.polytope` with :mod:`~.polytope_kernels` (the polytope's Kantorovich dual),
 :mod:`~.flownet` (the flow-domain network) and :mod:`~.search` (the radius search) hold
-the soundness-critical maths every method calls, once.  The public
+the soundness-critical maths every method calls, once; the LP and MILP searches take their
+intermediate bounds from the engine too (:mod:`~.chain_bounds`).  The public
 :func:`flowverify.certify` (in :mod:`flowverify.api`) composes them with the attacks.
 
 The flow-domain network of an image (Corollary 2.1, :mod:`~flowverify.verification._chain`) is
