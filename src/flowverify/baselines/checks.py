@@ -82,31 +82,3 @@ def _check_images(images: Any) -> torch.Tensor:
                 f"{images.dtype} (largest pixel {float(images.max()):g})"
             )
     return images
-
-
-def _check_labels(labels: Any, n: int) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.shape != (n,) or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(
-            f"labels: expected {n} integer labels of shape ({n},), got dtype {arr.dtype} and "
-            f"shape {arr.shape}"
-        )
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"labels: expected classes >= 0, got {int(arr.min())}")
-    return arr.astype(np.int64)
-
-
-def _check_indices(indices: Any, n: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(n, dtype=np.int64)
-    arr = np.asarray(indices)
-    if arr.shape != (n,) or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(
-            f"indices: expected {n} integer data-set indices of shape ({n},), got dtype "
-            f"{arr.dtype} and shape {arr.shape}"
-        )
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"indices: expected non-negative indices, got {int(arr.min())}")
-    return arr.astype(np.int64)

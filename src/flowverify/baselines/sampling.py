@@ -17,9 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowverify.baselines.checks import _check_count, _check_images, _check_indices, _check_sigma
+from flowverify.baselines.checks import _check_count, _check_images, _check_sigma
 from flowverify.baselines.noise import _image_seed, add_flow_noise
-from flowverify.core.validation import check_device, check_logits, model_dtype, model_errors
+from flowverify.core.validation import (
+    check_device,
+    check_indices,
+    check_logits,
+    model_dtype,
+    model_errors,
+)
 
 __all__ = ["smoothed_counts"]
 
@@ -179,7 +185,7 @@ def smoothed_counts(
     batch_size = _check_count(batch_size, "batch_size")
     seed = _check_count(seed, "seed", minimum=0)
     x = _check_images(images)
-    idx = _check_indices(indices, x.shape[0])
+    idx = check_indices(indices, x.shape[0])
     device, dtype = _model_context(model, device)
     _check_fits(x, dtype)
     with _EvalOn(model, device) as m:

@@ -74,8 +74,6 @@ from flowverify.baselines.checks import (
     _check_alpha,
     _check_count,
     _check_images,
-    _check_indices,
-    _check_labels,
     _check_sigma,
 )
 from flowverify.baselines.noise import laplace_scale
@@ -91,6 +89,7 @@ from flowverify.baselines.sampling import (
     smoothed_counts,
 )
 from flowverify.core.results import Status
+from flowverify.core.validation import check_indices, check_labels
 
 __all__ = ["smoothed_certify", "smoothed_predict"]
 
@@ -225,8 +224,8 @@ def smoothed_certify(
     batch_size = _check_count(batch_size, "batch_size")
     seed = _check_count(seed, "seed", minimum=0)
     x = _check_images(images)
-    y = None if labels is None else _check_labels(labels, x.shape[0])
-    idx = _check_indices(indices, x.shape[0])
+    y = None if labels is None else check_labels(labels, x.shape[0])
+    idx = check_indices(indices, x.shape[0])
     device, dtype = _model_context(model, device)
     _check_fits(x, dtype)
     b = laplace_scale(sigma)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowverify.baselines.checks import _check_count, _check_images, _check_labels, _check_sigma
+from flowverify.baselines.checks import _check_count, _check_images, _check_sigma
 from flowverify.baselines.noise import _image_seed, add_flow_noise
-from flowverify.core.validation import check_device
+from flowverify.core.validation import check_device, check_labels
 
 __all__ = ["train_smoothed_model"]
 
@@ -30,7 +30,7 @@ def _check_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError("data: expected a pair (images, labels)")
     x = _check_images(data[0]).float()
-    y = torch.from_numpy(_check_labels(data[1], x.shape[0]))
+    y = torch.from_numpy(check_labels(data[1], x.shape[0]))
     if x.shape[0] == 0:
         raise ValueError("data: expected at least one training image, got none")
     return x, y

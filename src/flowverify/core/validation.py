@@ -127,10 +127,13 @@ def check_device(device: Any, name: str = "device") -> torch.device:
     return dev
 
 
-def check_labels(labels: Any, n: int, num_classes: int, default: Array) -> np.ndarray:
-    """Class labels ``(n,)`` as int64, each in ``[0, num_classes)``; ``default`` (e.g. the
-    model's predictions) when ``labels`` is None.  Errors name ``labels``."""
-    if labels is None:
+def check_labels(
+    labels: Any, n: int, num_classes: int | None = None, default: Array | None = None
+) -> np.ndarray:
+    """Class labels ``(n,)`` as int64, each in ``[0, num_classes)`` (``>= 0`` when the
+    number of classes is not known); ``default`` (e.g. the model's predictions) when
+    ``labels`` is None.  Errors name ``labels``."""
+    if labels is None and default is not None:
         d = default.detach().cpu().numpy() if is_torch(default) else np.asarray(default)
         return d.astype(np.int64)
     if isinstance(labels, torch.Tensor):
@@ -142,10 +145,26 @@ def check_labels(labels: Any, n: int, num_classes: int, default: Array) -> np.nd
         raise TypeError(f"labels: expected integer class labels, got dtype {arr.dtype}")
     if arr.shape != (n,):
         raise ValueError(f"labels: expected shape ({n},) to match the images, got {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+    top = np.inf if num_classes is None else num_classes
+    if arr.size and (arr.min() < 0 or arr.max() >= top):
+        want = ">= 0" if num_classes is None else f"in [0, {num_classes})"
+        raise ValueError(f"labels: expected classes {want}, got values {arr.min()}..{arr.max()}")
+    return arr.astype(np.int64)
+
+
+def check_indices(indices: Any, n: int) -> np.ndarray:
+    """Data-set indices ``(n,)`` of the images as int64 (``arange(n)`` when None), each
+    ``>= 0``.  Errors name ``indices``."""
+    if indices is None:
+        return np.arange(n, dtype=np.int64)
+    arr = np.asarray(indices)
+    if arr.shape != (n,) or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(
-            f"labels: expected classes in [0, {num_classes}), got values {arr.min()}..{arr.max()}"
+            f"indices: expected {n} integer data-set indices of shape ({n},), got dtype "
+            f"{arr.dtype} and shape {arr.shape}"
         )
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"indices: expected non-negative indices, got {int(arr.min())}")
     return arr.astype(np.int64)
 
 

@@ -43,6 +43,22 @@ def _jit(func):
         return numba.njit(cache=False, error_model="numpy")(func)
 
 
+def _edge_ends_py(e, nh, wd):
+    """The grid cells ``(i, j) -> (i2, j2)`` of flow coordinate ``e`` (the layout of
+    :func:`~flowverify.transport.grid.split_flow`: ``nh = H (W - 1)`` horizontal edges,
+    row by row, then the vertical ones)."""
+    if e < nh:
+        i = e // (wd - 1)
+        j = e - i * (wd - 1)
+        return i, j, i, j + 1
+    i = (e - nh) // wd
+    j = (e - nh) - i * wd
+    return i, j, i + 1, j
+
+
+_edge_ends = _jit(_edge_ends_py) or _edge_ends_py
+
+
 def _pgd_step_kernel(w, x, gx, mu, rad, alpha, upper, use_upper, tau, iters, out, xout):  # noqa: C901
     """One masked gradient step + feasible map per image (see :func:`pgd_step_images`).
 
@@ -67,14 +83,7 @@ def _pgd_step_kernel(w, x, gx, mu, rad, alpha, upper, use_upper, tau, iters, out
         for ch in range(c):
             up = upper[b, ch]
             for e in range(d):
-                if e < nh:
-                    i = e // (wd - 1)
-                    j = e - i * (wd - 1)
-                    i2, j2 = i, j + 1
-                else:
-                    i = (e - nh) // wd
-                    j = (e - nh) - i * wd
-                    i2, j2 = i + 1, j
+                i, j, i2, j2 = _edge_ends(e, nh, wd)
                 g = gx[b, ch, i2, j2] - gx[b, ch, i, j]  # (Aᵀ gx)_e, as grid.adjoint
                 v = 0.0
                 if g < 0:  # positive flow (i, j) -> (i2, j2)
@@ -113,14 +122,7 @@ def _pgd_step_kernel(w, x, gx, mu, rad, alpha, upper, use_upper, tau, iters, out
                 v = (a if v > 0 else -a) if a > 0 else 0.0
                 s = v - w[b, ch, e]
                 cand[e] = s
-                if e < nh:
-                    i = e // (wd - 1)
-                    j = e - i * (wd - 1)
-                    i2, j2 = i, j + 1
-                else:
-                    i = (e - nh) // wd
-                    j = (e - nh) - i * wd
-                    i2, j2 = i + 1, j
+                i, j, i2, j2 = _edge_ends(e, nh, wd)
                 if s > 0:
                     outflow_[i, j] += s
                     inflow_[i2, j2] += s
@@ -140,14 +142,7 @@ def _pgd_step_kernel(w, x, gx, mu, rad, alpha, upper, use_upper, tau, iters, out
                         inflow_[i, j] = 1.0
             for e in range(d):
                 s = cand[e]
-                if e < nh:
-                    i = e // (wd - 1)
-                    j = e - i * (wd - 1)
-                    i2, j2 = i, j + 1
-                else:
-                    i = (e - nh) // wd
-                    j = (e - nh) - i * wd
-                    i2, j2 = i + 1, j
+                i, j, i2, j2 = _edge_ends(e, nh, wd)
                 if s > 0:
                     s *= outflow_[i, j] * inflow_[i2, j2]
                 elif s < 0:
@@ -170,14 +165,7 @@ def _pgd_step_kernel(w, x, gx, mu, rad, alpha, upper, use_upper, tau, iters, out
                     xout[b, ch, i, j] = mu[b, ch, i, j]
             for e in range(d):
                 f = out[b, ch, e]
-                if e < nh:
-                    i = e // (wd - 1)
-                    j = e - i * (wd - 1)
-                    i2, j2 = i, j + 1
-                else:
-                    i = (e - nh) // wd
-                    j = (e - nh) - i * wd
-                    i2, j2 = i + 1, j
+                i, j, i2, j2 = _edge_ends(e, nh, wd)
                 xout[b, ch, i, j] -= f
                 xout[b, ch, i2, j2] += f
 

@@ -63,6 +63,7 @@ from flowverify.core.interrupt import raise_if_interrupted
 from flowverify.core.results import Status
 from flowverify.core.validation import (
     check_device,
+    check_indices,
     check_labels,
 )
 from flowverify.model.flow_model import (
@@ -78,7 +79,6 @@ from flowverify.verification.checks import (
     _check_architecture,
     _check_choice,
     _check_images,
-    _check_indices,
     _check_positive,
     _model_input,
     _probe_model,
@@ -157,7 +157,7 @@ def _iter_certify_modes(
         data = _check_images(data)
         if data.shape[1:] != x.shape[1:]:
             raise ValueError(f"data: expected images of shape {x.shape[1:]}, got {data.shape[1:]}")
-    idx = _check_indices(indices, n)
+    idx = check_indices(indices, n)
     net_model, model64, flat, num_classes, graph = _prepare_model(
         model, x, method, certifier, input_scale
     )

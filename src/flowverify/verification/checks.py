@@ -129,15 +129,6 @@ def _check_images(images) -> np.ndarray:
     return x
 
 
-def _check_indices(indices, n: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(n)
-    arr = np.asarray(indices)
-    if not np.issubdtype(arr.dtype, np.integer) or arr.shape != (n,):
-        raise ValueError(f"indices: expected {n} integer indices (one per image), got {arr!r}")
-    return arr.astype(np.int64)
-
-
 def _resolve_model(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model.eval()
