@@ -96,6 +96,41 @@ def test_polytope_gain_of_local_rows_is_the_lp_optimum(c):
             assert _lp_gain(q[k], mu, rad[k]) <= margin[k] + 1e-9
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_polytope_gain_from_kept_evaluations_is_the_lp_optimum(c):
+    """Gains started from the dual evaluations of earlier calls (``planes``): of the same
+    rows at other budgets (bounds at any ``ε``), and of other rows (starting points
+    only), equal the LP optimum; the sparse-row kernel gives the dense one's gains."""
+    rng = np.random.default_rng(20 + c)
+    mu, q = _random_problem(rng, c)
+    b = np.stack([mu, mu])
+    img = np.array([0, 0, 1, 1])
+    planes = np.full((4, 4, 3), -1.0)
+    for eps in (0.5, 0.2, 0.5, 0.51, 2.0, 0.0, 1e-4, 0.3):
+        e = np.full(4, eps)
+        gain = _polytope.polytope_gain_rows(q, b, img, e, planes=planes)
+        exact = np.array([_lp_gain(row, mu, eps) for row in q])
+        np.testing.assert_allclose(gain, exact, rtol=1e-9, atol=1e-9)
+    assert (planes[..., 0] >= 0).any()
+    other = q + rng.normal(size=q.shape) * 0.3
+    gain = _polytope.polytope_gain_rows(other, b, img, np.full(4, 0.4), planes=planes, same=False)
+    exact = np.array([_lp_gain(row, mu, 0.4) for row in other])
+    np.testing.assert_allclose(gain, exact, rtol=1e-9, atol=1e-9)
+    # rows given by their entries on a sparse map G (here the rows of q themselves)
+    csr = sp.csr_matrix(other)
+    rows = (
+        np.ones((1, 4, 1)),
+        np.arange(4).reshape(1, 4, 1),
+        csr.indptr.astype(np.int64),
+        csr.indices.astype(np.int64),
+        csr.data,
+        _ball.row_boxes(csr.indptr, csr.indices, *mu.shape[1:]),
+        np.ones((2, c)),
+    )
+    sparse = _polytope.polytope_gain_sparse_rows(rows, img, np.arange(4), b, np.full(4, 0.4))
+    np.testing.assert_allclose(sparse, exact, rtol=1e-9, atol=1e-9)
+
+
 def test_polytope_radius_is_tight_and_sound():
     rng = np.random.default_rng(3)
     for _ in range(5):

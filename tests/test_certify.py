@@ -458,3 +458,20 @@ def test_incomplete_timeout_gives_unknown_with_a_lower_bound():
         if not q.converged:
             assert q.status == Status.UNKNOWN
     assert any(not q.converged for q in cut)
+
+
+def test_certify_and_the_verifier_share_their_keywords_and_defaults():
+    """``certify`` spells its options out for users; the verifier it forwards to takes
+    the same ones with the same defaults (smoothing's own and the verifier's
+    ``adversary`` hook aside), so the two lists cannot drift apart."""
+    import inspect
+
+    from flowverify.verification import api as _vapi
+
+    def options(fn, drop):
+        sig = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in sig if p.kind == p.KEYWORD_ONLY and p.name not in drop}
+
+    public = options(certify, {"sigma", "n0", "n_samples", "alpha"})
+    inner = options(_vapi._iter_certify_modes, {"adversary"})
+    assert public == inner

@@ -451,3 +451,25 @@ def test_patch_rows_give_the_dense_bounds(name, domain, digits, monkeypatch):
     for node, (lo, up) in dense.items():
         np.testing.assert_allclose(fast[node][0].numpy(), lo.numpy(), rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(fast[node][1].numpy(), up.numpy(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["cnn", "fc"])
+def test_bounds_reusing_dual_evaluations_equal_fresh_ones(name, digits):
+    """A problem keeps the polytope dual's evaluations of its rows between calls (the
+    front's as bounds, the others' as starting points): at every ``ε`` of a search-like
+    sequence its bounds are a fresh problem's, and it does keep them (not vacuous)."""
+    net = load_model(name)
+    graph = build_graph(copy.deepcopy(net).double(), torch.as_tensor(digits[:1]))
+    labels = _labels(net, digits)
+    idx = np.arange(len(digits))
+    kept = EngineProblem(graph, digits, labels, make_domain("w1-polytope", digits))
+    for e in (1.5, 0.7, 1.5, 1.52, 3.0, 1.51):
+        eps = torch.full((len(digits),), e, dtype=torch.float64)
+        fresh = EngineProblem(graph, digits, labels, make_domain("w1-polytope", digits))
+        want, _ = fresh.layer_bounds(idx, eps)
+        got, _ = kept.layer_bounds(idx, eps)
+        for node, (lo, up) in want.items():
+            np.testing.assert_allclose(got[node][0].numpy(), lo.numpy(), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(got[node][1].numpy(), up.numpy(), rtol=1e-9, atol=1e-9)
+    stores = kept.domain._planes
+    assert stores and all((s[..., 0] >= 0).any() for s in stores.values())

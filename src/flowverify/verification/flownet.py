@@ -29,6 +29,7 @@ __all__ = [
     "flow_to_image_weights",
     "margin_spec",
     "sparse_rows_norm",
+    "sparse_rows",
 ]
 
 
@@ -262,6 +263,22 @@ def sparse_rows_norm(net: FlowNet, vals, cols, scale, rows) -> np.ndarray:
     work = int(rows.sum()) * vals.shape[2] * max(indices.size // max(indptr.size - 1, 1), 1)
     args = (vals, cols, indptr, indices, data, net.G_boxes, net.G_np.shape[1], scale, rows, c, h, w)
     return _small_serial(_lam_g_lip_csr, work // 50, *args)
+
+
+def sparse_rows(net: FlowNet, vals, cols, scale) -> tuple:
+    """Rows ``(Λ_r G)/s_b`` given by their entries ``vals (N, m, P)`` at the front rows
+    ``cols`` (both may broadcast over ``N``), as the tuple the polytope's sparse kernel
+    reads (:func:`~.polytope.polytope_gain_sparse_rows`); ``G`` sparse."""
+    indptr, indices, data = net.G_csr
+    return (
+        np.ascontiguousarray(vals, dtype=np.float64),
+        np.ascontiguousarray(cols, dtype=np.int64),
+        indptr,
+        indices,
+        data,
+        net.G_boxes,
+        np.ascontiguousarray(scale, dtype=np.float64),
+    )
 
 
 def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> torch.Tensor:

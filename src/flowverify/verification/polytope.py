@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowverify.verification.polytope_kernels import _gain_rows, _plan_rows, _radius_rows
+from flowverify.verification.polytope_kernels import (
+    _gain_rows,
+    _plan_rows,
+    _radius_rows,
+    _sparse_gain_rows,
+)
 
 __all__ = [
     "THETA_ITERS",
     "polytope_gain",
     "polytope_gain_rows",
+    "polytope_gain_sparse_rows",
     "polytope_plan",
     "polytope_radius",
     "polytope_radius_rows",
@@ -33,18 +39,38 @@ def _sources_batch(mu: np.ndarray):
     return src.astype(np.int64), np.ascontiguousarray(mus, dtype=np.float64), ptr
 
 
-def polytope_gain_rows(q, mu, img, eps, *, iters: int = THETA_ITERS) -> np.ndarray:
+def polytope_gain_rows(
+    q, mu, img, eps, *, iters: int = THETA_ITERS, planes: np.ndarray | None = None, same=True
+) -> np.ndarray:
     """:func:`polytope_gain` for rows of several images at once (one parallel kernel).
 
     ``q (m, C*H*W)``, ``mu (B, C, H, W)``, ``img (m,)``: the image of each row,
-    ``eps (m,)``.  Returns ``(m,)``.
+    ``eps (m,)``.  Returns ``(m,)``.  ``planes``: ``(m, S, 3)`` float64, the dual
+    evaluations ``(θ, K(θ), T(θ))`` of each row kept between calls on the same rows and
+    images (any ``ε``), updated in place; ``θ < 0`` marks an empty slot.  ``same=False``:
+    the planes are of other rows (the same neurons' at another ``ε``, say): only their
+    ``θ`` are used, as starting points.
     """
     b, c, h, w = mu.shape
     q = _rows(q, c * h * w, "q")
     src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
     e = _per_row(eps, q.shape[0], "eps")
     img = np.ascontiguousarray(img, dtype=np.int64)
-    return _gain_rows(q, src, mus, c, h, w, e, iters, ptr, img)
+    return _gain_rows(q, src, mus, c, h, w, e, iters, ptr, img, planes, same)
+
+
+def polytope_gain_sparse_rows(
+    rows: tuple, kk, rr, mu, eps, *, iters: int = THETA_ITERS, planes=None, same=True
+) -> np.ndarray:
+    """:func:`polytope_gain_rows` of the rows ``(kk[s], rr[s])`` of a family given by
+    their entries on a sparse map (``rows``: :func:`~.flownet.sparse_rows`); row ``s``
+    belongs to the image ``mu[kk[s]]``.  Each row is built and bounded on its window."""
+    b, c, h, w = mu.shape
+    src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
+    kk = np.ascontiguousarray(kk, dtype=np.int64)
+    rr = np.ascontiguousarray(rr, dtype=np.int64)
+    e = np.ascontiguousarray(eps, dtype=np.float64)
+    return _sparse_gain_rows(rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same)
 
 
 def polytope_radius_rows(q, mu, img, margin, *, iters: int = THETA_ITERS) -> np.ndarray:

@@ -9,26 +9,36 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flowverify.verification.ball import _acc_lip
 from flowverify.verification.numerics import _small_serial
 
 
 @numba.njit(cache=True)
-def _support(g, C, H, W):
-    """``[i0, i1, j0, j1, max|g|]``: the rows and columns holding ``g``'s non-zeros (over
-    every channel; ``i0 > i1`` if none) and its largest magnitude."""
+def _support(g, C, H, W, i0=0, i1=-1, j0=0, j1=-1):
+    """``[i0, i1, j0, j1, max(-g)⁺]``: the rows and columns holding ``g``'s non-zeros (over
+    every channel; ``i0 > i1`` if none) and the magnitude of its most negative entry (0
+    if none is); ``g`` is zero outside the rows ``i0..i1`` and columns ``j0..j1`` given
+    (default: the image)."""
+    if i1 < 0:
+        i1, j1 = H - 1, W - 1
     out = np.array([H, -1.0, W, -1.0, 0.0])
-    hw = H * W
-    for p in range(C * hw):
-        v = abs(g[p])
-        if v > 0.0:
-            i = (p % hw) // W
-            j = p % W
-            out[0] = min(out[0], i)
-            out[1] = max(out[1], i)
-            out[2] = min(out[2], j)
-            out[3] = max(out[3], j)
-            out[4] = max(out[4], v)
+    for c in range(C):
+        for i in range(i0, i1 + 1):
+            for j in range(j0, j1 + 1):
+                v = g[c * H * W + i * W + j]
+                if v != 0.0:
+                    out[0] = min(out[0], i)
+                    out[1] = max(out[1], i)
+                    out[2] = min(out[2], j)
+                    out[3] = max(out[3], j)
+                    out[4] = max(out[4], -v)
     return out
+
+
+@numba.njit(cache=True)
+def _lip_support(g, C, H, W):
+    """``‖Aᵀg‖_∞`` (:func:`~.ball._acc_lip`) and :func:`_support` of a dense row."""
+    return _acc_lip(g, np.ones(C), C, H, W), _support(g, C, H, W)
 
 
 @numba.njit(cache=True)
@@ -84,9 +94,9 @@ def _inf_conv(g, theta, C, H, W, h, arg, i0, i1, j0, j1):
 def _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup):
     """``K(θ) = Σ_p µ_p (g_p - h_θ(p))`` and the cost ``T(θ)`` of the greedy plan.
 
-    Only pixels within ``R = max|g| / θ`` (at least 1) of ``g``'s support box ``sup``
+    Only pixels within ``R = max(-g)⁺ / θ`` (at least 1) of ``g``'s support box ``sup``
     (:func:`_support`) can have ``h_θ(p) != g(p)``: elsewhere ``g = 0`` and every
-    ``g(q) + θ‖p - q‖₁ >= -max|g| + θR >= 0``, and the ring of zeros around the support
+    ``g(q) + θ‖p - q‖₁ >= -max(-g)⁺ + θR >= 0``, and the ring of zeros around the support
     stands in for every point beyond it.  So the transform runs on the support box
     grown by ``R``, and a source outside it stays where it is (its terms are exactly 0,
     ``arg[p] = p``).
@@ -118,66 +128,106 @@ def _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup):
 
 
 @numba.njit(cache=True)
-def _grad_absmax(g, C, H, W):
-    """``‖Aᵀg‖_∞``: the largest difference between 4-neighbour pixels."""
-    hw = H * W
-    out = 0.0
-    for c in range(C):
-        base = c * hw
-        for i in range(H):
-            for j in range(W):
-                p = base + i * W + j
-                if j + 1 < W:
-                    d = abs(g[p + 1] - g[p])
-                    if d > out:
-                        out = d
-                if i + 1 < H:
-                    d = abs(g[p + W] - g[p])
-                    if d > out:
-                        out = d
-    return out
-
-
-@numba.njit(cache=True)
-def _gain_one(g, src, mus, C, H, W, eps, iters, h, arg):
+def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
     """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope.
 
+    ``lip = ‖Aᵀg‖_∞``, ``sup``: :func:`_support`.
     ``f(θ) = θε + K(θ)`` is convex and piecewise linear with ``f'(θ) = ε - T(θ)``: a
     bracketed cutting-plane search (Kelley; bisection every third step as a safeguard)
     whose lower model certifies optimality to ``1e-12`` relative.  Any evaluated ``θ``
     gives a sound bound; the smallest is returned.
+
+    ``planes (S, 3)``: evaluations ``(θ, K(θ), T(θ))`` of this row kept from earlier
+    calls (``θ < 0``: empty).  ``K`` and ``T`` do not depend on ``ε``, so each is a
+    cutting plane of ``f`` at any ``ε``: the search starts from the tightest bracket
+    they give (often already optimal when ``ε`` repeats or moves little, as in a radius
+    search), and the planes nearest the new optimum (``S/2`` on each side) are written
+    back.  ``same=False``: the planes are of another (e.g. a nearby) row; only their
+    ``θ`` nearest the old optimum on each side are used, as the first points to
+    evaluate.
     """
-    lip = _grad_absmax(g, C, H, W)
-    sup = _support(g, C, H, W)
     best = lip * eps  # θ = ‖Aᵀg‖_∞: K = 0 (the ball bound)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return best
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
-    if k0 < best:
-        best = k0
-    if t0 <= eps:
-        return best
-    a, fa, da = 0.0, k0, eps - t0
+    n_old = planes.shape[0]
+    seen = np.empty((n_old + iters + 3, 3))
+    n_seen = 0
+    if same:
+        for k in range(n_old):
+            if planes[k, 0] >= 0.0:
+                seen[n_seen] = planes[k]
+                n_seen += 1
+    elif n_old:
+        for k in (0, n_old // 2):
+            theta = planes[k, 0]
+            if 0.0 <= theta < lip:
+                k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
+                seen[n_seen] = (theta, k_val, t_val)
+                n_seen += 1
+    a, fa, da = -1.0, 0.0, 0.0
     b, fb, db = lip, lip * eps, eps
-    for it in range(iters):
-        theta = (fb - fa + da * a - db * b) / (da - db)
-        model = fa + da * (theta - a)  # lower bound on min f (two supporting lines)
-        if best - model <= 1e-12 * (abs(best) + lip * eps):
-            break
-        if it % 3 == 2 or not (a < theta < b):
-            theta = 0.5 * (a + b)
-        k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
-        f = theta * eps + k_val
-        if f < best:
-            best = f
-        if b - a <= 1e-15 * lip:
-            break
-        d = eps - t_val
-        if d < 0:
-            a, fa, da = theta, f, d
+    for k in range(n_seen):
+        th = seen[k, 0]
+        f = th * eps + seen[k, 1]
+        d = eps - seen[k, 2]
+        best = min(best, f)
+        if d < 0.0:
+            if th > a:
+                a, fa, da = th, f, d
+        elif th < b:
+            b, fb, db = th, f, d
+    if a < 0.0 and b > 0.0:
+        k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
+        seen[n_seen] = (0.0, k0, t0)
+        n_seen += 1
+        best = min(best, k0)
+        if t0 <= eps:
+            b = 0.0
         else:
-            b, fb, db = theta, f, d
+            a, fa, da = 0.0, k0, eps - t0
+    if b > 0.0:
+        for it in range(iters):
+            theta = (fb - fa + da * a - db * b) / (da - db)
+            model = fa + da * (theta - a)  # lower bound on min f (two supporting lines)
+            if best - model <= 1e-12 * (abs(best) + lip * eps):
+                break
+            if it % 3 == 2 or not (a < theta < b):
+                theta = 0.5 * (a + b)
+            k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
+            seen[n_seen] = (theta, k_val, t_val)
+            n_seen += 1
+            f = theta * eps + k_val
+            if f < best:
+                best = f
+            if b - a <= 1e-15 * lip:
+                break
+            d = eps - t_val
+            if d < 0:
+                a, fa, da = theta, f, d
+            else:
+                b, fb, db = theta, f, d
+    if n_old:
+        _keep_planes(seen[:n_seen], eps, planes)
     return best
+
+
+@numba.njit(cache=True)
+def _keep_planes(seen, eps, planes):
+    """Write into ``planes`` the ``S/2`` evaluations of ``seen`` with the largest ``θ``
+    below the optimum (``T > ε``) and the ``S/2`` with the smallest above it."""
+    half = planes.shape[0] // 2
+    planes[:, 0] = -1.0
+    order = np.argsort(seen[:, 0])
+    n_left = 0
+    for k in range(order.size - 1, -1, -1):
+        if seen[order[k], 2] > eps and n_left < half:
+            planes[n_left] = seen[order[k]]
+            n_left += 1
+    n_right = 0
+    for k in range(order.size):
+        if seen[order[k], 2] <= eps and n_right < planes.shape[0] - half:
+            planes[half + n_right] = seen[order[k]]
+            n_right += 1
 
 
 @numba.njit(cache=True)
@@ -185,8 +235,7 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     """Largest ``ε`` with ``gain(ε) + extra·ε <= margin`` (a sound lower estimate)."""
     if margin <= 0.0:
         return 0.0
-    lip = _grad_absmax(g, C, H, W)
-    sup = _support(g, C, H, W)
+    lip, sup = _lip_support(g, C, H, W)
     if lip + extra <= 0.0:
         return np.inf
     best = margin / (lip + extra)
@@ -214,10 +263,10 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     return best
 
 
-def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters):
+def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same):
     """Row ``r`` of ``q`` on image ``img[r]``, whose sources are ``src[ptr[i]:ptr[i+1]]``:
-    ``kind`` 0, its gain at ``ε = a[r]``; 1, its radius for the margin ``a[r]`` with
-    the slope ``b[r]`` (:func:`_radius_one`)."""
+    ``kind`` 0, its gain at ``ε = a[r]`` (``planes[r]``: see :func:`_gain_one`); 1, its
+    radius for the margin ``a[r]`` with the slope ``b[r]`` (:func:`_radius_one`)."""
     m = q.shape[0]
     out = np.empty(m)
     for r in numba.prange(m):
@@ -226,7 +275,23 @@ def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters):
         i = img[r]
         s0, s1 = ptr[i], ptr[i + 1]
         if kind == 0:
-            out[r] = _gain_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, a[r], iters, h, arg)
+            lip, sup = _lip_support(q[r], C, H, W)
+            out[r] = _gain_one(
+                q[r],
+                lip,
+                sup,
+                src[s0:s1],
+                mus[s0:s1],
+                C,
+                H,
+                W,
+                a[r],
+                iters,
+                h,
+                arg,
+                planes[r],
+                same,
+            )
         else:
             out[r] = _radius_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, a[r], b[r], iters, h, arg)
     return out
@@ -240,16 +305,73 @@ def _one_image(src, m):
     return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
 
 
-def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img):
+def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=True):
     if ptr is None:
         ptr, img = _one_image(src, q.shape[0])
+    if planes is None:
+        planes = np.empty((q.shape[0], 0, 3))
     work = q.shape[0] * q.shape[1]
-    return _small_serial(_rows_par, work, kind, q, src, mus, ptr, img, C, H, W, a, b, iters)
+    args = (kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same)
+    return _small_serial(_rows_par, work, *args)
 
 
-def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None):
-    """Gains of the rows ``q`` (:func:`_gain_one`), ``ε`` per row."""
-    return _rows(0, q, src, mus, C, H, W, eps, eps, iters, ptr, img)
+def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None, planes=None, same=True):
+    """Gains of the rows ``q`` (:func:`_gain_one`), ``ε`` per row; ``planes (m, S, 3)``
+    (updated in place) or None, ``same`` as in :func:`_gain_one`."""
+    return _rows(0, q, src, mus, C, H, W, eps, eps, iters, ptr, img, planes, same)
+
+
+@numba.njit(cache=True, parallel=True)
+def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same):
+    """:func:`_gain_rows` of the rows ``g_s = (Σ_e vals[b, r, e] G[cols[b, r, e]]) ·
+    diag(scale_b)`` at ``(b, r) = (kk[s], rr[s])`` (``rows``: ``vals, cols`` (both may
+    broadcast over ``b``), ``G``'s CSR ``indptr, indices, data``, its rows' ``boxes`` and
+    ``scale (B, C)``), image ``kk[s]``: each row is built on the union of its entries'
+    boxes, and its norm and support are taken there (the grown box for the norm), so a
+    local row (a convolution's) costs its window, not the image."""
+    vals, cols, indptr, indices, data, boxes, scale = rows
+    m = kk.size
+    p_all = C * H * W
+    out = np.empty(m)
+    for s in numba.prange(m):
+        g = np.zeros(p_all)
+        h = np.empty(p_all)
+        arg = np.empty(p_all, dtype=np.int64)
+        b, r = kk[s], rr[s]
+        cb = b if cols.shape[0] > 1 else 0
+        cr = r if cols.shape[1] > 1 else 0
+        vb = b if vals.shape[0] > 1 else 0
+        i0, i1, j0, j1 = H, -1, W, -1
+        for e in range(vals.shape[2]):
+            a = vals[vb, r, e]
+            if a != 0.0:
+                k = cols[cb, cr, e]
+                i0, i1 = min(i0, boxes[k, 0]), max(i1, boxes[k, 1])
+                j0, j1 = min(j0, boxes[k, 2]), max(j1, boxes[k, 3])
+                for z in range(indptr[k], indptr[k + 1]):
+                    g[indices[z]] += a * data[z] * scale[b, indices[z] // (H * W)]
+        if i1 < 0:
+            out[s] = 0.0
+            continue
+        sup = _support(g, C, H, W, i0, i1, j0, j1)
+        i0, i1 = max(i0 - 1, 0), min(i1 + 1, H - 1)
+        j0, j1 = max(j0 - 1, 0), min(j1 + 1, W - 1)
+        lip = _acc_lip(g, np.ones(C), C, H, W, i0, i1, j0, j1)
+        s0, s1 = ptr[b], ptr[b + 1]
+        out[s] = _gain_one(
+            g, lip, sup, src[s0:s1], mus[s0:s1], C, H, W, eps[s], iters, h, arg, planes[s], same
+        )
+    return out
+
+
+def _sparse_gain_rows(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes=None, same=True):
+    """Gains of sparse rows (:func:`_sparse_gain_par`); ``planes``, ``same`` as in
+    :func:`_gain_one`."""
+    if planes is None:
+        planes = np.empty((kk.size, 0, 3))
+    work = kk.size * rows[0].shape[2] * 50
+    args = (rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same)
+    return _small_serial(_sparse_gain_par, work, *args)
 
 
 def _radius_rows(q, src, mus, C, H, W, margin, extra, iters, ptr=None, img=None):
@@ -265,8 +387,7 @@ def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
         nu[p] = 0.0
     for s in range(src.size):
         nu[src[s]] += mus[s]
-    lip = _grad_absmax(g, C, H, W)
-    sup = _support(g, C, H, W)
+    lip, sup = _lip_support(g, C, H, W)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return
     arg_lo = np.empty(p_all, dtype=np.int64)
@@ -336,8 +457,7 @@ def _radius_grad_rows_impl(q, src, mus, C, H, W, margin, extra, iters):
         g = q[r]
         h = np.empty(p_all)
         arg = np.empty(p_all, dtype=np.int64)
-        lip = _grad_absmax(g, C, H, W)
-        sup = _support(g, C, H, W)
+        lip, sup = _lip_support(g, C, H, W)
         x = extra[r]
         if lip + x <= 0.0:
             rad[r] = np.inf if margin[r] > 0 else 0.0

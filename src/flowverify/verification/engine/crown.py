@@ -264,22 +264,29 @@ class EngineProblem:
             eps,
             torch.cat([centre, -centre], dim=1),
             torch.cat([norm, norm], dim=1),
-            lambda: _scaled_rows(torch.cat([q, -q]), inv),
+            _signed_rows(net, a, z, q.reshape(n, -1), inv),
             lo.reshape(b, n),
             up.reshape(b, n),
             torch.ones((b, n), dtype=torch.bool, device=lo.device),
             self._piecewise(i),
+            key=i,
         )
         return new_lo.reshape(lo.shape), new_up.reshape(up.shape)
 
-    def _tighten(self, idx, eps, centre, norm, q_rows, old_lo, old_up, valid, piecewise):
+    def _tighten(
+        self, idx, eps, centre, norm, q_rows, old_lo, old_up, valid, piecewise, key=None, sel=None
+    ):
         """New bounds of ``k`` neurons from the linear lower bounds of ``[e_j; -e_j]``
-        (``centre``, ``norm``: ``(B, 2k)``; ``q_rows()``: their image-space rows).
+        (``centre``, ``norm``: ``(B, 2k)``).
 
         The dual-norm (ball) bound first: cheap, and exact for the balls.  Over the
         polytope, the exact minimum where a neuron stays unstable; for piecewise-linear
         users lower bounds first, upper ones where still unstable (a neuron proven stable
-        has an exact relaxation whatever its other bound)."""
+        has an exact relaxation whatever its other bound).  ``q_rows(kk, rr)``: the
+        image-space rows of the entries ``(kk[s], rr[s])`` (:meth:`~.domains.W1Polytope.
+        gain_rows`); ``key``: the node, whose rows are the same on every call (the domain
+        keeps their dual evaluations), or with ``sel`` (the neurons ``(B, k)`` of the rows)
+        are the same neurons' (their evaluations start the next search)."""
         k = old_lo.shape[1]
 
         def tighten(gain):
@@ -289,15 +296,20 @@ class EngineProblem:
             return new_lo, torch.maximum(new_up, new_lo)
 
         new_lo, new_up = tighten(norm * eps[:, None])
+        slots = {}
+        if sel is not None:  # row r is neuron sel[r % k], sign by r // k
+            n = self.graph.nodes[key].size
+            ids = torch.cat([sel, sel + n], dim=1).cpu().numpy()
+            slots = {"slots": (ids, 2 * n), "same": False}
         if self.domain.refines:
-            q = q_rows()
             halves = ((True, False), (False, True)) if piecewise else ((True, True),)
             for want_lo, want_up in halves:
                 still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
                 if not bool(still.any()):
                     break
                 rows = torch.cat([still & want_lo, still & want_up], dim=1)
-                lo2, up2 = tighten(self.domain.gain(q, eps, idx, rows=rows))
+                gain = self.domain.gain_rows(q_rows, eps, idx, rows, key=key, **slots)
+                lo2, up2 = tighten(gain.to(centre.device, centre.dtype))
                 new_lo, new_up = torch.maximum(new_lo, lo2), torch.minimum(new_up, up2)
                 new_up = torch.maximum(new_up, new_lo)
         return new_lo, new_up
@@ -334,11 +346,13 @@ class EngineProblem:
             eps,
             lin.centre,
             self.norm(lin, torch.cat([valid, valid], dim=1), paired=True),
-            lambda: self.q(lin),
+            _lin_rows(lin, self._front_net),
             torch.gather(lo_f, 1, sel),
             torch.gather(up_f, 1, sel),
             valid,
             piecewise,
+            key=i,
+            sel=sel,
         )
         lo_f = lo_f.scatter(1, sel, new_lo)
         up_f = up_f.scatter(1, sel, new_up)
@@ -403,12 +417,34 @@ class EngineProblem:
         return val.cpu().numpy()
 
 
-def _scaled_rows(q: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """Rows ``q (R, C, H, W)`` scaled per image and channel, ``(B, R, C, H, W)`` (a view
-    when every scale is 1: callers pick rows)."""
-    if bool((inv == 1).all()):
-        return q[None].expand(inv.shape[0], *q.shape)
-    return q[None] * inv[:, None, :, None, None]
+def _signed_rows(net: _flownet.FlowNet, a: int, z: int, q: torch.Tensor, inv: torch.Tensor):
+    """The rows ``[q; -q]`` (``q = G[a:z]``, ``(n, C*H*W)``) scaled per image and channel
+    by ``inv (B, C)``, for :meth:`~.domains.W1Polytope.gain_rows`."""
+    n, c = q.shape[0], inv.shape[1]
+    if net.G_csr is not None and net.device.type == "cpu":  # rows of a convolution
+        vals = np.concatenate([np.ones(n), -np.ones(n)]).reshape(1, 2 * n, 1)
+        cols = np.tile(np.arange(a, z, dtype=np.int64), 2).reshape(1, 2 * n, 1)
+        return _flownet.sparse_rows(net, vals, cols, inv.cpu().numpy())
+
+    def rows(kk, rr):
+        kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
+        sign = torch.where(rr < n, 1.0, -1.0).to(q.dtype)
+        out = q[rr % n].reshape(kk.numel(), c, -1) * (inv[kk] * sign[:, None])[:, :, None]
+        return out.reshape(kk.numel(), -1).cpu().numpy()
+
+    return rows
+
+
+def _lin_rows(lin: _flownet.Linear, net: _flownet.FlowNet):
+    """The image-space rows ``Λ G / s`` of the bounds ``lin``, for
+    :meth:`~.domains.W1Polytope.gain_rows`."""
+
+    def rows(kk, rr):
+        kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
+        one = _flownet.Linear(lin.lam[kk, rr][:, None], None, None, lin.inv_scale[kk])
+        return one.q(net).reshape(kk.numel(), -1).cpu().numpy()
+
+    return rows
 
 
 def _intersect(lo, up, k_lo, k_up):

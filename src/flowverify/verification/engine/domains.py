@@ -34,6 +34,9 @@ from flowverify.verification import polytope as _polytope
 
 __all__ = ["DOMAINS", "Domain", "make_domain"]
 
+#: Memory a W1 polytope may keep per row family for its dual evaluations.
+PLANES_BYTES = 2**28
+
 
 class Domain:
     """A family of input regions ``D_ε(µ)`` around images ``µ (B, C, H, W)``."""
@@ -53,9 +56,10 @@ class Domain:
     #: Whether :meth:`gain` can be tighter than ``ε · norm`` (worth a second pass).
     refines = False
 
-    def gain(self, q: torch.Tensor, eps: torch.Tensor, idx, rows=None) -> torch.Tensor:
+    def gain(self, q: torch.Tensor, eps: torch.Tensor, idx, rows=None, key=None) -> torch.Tensor:
         """``max_{ν ∈ D_ε} qᵀ(µ - ν)`` (an upper bound), ``(B, R)``; ``idx``: image rows;
-        ``rows (B, R)`` bool: where it is needed (a domain may return ``inf`` elsewhere)."""
+        ``rows (B, R)`` bool: where it is needed (a domain may return ``inf`` elsewhere);
+        ``key``: see :meth:`W1Polytope.gain`."""
         return self.norm(q) * eps[:, None]
 
     def radius(self, q: torch.Tensor, margin: torch.Tensor, idx) -> torch.Tensor:
@@ -89,20 +93,68 @@ class W1Polytope(W1Ball):
     name = "w1-polytope"
     refines = True
 
-    def gain(self, q, eps, idx, rows=None):
-        """As :meth:`Domain.gain`; rows outside ``rows`` get ``inf`` (no information: the
-        caller keeps its ball bound there)."""
+    #: Dual evaluations kept per row of a ``key`` (:meth:`gain`).
+    PLANES = 4
+
+    def __init__(self, mu: np.ndarray):
+        super().__init__(mu)
+        self._planes: dict = {}
+
+    def gain(self, q, eps, idx, rows=None, key=None):
+        """As :meth:`Domain.gain` (by :meth:`gain_rows`)."""
         b, r = q.shape[:2]
+        mask = torch.ones((b, r), dtype=torch.bool) if rows is None else rows
+
+        def q_rows(kk, rr):
+            sel = q[torch.as_tensor(kk), torch.as_tensor(rr)]
+            return sel.detach().cpu().numpy().reshape(kk.size, -1)
+
+        return self.gain_rows(q_rows, eps, idx, mask, key=key).to(q.device, q.dtype)
+
+    def gain_rows(self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True):
+        """The gains ``(B, R)`` of the rows where ``rows (B, R)`` (``inf`` elsewhere: no
+        information, the caller keeps its ball bound there), from ``q_rows(kk, rr)``: the
+        image-space rows ``(n, C*H*W)`` (float64) of the entries ``(kk[s], rr[s])``, or
+        ``q_rows`` a tuple of :func:`~..flownet.sparse_rows` (rows on a sparse map).
+
+        ``key``: names a family of rows whose dual evaluations are kept per image and slot
+        to start the next call's search (:func:`~..polytope.polytope_gain_rows`); the slot
+        of row ``(k, r)`` is ``r``, or ``ids[k, r]`` with ``slots = (ids, n_slots)``.
+        ``same``: a slot always holds the same row (e.g. the rows of the linear front: the
+        evaluations are bounds at any ``ε``); else only their ``θ`` start the search."""
+        b, r = rows.shape
         out = np.full((b, r), np.inf)
-        mask = np.ones((b, r), dtype=bool) if rows is None else rows.detach().cpu().numpy()
-        kk, rr = np.nonzero(mask)
+        kk, rr = np.nonzero(rows.detach().cpu().numpy())
         if kk.size:
-            sel_q = q[torch.as_tensor(kk), torch.as_tensor(rr)].detach().cpu().numpy()
             e = eps.detach().cpu().numpy()[kk]
-            out[kk, rr] = _polytope.polytope_gain_rows(
-                sel_q.reshape(kk.size, -1), self.mu[np.asarray(idx)], kk, e
-            )
-        return torch.as_tensor(out, dtype=q.dtype, device=q.device)
+            img = np.asarray(idx)[kk]
+            slot, n_slots = (rr, r) if slots is None else (slots[0][kk, rr], slots[1])
+            store = self._store(key, n_slots)
+            planes = None if store is None else store[img, slot]  # a copy: no races
+            mu = self.mu[np.asarray(idx)]
+            if isinstance(q_rows, tuple):
+                out[kk, rr] = _polytope.polytope_gain_sparse_rows(
+                    q_rows, kk, rr, mu, e, planes=planes, same=same
+                )
+            else:
+                sel_q = np.ascontiguousarray(q_rows(kk, rr), dtype=np.float64)
+                out[kk, rr] = _polytope.polytope_gain_rows(
+                    sel_q, mu, kk, e, planes=planes, same=same
+                )
+            if store is not None:  # one write per (image, slot), even from several rows
+                _, first = np.unique(img * n_slots + slot, return_index=True)
+                store[img[first], slot[first]] = planes[first]
+        return torch.as_tensor(out, dtype=torch.float64)
+
+    def _store(self, key, r: int):
+        """The planes of ``key`` (``(n_images, r, PLANES, 3)``), or None (no key, or above
+        :data:`PLANES_BYTES`)."""
+        if key is None or len(self.mu) * r * self.PLANES * 24 > PLANES_BYTES:
+            return None
+        store = self._planes.get(key)
+        if store is None or store.shape[1] != r:
+            store = self._planes[key] = np.full((len(self.mu), r, self.PLANES, 3), -1.0)
+        return store
 
     def radius(self, q, margin, idx):
         b, r = q.shape[:2]

@@ -53,7 +53,6 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     j, f = front
     sel, valid = selected
     b = lo.shape[0]
-    k = sel.shape[1]
     one = valid.to(lo.dtype)
     vals, cols, beta = prob.graph.nodes[i].op.patch_rows(
         torch.cat([sel, sel], 1), torch.cat([one, -one], 1)
@@ -65,18 +64,10 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     net = prob._front()
     inv = prob.inv_scale[idx]
     mask = torch.cat([valid, valid], dim=1)
-    norm = _flownet.sparse_rows_norm(
-        net,
-        np.ascontiguousarray(vals.numpy()),
-        np.ascontiguousarray(cols.numpy()),
-        np.ascontiguousarray(inv.numpy()),
-        mask.numpy(),
-    )
-
-    def q_rows():
-        lam = vals.new_zeros((b, 2 * k, net.G.shape[0]))
-        lam.scatter_add_(2, cols, vals)
-        return prob.q(_flownet.Linear(lam, centre, torch.zeros_like(centre), inv))
+    vals_np = np.ascontiguousarray(vals.numpy())
+    cols_np = np.ascontiguousarray(cols.numpy())
+    inv_np = np.ascontiguousarray(inv.numpy())
+    norm = _flownet.sparse_rows_norm(net, vals_np, cols_np, inv_np, mask.numpy())
 
     lo_f, up_f = lo.reshape(b, -1), up.reshape(b, -1)
     new_lo, new_up = prob._tighten(
@@ -84,11 +75,13 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
         eps,
         centre,
         torch.as_tensor(norm),
-        q_rows,
+        _flownet.sparse_rows(net, vals_np, cols_np, inv_np),
         torch.gather(lo_f, 1, sel),
         torch.gather(up_f, 1, sel),
         valid,
         prob._piecewise(i),
+        key=i,
+        sel=sel,
     )
     lo_f = lo_f.scatter(1, sel, new_lo)
     up_f = up_f.scatter(1, sel, new_up)
