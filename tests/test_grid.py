@@ -152,7 +152,7 @@ def test_compiled_step_mirrors_divergence_and_adjoint():
 def test_verification_kernels_mirror_the_adjoint(h, w):
     """``‖Aᵀg‖_∞`` in the verification kernels (numba and torch) against the adjoint."""
     from flowverify.verification.ball import _acc_lip, _grad_absmax_t
-    from flowverify.verification.polytope_kernels import _lip_support
+    from flowverify.verification.polytope_transform import _lip_support
 
     c = 3
     rng = np.random.default_rng(h * 7 + w)

@@ -93,6 +93,11 @@ def _stage(module: str) -> int:
 GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 
+def test_no_module_over_500_lines():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    assert {m: n for m, n in sizes.items() if n > 500} == {}
+
+
 def test_every_module_belongs_to_a_stage():
     loose = [m for m in MODULES if m.count(".") == 1 and m.split(".")[1] not in STAGES]
     assert sorted(loose) == ["flowverify.__main__"]

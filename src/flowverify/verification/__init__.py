@@ -6,9 +6,10 @@ method: :mod:`~.incomplete` (CROWN and alpha-CROWN on the bound-propagation
 relaxation of :mod:`~.lp`) or :mod:`~.exact_driver` (branch and bound on the engine, the
 LP/MILP search of :mod:`~.complete`), with :mod:`~.falsify` as the verifier's own attack.
 :mod:`~.numerics` (rounding margins), :mod:`~.ball` (the ball's dual norm),
-:mod:`~.polytope` with :mod:`~.polytope_kernels` (the polytope's Kantorovich dual),
-:mod:`~.flownet` (the flow-domain network) and :mod:`~.search` (the radius search) hold
-the soundness-critical maths every method calls, once; the LP and MILP searches take their
+:mod:`~.polytope` with :mod:`~.polytope_kernels` and :mod:`~.polytope_transform` (the
+polytope's Kantorovich dual), :mod:`~.flownet` (the flow-domain network) and
+:mod:`~.search` (the radius search) hold the soundness-critical maths every method calls,
+once; the LP and MILP searches take their
 intermediate bounds from the engine too (:mod:`~.chain_bounds`).  The public
 :func:`flowverify.certify` (in :mod:`flowverify.api`) composes them with the attacks.
 

@@ -27,6 +27,7 @@ __all__ = [
     "Linear",
     "ball_norm",
     "flow_to_image_weights",
+    "front_rows",
     "margin_spec",
     "sparse_rows_norm",
     "sparse_rows",
@@ -254,6 +255,17 @@ class Linear:
         q = q * self.inv_scale[:, None, :, None]
         return q.reshape(n, m, -1)
 
+    def rows(self, net: FlowNet):
+        """``rows(kk, rr)``: the image-space rows ``(n, C*H*W)`` of the bounds ``(kk[s],
+        rr[s])`` only (as :meth:`q`), for :meth:`~.engine.domains.W1Polytope.gain_rows`."""
+
+        def rows(kk, rr):
+            kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
+            one = Linear(self.lam[kk, rr][:, None], None, None, self.inv_scale[kk])
+            return one.q(net).reshape(kk.numel(), -1).cpu().numpy()
+
+        return rows
+
 
 def sparse_rows_norm(net: FlowNet, vals, cols, scale, rows) -> np.ndarray:
     """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` of rows given by entries ``vals (N, m, P)`` at the
@@ -279,6 +291,25 @@ def sparse_rows(net: FlowNet, vals, cols, scale) -> tuple:
         net.G_boxes,
         np.ascontiguousarray(scale, dtype=np.float64),
     )
+
+
+def front_rows(net: FlowNet, a: int, z: int, inv: torch.Tensor):
+    """The rows ``[G[a:z]; -G[a:z]]`` scaled per image and channel by ``inv (B, C)``, for
+    :meth:`~.engine.domains.W1Polytope.gain_rows`: a :func:`sparse_rows` tuple where ``G``
+    is sparse (a convolution's rows), else ``rows(kk, rr)`` giving them dense."""
+    n, c = z - a, inv.shape[1]
+    if net.G_csr is not None and net.device.type == "cpu":
+        vals = np.concatenate([np.ones(n), -np.ones(n)]).reshape(1, 2 * n, 1)
+        cols = np.tile(np.arange(a, z, dtype=np.int64), 2).reshape(1, 2 * n, 1)
+        return sparse_rows(net, vals, cols, inv.cpu().numpy())
+
+    def rows(kk, rr):
+        kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
+        sign = torch.where(rr < n, 1.0, -1.0).to(net.G.dtype)
+        out = net.G[a + rr % n].reshape(kk.numel(), c, -1) * (inv[kk] * sign[:, None])[..., None]
+        return out.reshape(kk.numel(), -1).cpu().numpy()
+
+    return rows
 
 
 def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> torch.Tensor:

@@ -264,7 +264,7 @@ class EngineProblem:
             eps,
             torch.cat([centre, -centre], dim=1),
             torch.cat([norm, norm], dim=1),
-            _signed_rows(net, a, z, q.reshape(n, -1), inv),
+            _flownet.front_rows(net, a, z, inv),
             lo.reshape(b, n),
             up.reshape(b, n),
             torch.ones((b, n), dtype=torch.bool, device=lo.device),
@@ -346,7 +346,7 @@ class EngineProblem:
             eps,
             lin.centre,
             self.norm(lin, torch.cat([valid, valid], dim=1), paired=True),
-            _lin_rows(lin, self._front_net),
+            lin.rows(self._front_net),
             torch.gather(lo_f, 1, sel),
             torch.gather(up_f, 1, sel),
             valid,
@@ -415,36 +415,6 @@ class EngineProblem:
         gain = self.domain.gain(self.q(lin), eps_t, idx)
         val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
         return val.cpu().numpy()
-
-
-def _signed_rows(net: _flownet.FlowNet, a: int, z: int, q: torch.Tensor, inv: torch.Tensor):
-    """The rows ``[q; -q]`` (``q = G[a:z]``, ``(n, C*H*W)``) scaled per image and channel
-    by ``inv (B, C)``, for :meth:`~.domains.W1Polytope.gain_rows`."""
-    n, c = q.shape[0], inv.shape[1]
-    if net.G_csr is not None and net.device.type == "cpu":  # rows of a convolution
-        vals = np.concatenate([np.ones(n), -np.ones(n)]).reshape(1, 2 * n, 1)
-        cols = np.tile(np.arange(a, z, dtype=np.int64), 2).reshape(1, 2 * n, 1)
-        return _flownet.sparse_rows(net, vals, cols, inv.cpu().numpy())
-
-    def rows(kk, rr):
-        kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
-        sign = torch.where(rr < n, 1.0, -1.0).to(q.dtype)
-        out = q[rr % n].reshape(kk.numel(), c, -1) * (inv[kk] * sign[:, None])[:, :, None]
-        return out.reshape(kk.numel(), -1).cpu().numpy()
-
-    return rows
-
-
-def _lin_rows(lin: _flownet.Linear, net: _flownet.FlowNet):
-    """The image-space rows ``Λ G / s`` of the bounds ``lin``, for
-    :meth:`~.domains.W1Polytope.gain_rows`."""
-
-    def rows(kk, rr):
-        kk, rr = torch.as_tensor(kk), torch.as_tensor(rr)
-        one = _flownet.Linear(lin.lam[kk, rr][:, None], None, None, lin.inv_scale[kk])
-        return one.q(net).reshape(kk.numel(), -1).cpu().numpy()
-
-    return rows
 
 
 def _intersect(lo, up, k_lo, k_up):
