@@ -135,6 +135,25 @@ def test_soundness_chain_on_random_nets(conv):
     assert np.all(r["alpha"][found] <= attack[found] * (1 + 1e-9))
 
 
+@pytest.mark.parametrize("input_scale", ["raw", "normalised"])
+def test_lp_certifier_lies_between_crown_and_the_exact_radius(input_scale):
+    """The LP relaxation (the exact searches' LP builder, engine bounds at each probe):
+    never below polytope CROWN, never above the MILP's exact radius, and tighter than
+    CROWN on some image (not vacuous)."""
+    x = _images(5, n=4, c=1, h=5, w=5)
+    model = relu_net(11, [10, 8, 3], c=1, h=5, w=5)
+    kw = {"input_scale": input_scale}
+    fea = [q.radius_raw for q in certify(model, x, method="feasible", **kw)]
+    lp = [q.radius_raw for q in certify(model, x, method="feasible", certifier="lp", **kw)]
+    ex = certify(model, x, method="complete", certifier="milp", timeout=120, **kw)
+    assert all(q.exact for q in ex)
+    exact = np.array([q.radius_raw for q in ex])
+    fea, lp = np.array(fea), np.array(lp)
+    assert np.all(fea <= lp * (1 + 1e-9) + 1e-12)
+    assert np.all(lp <= exact * (1 + 1e-6) + 1e-12)
+    assert np.any(lp > fea * (1 + 1e-3))
+
+
 def test_bundled_fc_soundness():
     from flowverify.io.images import load_images
 

@@ -1,6 +1,6 @@
 """What every certification method shares: the options resolved once per call
-(:class:`_Ctx`), the flow-domain problem of a batch (Corollary 2.1), the grid diameter,
-predictions, deadlines, unit conversion and the result record of one image.
+(:class:`_Ctx`), the grid diameter, predictions, deadlines, unit conversion and the
+result record of one image.
 """
 
 from __future__ import annotations
@@ -14,14 +14,8 @@ import torch
 from torch import nn
 
 from flowverify.core.validation import model_device, model_dtype
-from flowverify.model.flow_model import (
-    FlowModel,
-)
-from flowverify.transport.flows import inverse_flow
 from flowverify.transport.references import Reference
-from flowverify.verification import flownet as _flownet
-from flowverify.verification._chain import affine_chain
-from flowverify.verification.checks import INVERSE_METHOD, _model_input, _prefix
+from flowverify.verification.checks import _model_input
 from flowverify.verification.result import CertifyResult
 
 
@@ -45,30 +39,6 @@ class _Ctx:
     #: Upper bounds for complete methods: ``(model, x, label, *, input_scale, seed,
     #: device) -> adversarial image or None`` (see :func:`~.falsify._adversary_upper`).
     adversary: Any = None
-
-
-def _problem(ctx: _Ctx, x: np.ndarray, refs: np.ndarray, labels: np.ndarray):
-    """FlowNet and Batch for images ``x (n, C, H, W)`` with references ``refs``."""
-    n, c, h, w = x.shape
-    fm = FlowModel(ctx.model64, torch.as_tensor(refs), input_scale=ctx.input_scale, fuse=True)
-    chain0 = affine_chain(fm, 0)
-    scale = fm.scale.detach().to(torch.float64).cpu()  # (n, C)
-    net = _flownet.FlowNet.from_chain(chain0, (c, h, w), scale=scale[0].numpy(), device=ctx.device)
-    xin = _model_input(
-        torch.as_tensor(x), scale if ctx.input_scale == "normalised" else None, ctx.flat
-    )
-    with torch.no_grad():
-        centre = _prefix(ctx.model64, xin).numpy()
-    # consistency with the chain (reference 0): W̃ δµ + b̃ = first pre-activation at µ
-    dmu0 = np.asarray(inverse_flow(refs[:1], x[:1], method=INVERSE_METHOD)).reshape(-1)
-    c0 = chain0.weights[0] @ dmu0 + chain0.biases[0]
-    err = float(np.abs(c0 - centre[0]).max(initial=0.0))
-    if err > 1e-6 * (1.0 + float(np.abs(c0).max(initial=0.0))):
-        raise RuntimeError(
-            f"internal: the fused chain and the model disagree at the image by {err:g}"
-        )
-    batch = _flownet.Batch.build(net, centre, 1.0 / scale.numpy(), x.reshape(n, -1), labels)
-    return net, batch
 
 
 def _mass(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""The flow-domain network (Corollary 2.1): image-space first-layer rows ``G`` with
-``W̃ = WA/s`` (:func:`flow_to_image_weights`), a batch of images and margins
-(:class:`Batch`), a linear bound ``Λ z_0 + β`` (:class:`Linear`) and its ball dual norm
-(:func:`ball_norm`).
+"""The flow-domain network's linear front (Corollary 2.1): image-space rows ``G`` of the
+first affine layers (:class:`FlowNet`; :func:`flow_to_image_weights` writes flow-space
+rows ``W̃ = WA/s`` so), a linear bound ``Λ z_0 + β`` on them (:class:`Linear`), its ball
+dual norm (:func:`ball_norm`) and its image-space rows for the polytope
+(:func:`front_rows`, :func:`sparse_rows`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from flowverify.verification.ball import (
 from flowverify.verification.numerics import _EPS64, _small_serial
 
 __all__ = [
-    "Batch",
     "FlowNet",
     "Linear",
     "ball_norm",
@@ -79,34 +79,26 @@ def flow_to_image_weights(
 
 
 class FlowNet:
-    r"""A flow-domain ReLU network with its first layer in image space (shared by a batch).
+    r"""The linear front of a network in image space (shared by a batch).
 
-    ``z_0 = (G A + E) diag(inv_scale) δ + b̃`` (``inv_scale`` per channel, applied to the
-    channel's flow coordinates) with ``|E_{j,:}| <= resid_j`` entrywise, then
-    ``z_k = W_k relu(z_{k-1}) + b_k`` for ``k = 1 .. L-1`` (``W_k`` = ``weights[k-1]``).
+    ``z_0 = G diag(inv_scale) ν + const`` (``inv_scale`` per channel and image): the rows
+    of every node of the linear front stacked; CROWN bounds end on them
+    (:class:`Linear`).
 
     Parameters
     ----------
     first_image : ndarray
         ``G``, ``(n_0, C*H*W)``.
-    resid : ndarray
-        ``(n_0,)``.
-    weights, biases : list of ndarray
-        The layers after the first (empty for a linear model).
     shape : tuple
         ``(C, H, W)``.
     device : str or torch.device
         Where the bound propagation runs.
     """
 
-    def __init__(self, first_image, resid, weights, biases, shape, *, device="cpu"):
+    def __init__(self, first_image, shape, *, device="cpu"):
         self.shape = tuple(int(s) for s in shape)
         self.device = torch.device(device)
-        kw = {"dtype": torch.float64, "device": self.device}
-        self.G = torch.as_tensor(np.asarray(first_image), **kw)
-        self.resid = torch.as_tensor(np.asarray(resid), **kw)
-        self.weights = [torch.as_tensor(np.asarray(x), **kw) for x in weights]
-        self.biases = [torch.as_tensor(np.asarray(x), **kw) for x in biases]
+        self.G = torch.as_tensor(np.asarray(first_image), dtype=torch.float64, device=self.device)
         self.G_np = np.ascontiguousarray(self.G.detach().cpu().numpy())
         self.G_csr = None
         if self.G_np.size and np.count_nonzero(self.G_np) < 0.25 * self.G_np.size:
@@ -124,32 +116,6 @@ class FlowNet:
             self.G_np32 = np.ascontiguousarray(self.G_np, dtype=np.float32)
             self.G_absmax = np.abs(self.G_np).max(axis=1)
 
-    @classmethod
-    def from_chain(cls, chain, shape, *, scale=1.0, device="cpu") -> FlowNet:
-        """From an :class:`~flowverify.verification._chain.AffineChain`; ``scale`` (scalar or
-        ``(C,)``) is the chain's input scale, so that ``inv_scale = 1/scale`` reproduces
-        ``chain.weights[0]``."""
-        c, h, w = shape
-        sc = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (c,))
-        w0 = np.asarray(chain.weights[0], dtype=np.float64)
-        w0 = (w0.reshape(w0.shape[0], c, -1) * sc[None, :, None]).reshape(w0.shape[0], -1)
-        g, resid = flow_to_image_weights(w0, shape)
-        return cls(g, resid, chain.weights[1:], chain.biases[1:], shape, device=device)
-
-    @property
-    def num_relu(self) -> int:
-        """Number of ReLU layers (``L - 1``)."""
-        return len(self.weights)
-
-    @property
-    def relu_dims(self) -> list[int]:
-        dims = [self.G.shape[0]] + [w.shape[0] for w in self.weights]
-        return dims[:-1]
-
-    @property
-    def num_outputs(self) -> int:
-        return self.weights[-1].shape[0] if self.weights else self.G.shape[0]
-
 
 def margin_spec(labels, num_classes: int) -> np.ndarray:
     """``S (N, K-1, K)``: rows ``e_y - e_t`` for ``t != y`` (margins ``f_y - f_t``)."""
@@ -162,63 +128,6 @@ def margin_spec(labels, num_classes: int) -> np.ndarray:
     s[np.arange(n)[:, None], np.arange(num_classes - 1)[None], labels[:, None]] = 1.0
     s[np.arange(n)[:, None], np.arange(num_classes - 1)[None], others] = -1.0
     return s
-
-
-@dataclass
-class Batch:
-    """Per-image data of a batch of ``N`` verification problems on one :class:`FlowNet`.
-
-    Attributes
-    ----------
-    centre : Tensor
-        ``(N, n_0)``: the first pre-activation at ``δµ`` (``W̃ δµ + b̃``).
-    inv_scale : Tensor
-        ``(N, C)``: ``1/s`` of the fused first layer, per channel.
-    mu : ndarray
-        ``(N, C*H*W)`` float64, the images (data units), clipped at 0.
-    spec_w, spec_b : Tensor
-        The margin specification folded into the last layer: margins are
-        ``spec_w @ relu(z_{L-2}) + spec_b`` (``spec_w @ z_0 + spec_b`` for ``L = 1``),
-        ``(N, m, ·)`` and ``(N, m)``.
-    """
-
-    centre: torch.Tensor
-    inv_scale: torch.Tensor
-    mu: np.ndarray
-    spec_w: torch.Tensor
-    spec_b: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return self.centre.shape[0]
-
-    def subset(self, idx) -> Batch:
-        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.centre.device)
-        return Batch(
-            self.centre[idx_t],
-            self.inv_scale[idx_t],
-            self.mu[np.asarray(idx)],
-            self.spec_w[idx_t],
-            self.spec_b[idx_t],
-        )
-
-    @classmethod
-    def build(cls, net: FlowNet, centre, inv_scale, mu, labels) -> Batch:
-        kw = {"dtype": torch.float64, "device": net.device}
-        centre = torch.as_tensor(np.asarray(centre), **kw).reshape(-1, net.G.shape[0])
-        n = centre.shape[0]
-        c = net.shape[0]
-        inv = torch.as_tensor(np.asarray(inv_scale, dtype=np.float64), **kw)
-        inv = torch.broadcast_to(inv.reshape(-1, c) if inv.numel() > 1 else inv, (n, c)).clone()
-        mu = np.maximum(np.asarray(mu, dtype=np.float64).reshape(n, -1), 0.0)
-        spec = torch.as_tensor(margin_spec(labels, net.num_outputs), **kw)
-        if net.weights:
-            spec_w = spec @ net.weights[-1]
-            spec_b = spec @ net.biases[-1]
-        else:
-            spec_w = spec
-            spec_b = torch.zeros(spec.shape[:2], **kw)
-        return cls(centre, inv, mu, spec_w, spec_b)
 
 
 @dataclass

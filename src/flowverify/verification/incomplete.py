@@ -18,7 +18,6 @@ from flowverify.verification.context import (
     _deadline,
     _eps_raw,
     _mass,
-    _problem,
     _result,
 )
 from flowverify.verification.falsify import _fw_attack, _model_margins
@@ -31,9 +30,9 @@ def _lp_radii(ctx: _Ctx, x, refs, labels, eps_raw, lower):
     slot): the LP relaxation over the polytope on the fused chain, searched from the
     engine's radius ``lower`` (radius mode) or evaluated at ``ε`` (``eps`` mode)."""
     from flowverify.verification.engine import EngineProblem, make_domain
-    from flowverify.verification.lp import LPOracle
+    from flowverify.verification.lp import LPOracle, chain_problems
 
-    net, batch = _problem(ctx, x, refs, labels)
+    probs = chain_problems(ctx.model64, x, refs, labels, input_scale=ctx.input_scale)
     n = len(x)
     e_max = _e_max(x)
     inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
@@ -44,14 +43,14 @@ def _lp_radii(ctx: _Ctx, x, refs, labels, eps_raw, lower):
         best = lower.copy()
         todo = np.flatnonzero(best < eps_raw)
         if todo.size:
-            f_val = LPOracle(net, batch, eng)(todo, eps_raw[todo])
+            f_val = LPOracle(probs, eng)(todo, eps_raw[todo])
             val = np.minimum(np.maximum(np.minimum(f_val, eps_raw[todo]), 0.0), e_max[todo])
             best[todo] = np.maximum(best[todo], val)
         return best, np.ones(n, dtype=bool)
-    if net.num_relu == 0:  # polytope CROWN is already exact (Lemma 8) on a linear model
+    if not probs[0].hidden:  # polytope CROWN is already exact (Lemma 8) on a linear model
         return lower, np.ones(n, dtype=bool)
     res = _search.search_radius(
-        LPOracle(net, batch, eng),
+        LPOracle(probs, eng),
         e_max,
         rtol=ctx.rtol,
         deadline=_deadline(ctx, n),

@@ -296,12 +296,12 @@ class EngineProblem:
             return new_lo, torch.maximum(new_up, new_lo)
 
         new_lo, new_up = tighten(norm * eps[:, None])
-        slots = {}
-        if sel is not None:  # row r is neuron sel[r % k], sign by r // k
-            n = self.graph.nodes[key].size
-            ids = torch.cat([sel, sel + n], dim=1).cpu().numpy()
-            slots = {"slots": (ids, 2 * n), "same": False}
         if self.domain.refines:
+            slots = {}
+            if sel is not None:  # row r is neuron sel[r % k], sign by r // k
+                n = self.graph.nodes[key].size
+                ids = torch.cat([sel, sel + n], dim=1).cpu().numpy()
+                slots = {"slots": (ids, 2 * n), "same": False}
             halves = ((True, False), (False, True)) if piecewise else ((True, True),)
             for want_lo, want_up in halves:
                 still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
@@ -468,5 +468,5 @@ def _front_map(graph: Graph, ends, image: torch.Tensor, device):
         offsets[j] = (at, at + q.shape[0])
         at += q.shape[0]
     g = torch.cat(blocks).cpu().numpy()
-    net = _flownet.FlowNet(g, np.zeros(g.shape[0]), [], [], tuple(image.shape), device=device)
+    net = _flownet.FlowNet(g, tuple(image.shape), device=device)
     return net, offsets
