@@ -415,3 +415,15 @@ def test_attack_function_lists_its_options():
         assert f"{name} :" in attack.__doc__
     with pytest.raises(TypeError, match="bogus"):
         attack(_mlp(), _images(0, n=1), bogus=1)
+
+
+def test_attack_function_and_class_share_their_options():
+    """``attack`` (functional form) spells out the options of :class:`WassersteinPGD`
+    with the same defaults, so that the two cannot drift apart."""
+    import inspect
+
+    def options(fn):
+        params = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
+
+    assert options(attack) == options(WassersteinPGD.__init__)
