@@ -86,8 +86,10 @@ def search_radius(
     every smaller radius up to ``F(ε)``) and ``upper = ε`` if ``F(ε) < ε``.  The first
     probe is ``ε = 0`` (the network's linearisation), the next ``κ F(0)``; then the
     fixed point ``F(ε) = ε`` is located by secant steps on ``F(ε) - ε`` (regula falsi
-    when bracketed), aimed slightly above the estimate so that a failing probe closes
-    the bracket, with a bisection safeguard.  Stops when ``upper <= lower (1 + rtol)``.
+    when bracketed), aimed slightly beyond the estimate on the side opposite to the last
+    probe (above after a certified one, below after a failed one) so that the next probe
+    closes the bracket from that side, with a bisection safeguard.  Stops when
+    ``upper <= lower (1 + rtol)``.
 
     For a linear network (``linear``) ``F`` does not depend on ``ε``: one probe, exact.
     ``e_max`` caps the search (every image of the same mass lies within it).
@@ -164,7 +166,7 @@ def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
             est = min(max(est, e2 / 2), 2 * e2)
     if est is None or not math.isfinite(est):
         est = e2 + phi2 / 2 if math.isfinite(phi2) else 2 * e2
-    t = est * (1 + rtol / 3)
+    t = est * (1 + rtol / 3 if phi2 >= 0 else 1 - rtol / 3)  # bracket from the other side
     if math.isfinite(hi):
         t = min(t, hi / (1 + rtol / 8))
         if phi2 < 0:
@@ -181,11 +183,14 @@ def _bisection_cap(pts, lo, hi) -> float:
     A relaxation that fails at ``ε`` reports ``F(ε) = 0`` (no information), so regula
     falsi anchored at a far failing point creeps towards the fixed point by tiny steps
     (on deep or wide outside networks it ran out of probes at ``lower = 0``).  With no
-    certified radius yet the next probe is at most ``hi / 4``; after two failures in a
-    row it is at most the bracket's midpoint (an Illinois-type safeguard).
+    certified radius yet the next probe is at most ``hi / 4``; after a failure with no
+    information at most the bracket's geometric mean; after two failures in a row at most
+    its midpoint (an Illinois-type safeguard).
     """
     if lo <= 0.0:
         return hi / 4
+    if pts[-1][1] <= 0.0:  # no information: bisect the bracket in log space
+        return math.sqrt(lo * hi)
     if len(pts) >= 2 and pts[-2][1] < pts[-2][0]:
         return 0.5 * (lo + hi)
     return math.inf
