@@ -113,7 +113,7 @@ def main() -> int:
         tight["vanilla alpha-crown"] = radii(res)
     if not args.skip_complete:
         nc = args.complete_n or len(x)
-        comp, _ = run("fc/complete/bab", "fc", "complete", n=nc, timeout=args.timeout)
+        comp, _ = run("fc/complete/beta-crown", "fc", "complete", n=nc, timeout=args.timeout)
         secs = np.array([r.seconds for r in comp])
         exact = np.array([r.exact for r in comp])
         valid = np.array([r.status.value not in ("misclassified", "error") for r in comp])
