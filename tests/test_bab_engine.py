@@ -180,3 +180,33 @@ def test_refined_bounds_of_a_subdomain_hold_on_its_points():
     inside = ((z1[:, unstable] * sign) >= 0).all(axis=1)
     assert inside.sum() >= 100
     assert (z2[inside] >= lo2 - 1e-9).all() and (z2[inside] <= up2 + 1e-9).all()
+
+
+def test_the_region_lp_keeps_to_the_deadline(monkeypatch):
+    """A fully split subdomain's LPs (:func:`~.engine.region.region_lp`) get the time left
+    as their limit and none starts after the deadline: the decision then says the time
+    limit was reached (here every subdomain is treated as fully split)."""
+    import copy
+    import time
+
+    from flowverify.verification.engine import bab as _bab
+    from flowverify.verification.engine import region as _region
+    from flowverify.verification.engine.graph import build_graph
+
+    model, chain, dmu, ref, label, img = _setup(1, [6, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    seen = []
+
+    def slow_lp(*args, options=None, **kw):
+        seen.append(dict(options or {}))
+        time.sleep(0.2)
+        return type("Res", (), {"status": 1})()  # HiGHS stopped at its time limit
+
+    monkeypatch.setattr(_region, "linprog", slow_lp)
+    monkeypatch.setattr(_bab.SplitBab, "_branch", lambda self, sub, scores, k: None)
+    bab = _bab.SplitBab(graph, img, label)
+    start = time.perf_counter()
+    dec = bab.decide(0.99 * truth, deadline=start + 0.1)  # open root, no witness
+    assert dec.status == "unknown" and dec.message == "time limit reached"
+    assert len(seen) == 1 and 0 < seen[0]["time_limit"] <= 0.1  # none after the deadline

@@ -55,6 +55,10 @@ __all__ = ["BabDecision", "BabRadius", "SplitBab"]
 
 #: Bisection steps on the dual variable for the transport plans that serve as gradients.
 PLAN_ITERS = 12
+_STUCK = (
+    "a subdomain with every unstable neuron split still has a negative bound (the "
+    "multipliers did not converge)"
+)
 
 
 class SplitBab:
@@ -427,20 +431,16 @@ class SplitBab:
                         continue
                     kids = self._branch(sub, scores, k)
                     if kids is None:  # affine on the subdomain: an LP, longer optimisation
-                        wit = region_lp(self, sub, root, eps)
+                        wit = region_lp(self, sub, root, eps, deadline)
                         if wit is not None:
                             return BabDecision("falsified", self.nodes, witness=wit)
                         self._bound([sub], eps, root, 0)
                         if not bool(sub.open.any()):
                             closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
                             continue
-                        return BabDecision(
-                            "unknown",
-                            self.nodes,
-                            message="a subdomain with every unstable neuron split still has "
-                            "a negative bound (the multipliers did not converge)",
-                            worst=sub.bound,
-                        )
+                        late = deadline is not None and time.perf_counter() >= deadline
+                        why = "time limit reached" if late else _STUCK
+                        return BabDecision("unknown", self.nodes, message=why, worst=sub.bound)
                     for kid in kids:
                         heapq.heappush(heap, (kid.bound, next(self._tick), kid))
             first = False

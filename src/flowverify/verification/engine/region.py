@@ -11,6 +11,9 @@ engine's bound reaches the LP's value.  The LP proposes; only the engine's bound
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -21,14 +24,15 @@ from flowverify.verification._exact import _block_incidence
 __all__ = ["region_lp"]
 
 
-def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
+def region_lp(bab, sub, root, eps: float, deadline: float | None = None) -> np.ndarray | None:
     """A subdomain where every unstable neuron is split: the network is affine on it,
     and one LP per open margin ``t`` (HiGHS) over flows ``g`` (``ν = µ + Ag``,
     ``ν >= 0`` on the polytope, ``‖g‖₁ <= ε``, the splits ``s_j z_j(ν) >= 0``) gives
     ``min f_y - f_t``.  Negative: the image with the least ``‖g‖₁`` below the margin
     ``-κ`` is returned (re-checked by the model here and by the caller).  Otherwise
     the LP's duals of the split rows become the subdomain's ``β`` for that margin;
-    the LP only proposes, the engine's bound decides."""
+    the LP only proposes, the engine's bound decides.  ``deadline``
+    (``time.perf_counter()``): no LP starts after it and none runs past it."""
     graph, prob = bab.graph, bab.prob
     if any(i not in bab.relus for i in graph.activations()):
         return None  # not affine on the subdomain
@@ -76,6 +80,10 @@ def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
     slack = sp.vstack([-sp.eye(n_split), sp.csr_matrix((a_ub.shape[0] - n_split, n_split))])
     a_el = sp.hstack([a_ub, slack]).tocsr()
     for t in np.flatnonzero(sub.open.cpu().numpy()):
+        left = math.inf if deadline is None else deadline - time.perf_counter()
+        if left <= 0:
+            return None
+        opts = {} if deadline is None else {"time_limit": left}
         obj = (sp.csr_matrix(q_out[t][None]) @ amat).toarray()[0]
         price = 1e4 * (1.0 + abs(centre[t]) + np.abs(obj).sum())
         res = linprog(
@@ -83,6 +91,7 @@ def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
             A_ub=a_el,
             b_ub=b_ub,
             method="highs",
+            options=opts,
         )
         if res.status != 0:
             continue
@@ -91,7 +100,7 @@ def region_lp(bab, sub, root, eps: float) -> np.ndarray | None:
             kappa = 1e-9 * (1.0 + abs(centre[t]))
             rows_t = sp.vstack([a_ub, sp.csr_matrix(np.concatenate([obj, -obj])[None])])
             b_t = np.concatenate([b_ub, [-centre[t] - kappa]])
-            near = linprog(np.ones(2 * n_e), A_ub=rows_t, b_ub=b_t, method="highs")
+            near = linprog(np.ones(2 * n_e), A_ub=rows_t, b_ub=b_t, method="highs", options=opts)
             g = near.x if near.status == 0 else res.x[: 2 * n_e]
             nu = np.maximum(mu + amat @ (g[:n_e] - g[n_e:]), 0.0)
             img = (nu * mu.sum() / max(nu.sum(), 1e-300)).reshape(c, h, w)
