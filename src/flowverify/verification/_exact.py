@@ -1,6 +1,6 @@
 """The result of an exact-radius search (:func:`~.complete.exact_radius`) and the helpers
-its searches share (the block incidence matrix of a multi-channel image, the W1 diameter,
-the class of a witness)."""
+its searches share (the LP data of an image, the block incidence matrix of a
+multi-channel image, the W1 diameter, the class of a witness)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from flowverify.transport.flows import incidence_matrix
 from flowverify.verification._relaxlp import Problem
 
-__all__ = ["ExactResult", "ExactStatus"]
+__all__ = ["ExactResult", "ExactStatus", "chain_problem"]
 
 
 class ExactStatus(str, Enum):
@@ -81,6 +81,25 @@ def _block_incidence(height: int, width: int, channels: int) -> sp.csr_matrix:
     if channels == 1:
         return a.tocsr()
     return sp.block_diag([a] * channels, format="csr")
+
+
+def chain_problem(chain, delta_mu, reference, label, *, height, width, feasible) -> Problem:
+    """The LP data of one image (:class:`~._relaxlp.Problem`): its fused flow-domain chain
+    (float64), flow ``δµ`` and reference (flat, ``C*H*W``; ``C`` from its size)."""
+    reference = np.asarray(reference, dtype=np.float64).reshape(-1)
+    channels = reference.size // (height * width)
+    return Problem(
+        [np.asarray(w, dtype=np.float64) for w in chain.weights],
+        [np.asarray(b, dtype=np.float64) for b in chain.biases],
+        np.asarray(delta_mu, dtype=np.float64).reshape(-1),
+        reference,
+        int(label),
+        height=height,
+        width=width,
+        channels=channels,
+        feasible=feasible,
+        amat=_block_incidence(height, width, channels),
+    )
 
 
 def _diameter(prob: Problem) -> float:

@@ -149,48 +149,59 @@ def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None)
     return _small_serial(_lam_g_lip_par, work, lam, G, np.zeros(lam.shape[:2]), 1.0, *args)
 
 
+@numba.njit(cache=True)
+def _csr_row(vals, cols, b, r, indptr, indices, data, boxes, acc, C, H, W):
+    """Row ``(b, r)`` of ``ΛG`` from its entries (``vals[b, r, e]`` at the row
+    ``cols[b, r, e]`` of ``G`` in CSR form; ``vals`` and ``cols`` may broadcast over
+    ``b`` and ``r``) into ``acc``, on the union of its entries' boxes (``boxes``:
+    :func:`row_boxes`) grown by one pixel (the zeros around it) and clipped to the image;
+    ``acc`` is zeroed there and not written elsewhere.  Returns that box ``(i0, i1, j0,
+    j1)``, ``i1 < 0`` for an empty row."""
+    vb = b if vals.shape[0] > 1 else 0
+    vr = r if vals.shape[1] > 1 else 0
+    cb = b if cols.shape[0] > 1 else 0
+    cr = r if cols.shape[1] > 1 else 0
+    i0, i1, j0, j1 = H, -1, W, -1
+    for e in range(vals.shape[2]):
+        if vals[vb, vr, e] != 0.0:
+            k = cols[cb, cr, e]
+            i0, i1 = min(i0, boxes[k, 0]), max(i1, boxes[k, 1])
+            j0, j1 = min(j0, boxes[k, 2]), max(j1, boxes[k, 3])
+    if i1 < 0:
+        return i0, i1, j0, j1
+    i0, i1 = max(i0 - 1, 0), min(i1 + 1, H - 1)
+    j0, j1 = max(j0 - 1, 0), min(j1 + 1, W - 1)
+    for c in range(C):
+        for i in range(i0, i1 + 1):
+            for j in range(j0, j1 + 1):
+                acc[c * H * W + i * W + j] = 0.0
+    for e in range(vals.shape[2]):
+        a = vals[vb, vr, e]
+        if a != 0.0:
+            k = cols[cb, cr, e]
+            for z in range(indptr[k], indptr[k + 1]):
+                acc[indices[z]] += a * data[z]
+    return i0, i1, j0, j1
+
+
 @numba.njit(cache=True, parallel=True)
 def _lam_g_lip_csr(vals, cols, indptr, indices, data, boxes, p_all, scale, rows, C, H, W):
     """:func:`_lam_g_lip` (unpaired) for a sparse ``G`` in CSR form (convolutions) and
-    rows ``Λ_r`` given by their entries: ``vals[b, r, e]`` at the row ``cols[b, r, e]``
-    of ``G`` (``cols`` may broadcast over ``b``, ``r``: a dense ``Λ`` has
-    ``cols = arange(n_0)``).  ``boxes (n_0, 4)``: the rows and columns that hold each
-    row of ``G`` (:func:`row_boxes`); a row of ``ΛG`` lives in the union of its entries'
-    boxes, so its sum and its differences are taken there, grown by one pixel (the
-    zeros around it) and clipped to the image: the same norm, on the box only."""
-    nb, m, p = vals.shape
+    rows ``Λ_r`` given by their entries (:func:`_csr_row`; a dense ``Λ`` has
+    ``cols = arange(n_0)``): a row of ``ΛG`` lives in the union of its entries' boxes,
+    so its sum and its differences are taken there, grown by one pixel: the same norm,
+    on the box only."""
+    nb, m = rows.shape
     out = np.zeros((nb, m))
     for t in numba.prange(nb * m):
         b = t // m
         r = t % m
         if not rows[b, r]:
             continue
-        cb = b if cols.shape[0] > 1 else 0
-        cr = r if cols.shape[1] > 1 else 0
-        i0, i1, j0, j1 = H, -1, W, -1
-        for e in range(p):
-            if vals[b, r, e] != 0.0:
-                k = cols[cb, cr, e]
-                i0 = min(i0, boxes[k, 0])
-                i1 = max(i1, boxes[k, 1])
-                j0 = min(j0, boxes[k, 2])
-                j1 = max(j1, boxes[k, 3])
-        if i1 < 0:
-            continue
-        i0, i1 = max(i0 - 1, 0), min(i1 + 1, H - 1)
-        j0, j1 = max(j0 - 1, 0), min(j1 + 1, W - 1)
         acc = np.empty(p_all)
-        for c in range(C):
-            for i in range(i0, i1 + 1):
-                for j in range(j0, j1 + 1):
-                    acc[c * H * W + i * W + j] = 0.0
-        for e in range(p):
-            a = vals[b, r, e]
-            if a != 0.0:
-                k = cols[cb, cr, e]
-                for z in range(indptr[k], indptr[k + 1]):
-                    acc[indices[z]] += a * data[z]
-        out[b, r] = _acc_lip(acc, scale[b], C, H, W, i0, i1, j0, j1)
+        i0, i1, j0, j1 = _csr_row(vals, cols, b, r, indptr, indices, data, boxes, acc, C, H, W)
+        if i1 >= 0:
+            out[b, r] = _acc_lip(acc, scale[b], C, H, W, i0, i1, j0, j1)
     return out
 
 

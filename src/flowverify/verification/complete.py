@@ -68,9 +68,9 @@ from flowverify.verification._bab_witness import (
 from flowverify.verification._exact import (
     ExactResult,
     ExactStatus,
-    _block_incidence,
     _diameter,
     _witness_target,
+    chain_problem,
 )
 from flowverify.verification._relaxlp import Problem, RelaxationLP
 from flowverify.verification.chain_bounds import lp_image_form
@@ -274,7 +274,6 @@ def exact_radius(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     weights = [np.asarray(w, dtype=np.float64) for w in chain.weights]
-    biases = [np.asarray(b, dtype=np.float64) for b in chain.biases]
     delta_mu = np.asarray(delta_mu, dtype=np.float64).reshape(-1)
     reference = np.asarray(reference, dtype=np.float64).reshape(-1)
     height, width = int(height), int(width)
@@ -295,17 +294,8 @@ def exact_radius(
     if not rtol > 0:
         raise ValueError(f"rtol: expected > 0, got {rtol}")
     deadline = math.inf if timeout is None else t0 + float(timeout)
-    prob = Problem(
-        weights,
-        biases,
-        delta_mu,
-        reference,
-        int(label),
-        height=height,
-        width=width,
-        channels=channels,
-        feasible=feasible,
-        amat=_block_incidence(height, width, channels),
+    prob = chain_problem(
+        chain, delta_mu, reference, label, height=height, width=width, feasible=feasible
     )
     logits0 = prob.forward(delta_mu)
     kappa = 1e-9 * max(1.0, float(np.abs(logits0).max()))

@@ -33,7 +33,7 @@ from flowverify.core.interrupt import raise_if_interrupted
 from flowverify.model.flow_model import FlowModel
 from flowverify.transport.flows import inverse_flow
 from flowverify.verification._chain import affine_chain
-from flowverify.verification._exact import _block_incidence
+from flowverify.verification._exact import chain_problem
 from flowverify.verification._relaxlp import Problem, RelaxationLP
 from flowverify.verification.chain_bounds import lp_image_form, relu_bounds
 from flowverify.verification.checks import INVERSE_METHOD
@@ -47,25 +47,12 @@ def chain_problems(model64, x: np.ndarray, refs: np.ndarray, labels, *, input_sc
     """The fused flow-domain chain of each image (Corollary 2.1) as LP problems over the
     polytope: ``x``, ``refs`` ``(n, C, H, W)``, ``labels (n,)``; ``model64`` float64."""
     n, c, h, w = x.shape
-    amat = _block_incidence(h, w, c)
     out = []
     for i in range(n):
         ref = torch.as_tensor(refs[i : i + 1])
         chain = affine_chain(FlowModel(model64, ref, input_scale=input_scale, fuse=True), 0)
-        dmu = np.asarray(inverse_flow(refs[i], x[i], method=INVERSE_METHOD), np.float64)
-        prob = Problem(
-            [np.asarray(wk, np.float64) for wk in chain.weights],
-            [np.asarray(bk, np.float64) for bk in chain.biases],
-            dmu.reshape(-1),
-            np.asarray(refs[i], np.float64).reshape(-1),
-            int(labels[i]),
-            height=h,
-            width=w,
-            channels=c,
-            feasible=True,
-            amat=amat,
-        )
-        out.append(prob)
+        dmu = inverse_flow(refs[i], x[i], method=INVERSE_METHOD)
+        out.append(chain_problem(chain, dmu, refs[i], labels[i], height=h, width=w, feasible=True))
     return out
 
 

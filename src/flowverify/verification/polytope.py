@@ -69,7 +69,7 @@ def polytope_gain_sparse_rows(
     src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
     kk = np.ascontiguousarray(kk, dtype=np.int64)
     rr = np.ascontiguousarray(rr, dtype=np.int64)
-    e = np.ascontiguousarray(eps, dtype=np.float64)
+    e = _per_row(eps, kk.size, "eps")
     return _sparse_gain_rows(rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from flowverify.verification.ball import _acc_lip
+from flowverify.verification.ball import _acc_lip, _csr_row
 from flowverify.verification.numerics import _small_serial
 from flowverify.verification.polytope_transform import _dual_terms, _lip_support, _support
 
@@ -215,9 +215,9 @@ def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, s
     """:func:`_gain_rows` of the rows ``g_s = (Σ_e vals[b, r, e] G[cols[b, r, e]]) ·
     diag(scale_b)`` at ``(b, r) = (kk[s], rr[s])`` (``rows``: ``vals, cols`` (both may
     broadcast over ``b``), ``G``'s CSR ``indptr, indices, data``, its rows' ``boxes`` and
-    ``scale (B, C)``), image ``kk[s]``: each row is built on the union of its entries'
-    boxes, and its norm and support are taken there (the grown box for the norm), so a
-    local row (a convolution's) costs its window, not the image."""
+    ``scale (B, C)``), image ``kk[s]``: each row is built on its window
+    (:func:`~.ball._csr_row`), and its norm and support are taken there, so a local row
+    (a convolution's) costs its window, not the image."""
     vals, cols, indptr, indices, data, boxes, scale = rows
     m = kk.size
     p_all = C * H * W
@@ -226,25 +226,16 @@ def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, s
         g = np.zeros(p_all)
         h = np.empty(p_all)
         arg = np.empty(p_all, dtype=np.int64)
-        b, r = kk[s], rr[s]
-        cb = b if cols.shape[0] > 1 else 0
-        cr = r if cols.shape[1] > 1 else 0
-        vb = b if vals.shape[0] > 1 else 0
-        i0, i1, j0, j1 = H, -1, W, -1
-        for e in range(vals.shape[2]):
-            a = vals[vb, r, e]
-            if a != 0.0:
-                k = cols[cb, cr, e]
-                i0, i1 = min(i0, boxes[k, 0]), max(i1, boxes[k, 1])
-                j0, j1 = min(j0, boxes[k, 2]), max(j1, boxes[k, 3])
-                for z in range(indptr[k], indptr[k + 1]):
-                    g[indices[z]] += a * data[z] * scale[b, indices[z] // (H * W)]
+        b = kk[s]
+        i0, i1, j0, j1 = _csr_row(vals, cols, b, rr[s], indptr, indices, data, boxes, g, C, H, W)
         if i1 < 0:
             out[s] = 0.0
             continue
+        for c in range(C):
+            for i in range(i0, i1 + 1):
+                for j in range(j0, j1 + 1):
+                    g[c * H * W + i * W + j] *= scale[b, c]
         sup = _support(g, C, H, W, i0, i1, j0, j1)
-        i0, i1 = max(i0 - 1, 0), min(i1 + 1, H - 1)
-        j0, j1 = max(j0 - 1, 0), min(j1 + 1, W - 1)
         lip = _acc_lip(g, np.ones(C), C, H, W, i0, i1, j0, j1)
         s0, s1 = ptr[b], ptr[b + 1]
         out[s] = _gain_one(

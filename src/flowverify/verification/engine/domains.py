@@ -56,10 +56,9 @@ class Domain:
     #: Whether :meth:`gain` can be tighter than ``ε · norm`` (worth a second pass).
     refines = False
 
-    def gain(self, q: torch.Tensor, eps: torch.Tensor, idx, rows=None, key=None) -> torch.Tensor:
+    def gain(self, q: torch.Tensor, eps: torch.Tensor, idx, rows=None) -> torch.Tensor:
         """``max_{ν ∈ D_ε} qᵀ(µ - ν)`` (an upper bound), ``(B, R)``; ``idx``: image rows;
-        ``rows (B, R)`` bool: where it is needed (a domain may return ``inf`` elsewhere);
-        ``key``: see :meth:`W1Polytope.gain`."""
+        ``rows (B, R)`` bool: where it is needed (a domain may return ``inf`` elsewhere)."""
         return self.norm(q) * eps[:, None]
 
     def radius(self, q: torch.Tensor, margin: torch.Tensor, idx) -> torch.Tensor:
@@ -93,14 +92,14 @@ class W1Polytope(W1Ball):
     name = "w1-polytope"
     refines = True
 
-    #: Dual evaluations kept per row of a ``key`` (:meth:`gain`).
+    #: Dual evaluations kept per row of a ``key`` (:meth:`gain_rows`).
     PLANES = 4
 
     def __init__(self, mu: np.ndarray):
         super().__init__(mu)
         self._planes: dict = {}
 
-    def gain(self, q, eps, idx, rows=None, key=None):
+    def gain(self, q, eps, idx, rows=None):
         """As :meth:`Domain.gain` (by :meth:`gain_rows`)."""
         b, r = q.shape[:2]
         mask = torch.ones((b, r), dtype=torch.bool) if rows is None else rows
@@ -109,7 +108,7 @@ class W1Polytope(W1Ball):
             sel = q[torch.as_tensor(kk), torch.as_tensor(rr)]
             return sel.detach().cpu().numpy().reshape(kk.size, -1)
 
-        return self.gain_rows(q_rows, eps, idx, mask, key=key).to(q.device, q.dtype)
+        return self.gain_rows(q_rows, eps, idx, mask).to(q.device, q.dtype)
 
     def gain_rows(self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True):
         """The gains ``(B, R)`` of the rows where ``rows (B, R)`` (``inf`` elsewhere: no
