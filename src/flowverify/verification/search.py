@@ -85,10 +85,12 @@ def search_radius(
     probe, ``lower = max(lower, min(ε, F(ε)))`` (sound: the relaxation at ``ε`` certifies
     every smaller radius up to ``F(ε)``) and ``upper = ε`` if ``F(ε) < ε``.  The first
     probe is ``ε = 0`` (the network's linearisation), the next ``κ F(0)``; then the
-    fixed point ``F(ε) = ε`` is located by secant steps on ``F(ε) - ε`` (regula falsi
-    when bracketed), aimed slightly beyond the estimate on the side opposite to the last
-    probe (above after a certified one, below after a failed one) so that the next probe
-    closes the bracket from that side, with a bisection safeguard.  Stops when
+    fixed point ``F(ε) = ε`` is located by secant steps on ``F(ε) - ε`` through the last
+    two probes (regula falsi with the latest probe on the other side where the secant
+    leaves the bracket), aimed slightly above the estimate so that a failing probe closes
+    the bracket by itself, with bisection safeguards (the bracket must halve every three
+    probes).  ``F`` may be negative where the relaxation fails even at the image (by how
+    much it misses: a signal for the secant, never a radius).  Stops when
     ``upper <= lower (1 + rtol)``.
 
     For a linear network (``linear``) ``F`` does not depend on ``ε``: one probe, exact.
@@ -125,7 +127,7 @@ def search_radius(
         done = np.zeros(active.size, dtype=bool)
         out_of_time = deadline is not None and clock() >= deadline
         for k, i in enumerate(active):
-            pts[i].append((float(ea[k]), float(min(f_val[k], 4 * e_max[i]))))
+            pts[i].append((float(ea[k]), float(np.clip(f_val[k], -4 * e_max[i], 4 * e_max[i]))))
             if (
                 lo[i] >= e_max[i]
                 or hi[i] <= lo[i] * (1 + rtol)
@@ -141,6 +143,12 @@ def search_radius(
     return SearchResult(lo, hi, probes, converged)
 
 
+#: How far past the estimate of the fixed point a probe aims, in units of the distance
+#: within which a failing probe closes the bracket by itself (measured: 0.8 saves 3-5% of
+#: the probes of 0.3 on the bundled nets and the VNN-COMP 256x2 net).
+_AIM = 0.8
+
+
 def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
     e2, f2 = pts[-1]
     if e2 == 0.0 and len(pts) == 1:
@@ -153,20 +161,26 @@ def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
         return float(min(est, e_max))
     phi2 = f2 - e2
     est = None
-    for e1, f1 in reversed(pts[:-1]):  # regula falsi with the latest opposite-sign point
-        phi1 = f1 - e1
-        if (phi1 >= 0) != (phi2 >= 0) and phi1 != phi2:
-            est = e2 - phi2 * (e2 - e1) / (phi2 - phi1)
-            break
-    if est is None and len(pts) >= 2:  # secant through the last two points
-        e1, f1 = pts[-2]
-        phi1 = f1 - e1
-        if phi1 != phi2:
-            est = e2 - phi2 * (e2 - e1) / (phi2 - phi1)
-            est = min(max(est, e2 / 2), 2 * e2)
+    e1, f1 = pts[-2]
+    phi1 = f1 - e1
+    slope = (phi2 - phi1) / (e2 - e1) if e2 != e1 else -1.0
+    if phi1 != phi2 and f2 != 0.0:  # secant through the last two points
+        est = e2 - phi2 * (e2 - e1) / (phi2 - phi1)
+        if not (lo < est < hi) or not math.isfinite(est):
+            est = None
+    if est is None:
+        for e1, f1 in reversed(pts[:-1]):  # regula falsi with the latest opposite-sign point
+            phi1 = f1 - e1
+            if (phi1 >= 0) != (phi2 >= 0) and phi1 != phi2:
+                est = e2 - phi2 * (e2 - e1) / (phi2 - phi1)
+                break
     if est is None or not math.isfinite(est):
         est = e2 + phi2 / 2 if math.isfinite(phi2) else 2 * e2
-    t = est * (1 + rtol / 3 if phi2 >= 0 else 1 - rtol / 3)  # bracket from the other side
+    # aim just above the estimate: a probe that fails there closes the bracket by itself
+    # (``lower = F(t)``) when ``t / F(t) <= 1 + rtol``, i.e. ``t`` within about
+    # ``rtol / (1 - φ')`` of the fixed point (``φ = F - ε``, slope from the last two)
+    slope = min(max(slope, -50.0), 0.0) if math.isfinite(slope) else -1.0
+    t = est * (1 + _AIM * rtol / (1 - slope))
     if math.isfinite(hi):
         t = min(t, hi / (1 + rtol / 8))
         if phi2 < 0:
@@ -174,13 +188,31 @@ def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
     t = max(t, lo * (1 + rtol / 4))
     if math.isfinite(hi) and not (lo < t < hi):
         t = 0.5 * (lo + hi)
+    if _stalled(pts, lo, hi):
+        t = math.sqrt(lo * hi)
     return float(min(t, e_max))
+
+
+def _stalled(pts, lo, hi) -> bool:
+    """Whether the bracket ``[lo, hi]`` failed to halve (in log space) over the last three
+    probes: the secant then creeps (a relaxation whose ``F`` jumps), so the next probe
+    bisects (Brent's safeguard)."""
+    if len(pts) < 5 or lo <= 0.0 or not math.isfinite(hi):
+        return False
+    lo2, hi2 = 0.0, math.inf
+    for e, f in pts[:-3]:
+        lo2 = max(lo2, min(e, f))
+        if f < e:
+            hi2 = min(hi2, e)
+    if lo2 <= 0.0 or not math.isfinite(hi2):
+        return False
+    return math.log(hi / lo) > 0.5 * math.log(hi2 / lo2)
 
 
 def _bisection_cap(pts, lo, hi) -> float:
     """Largest next probe after a failing one: the bracket must shrink geometrically.
 
-    A relaxation that fails at ``ε`` reports ``F(ε) = 0`` (no information), so regula
+    A relaxation that fails at ``ε`` may report ``F(ε) = 0`` (no information), so regula
     falsi anchored at a far failing point creeps towards the fixed point by tiny steps
     (on deep or wide outside networks it ran out of probes at ``lower = 0``).  With no
     certified radius yet the next probe is at most ``hi / 4``; after a failure with no
@@ -189,7 +221,7 @@ def _bisection_cap(pts, lo, hi) -> float:
     """
     if lo <= 0.0:
         return hi / 4
-    if pts[-1][1] <= 0.0:  # no information: bisect the bracket in log space
+    if pts[-1][1] == 0.0:  # no information: bisect the bracket in log space
         return math.sqrt(lo * hi)
     if len(pts) >= 2 and pts[-2][1] < pts[-2][0]:
         return 0.5 * (lo + hi)

@@ -369,8 +369,12 @@ class EngineProblem:
         bounds, relax = self.layer_bounds(idx, eps)
         return bounds, relax, self.linear(idx, self.graph.output, self.spec[idx], relax)
 
-    def _radii(self, lin: _flownet.Linear, eps_t, idx, *, grad: bool = False) -> torch.Tensor:
-        """Per-margin radii ``(B, m)`` of a relaxation valid up to ``eps_t``."""
+    def _radii(
+        self, lin: _flownet.Linear, eps_t, idx, *, grad: bool = False, signed: bool = False
+    ) -> torch.Tensor:
+        """Per-margin radii ``(B, m)`` of a relaxation valid up to ``eps_t``; with
+        ``signed``, ``margin / ‖·‖`` (negative) where the margin is negative even at the
+        image: no radius, but by how much the relaxation misses (a search signal)."""
         if grad:  # differentiable: the norm from the image-space rows
             q = self.q(lin)
             norm = self.domain.norm(q)
@@ -392,17 +396,23 @@ class EngineProblem:
             ]
             return torch.stack(rows)
         if self.domain.refines:
-            return self.domain.radius(self.q(lin), margin, idx)
-        rad = torch.where(norm > 0, margin / norm.clamp(min=1e-300), math.inf)
-        return torch.where(margin > 0, rad, torch.zeros_like(rad))
+            rad = self.domain.radius(self.q(lin), margin, idx)
+        else:
+            rad = torch.where(norm > 0, margin / norm.clamp(min=1e-300), math.inf)
+            rad = torch.where(margin > 0, rad, torch.zeros_like(rad))
+        if signed:
+            miss = margin / norm.clamp(min=1e-300)
+            rad = torch.where((margin < 0) & (norm > 0), miss, rad)
+        return rad
 
     def __call__(self, idx, eps) -> np.ndarray:
         """``F(ε)`` per image (raw units): the radius certified by the relaxation at ε
-        (with ``optimise``, the best over alpha-CROWN's slopes too)."""
+        (with ``optimise``, the best over alpha-CROWN's slopes too); negative where the
+        relaxation fails even at the image (``margin / ‖·‖``, a signal for the search)."""
         idx, eps_t = self._eps(idx, eps)
         with torch.no_grad():
             bounds, relax, lin = self.margins(idx, eps_t)
-            best = self._radii(lin, eps_t, idx).min(dim=1).values
+            best = self._radii(lin, eps_t, idx, signed=True).min(dim=1).values
         if self.optimise:
             best = torch.maximum(best, _alpha.optimise(self, idx, eps_t, bounds, relax))
         return best.cpu().numpy()
