@@ -74,7 +74,7 @@ def search_radius(
     rtol: float = 1e-3,
     max_probes: int = 40,
     deadline: float | None = None,
-    kappa: float = 0.75,
+    kappa: float = 0.5,
     lower_init: np.ndarray | None = None,
     clock=None,
 ) -> SearchResult:
