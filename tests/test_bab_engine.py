@@ -204,9 +204,35 @@ def test_the_region_lp_keeps_to_the_deadline(monkeypatch):
         return type("Res", (), {"status": 1})()  # HiGHS stopped at its time limit
 
     monkeypatch.setattr(_region, "linprog", slow_lp)
-    monkeypatch.setattr(_bab.SplitBab, "_branch", lambda self, sub, scores, k: None)
+    monkeypatch.setattr(_bab.SplitBab, "_branch", lambda self, sub, choice: None)
     bab = _bab.SplitBab(graph, img, label)
     start = time.perf_counter()
     dec = bab.decide(0.99 * truth, deadline=start + 0.1)  # open root, no witness
     assert dec.status == "unknown" and dec.message == "time limit reached"
     assert len(seen) == 1 and 0 < seen[0]["time_limit"] <= 0.1  # none after the deadline
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_branching_rules_reach_the_same_exact_radius(monkeypatch, candidates):
+    """BaBSR alone (1 candidate) and filtered smart branching (:mod:`.engine.branching`)
+    split only candidates (unstable, unsplit neurons) and find the brute-force radius."""
+    from flowverify.verification.engine import bab as _bab
+
+    model, chain, dmu, ref, label, img = _setup(8, [4, 4, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    init, choose, seen = _bab.SplitBab.__init__, _bab.fsb_choices, []
+
+    def init_k(self, *a, **kw):
+        init(self, *a, candidates=candidates, **kw)
+
+    def check(bab, ctx, scores, k, keep):
+        out = choose(bab, ctx, scores, k, keep)
+        seen.extend(math.isfinite(float(scores[c[0]][b, c[1]])) for b, c in out.items() if c)
+        return out
+
+    monkeypatch.setattr(_bab.SplitBab, "__init__", init_k)
+    monkeypatch.setattr(_bab, "fsb_choices", check)
+    res = _complete(model, img, label, rtol=1e-7)
+    assert res.status == Status.CERTIFIED and res.exact, res.message
+    assert res.radius_raw == pytest.approx(truth, rel=1e-6)
+    assert seen and all(seen)

@@ -20,9 +20,8 @@ A *subdomain* fixes the phase of some (leaky) ReLU neurons, ``s_j z_j >= 0`` wit
   ``µ - ν*`` with ``ν*`` the image of the optimal transport plan
   (:func:`~..polytope.polytope_plan`).
 
-Branching (BaBSR-like): in each subdomain, the unstable neuron whose triangle relaxation
-costs the bound most, ``Σ_t -min(Λ_tj, 0) b_j`` over the open margins (``b_j`` the upper
-line's intercept), ties broken by ``|Λ_j| min(u_j, -l_j)``.  Falsification: the
+Branching (:mod:`.branching`): filtered smart branching over the top BaBSR candidates
+of each subdomain (both children of each bounded in one batch).  Falsification: the
 minimiser ``ν*`` of the worst open margin's bound (a point of ``D_ε``) is run through the
 float64 model; a misclassified ``ν*`` is a witness.
 
@@ -45,6 +44,7 @@ import torch
 from flowverify.verification import numerics as _numerics
 from flowverify.verification import polytope as _polytope
 from flowverify.verification.engine import activations as act
+from flowverify.verification.engine.branching import babsr_scores, fsb_choices
 from flowverify.verification.engine.crown import EngineProblem
 from flowverify.verification.engine.domains import make_domain
 from flowverify.verification.engine.graph import Graph
@@ -82,6 +82,9 @@ class SplitBab:
     refine : bool
         Recompute a subdomain's intermediate bounds through its splits (see
         :meth:`relaxations`); otherwise the root's, clamped by the splits.
+    candidates : int
+        Filtered smart branching over this many BaBSR candidates per subdomain
+        (:mod:`.branching`; 1: BaBSR alone).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class SplitBab:
         iterations: int = 8,
         lr: float = 0.1,
         refine: bool = True,
+        candidates: int = 3,
     ):
         self.graph = graph
         self.x = np.asarray(x, dtype=np.float64)[None]
@@ -113,7 +117,7 @@ class SplitBab:
         )
         self.mu = self.prob.domain.mu[0]
         self.batch, self.iterations, self.lr = int(batch), int(iterations), float(lr)
-        self.refine = bool(refine)
+        self.refine, self.candidates = bool(refine), int(candidates)
         self.relus = [
             i for i in graph.activations() if isinstance(graph.nodes[i].op, act.LeakyReLUOp)
         ]
@@ -295,9 +299,9 @@ class SplitBab:
                     for key, v in params.items():
                         keep[key][rows] = v.detach()[rows]
                 if final:
-                    scores = self._scores(
-                        record, rel, lohi, unstable, signs, open_rows & (val <= 0)
-                    )
+                    still = open_rows & (val <= 0)
+                    scores = babsr_scores(self.relus, record, rel, lohi, unstable, signs, still)
+                    self._last = (rels, extra, slope, still, eps)
                     q_best = q.detach()
                     break
             if not params:  # nothing to optimise (no ReLU)
@@ -324,20 +328,6 @@ class SplitBab:
             sub.open = sub.open & (best[k] <= 0)
             sub.bound = float(best[k][sub.open].min()) if bool(sub.open.any()) else math.inf
         return best, scores, q_best
-
-    def _scores(self, record, rel, lohi, unstable, signs, rows):
-        """BaBSR-like branching scores ``{relu: (D, n)}`` (``-inf``: not a candidate)."""
-        out = {}
-        w = rows.to(torch.float64)[:, :, None]
-        for i in self.relus:
-            lam = record[i].detach().reshape(*rows.shape, -1)
-            lo, up = lohi[i]
-            b_up = rel[i][3]  # the upper line's intercept (0 on stable neurons)
-            score = ((-lam.clamp(max=0.0)) * w).sum(dim=1) * b_up
-            tie = (lam.abs() * w).sum(dim=1) * torch.minimum(up, -lo).clamp(min=0.0)
-            cand = unstable[i] & (signs[i] == 0)
-            out[i] = torch.where(cand, score + 1e-3 * tie, -math.inf)
-        return out
 
     # ---------------------------------------------------------------- falsification
 
@@ -366,15 +356,10 @@ class SplitBab:
 
     # ------------------------------------------------------------------ search
 
-    def _branch(self, sub: _Sub, scores, k: int) -> list[_Sub] | None:
-        best_i, best_j, best_s = None, None, -math.inf
-        for i in self.relus:
-            j = int(torch.argmax(scores[i][k]))
-            s = float(scores[i][k, j])
-            if s > best_s:
-                best_i, best_j, best_s = i, j, s
-        if best_i is None or not math.isfinite(best_s):
+    def _branch(self, sub: _Sub, choice) -> list[_Sub] | None:
+        if choice is None:
             return None
+        best_i, best_j = choice
         kids = []
         for sign in (1, -1):
             splits = {i: t.clone() for i, t in sub.splits.items()}
@@ -425,11 +410,13 @@ class SplitBab:
                 wit = self._falsify(chunk, lb, q, eps)
                 if wit is not None:
                     return BabDecision("falsified", self.nodes, witness=wit)
+                keep = [k for k, sub in enumerate(chunk) if bool(sub.open.any())]
+                choice = fsb_choices(self, self._last, scores, self.candidates, keep)
                 for k, sub in enumerate(chunk):
                     if not bool(sub.open.any()):
                         closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
                         continue
-                    kids = self._branch(sub, scores, k)
+                    kids = self._branch(sub, choice[k])
                     if kids is None:  # affine on the subdomain: an LP, longer optimisation
                         wit = region_lp(self, sub, root, eps, deadline)
                         if wit is not None:
