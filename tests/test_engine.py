@@ -473,3 +473,23 @@ def test_bounds_reusing_dual_evaluations_equal_fresh_ones(name, digits):
             np.testing.assert_allclose(got[node][1].numpy(), up.numpy(), rtol=1e-9, atol=1e-9)
     stores = kept.domain._planes
     assert stores and all((s[..., 0] >= 0).any() for s in stores.values())
+
+
+@pytest.mark.parametrize("name,domain", [("fc", "w1-ball"), ("cnn", "w1-polytope")])
+def test_a_search_reuses_the_bounds_of_its_larger_probes(name, domain, digits):
+    """``F(ε)`` after probes at larger ``ε'`` (whose bounds hold on ``D_ε ⊆ D_ε'`` and
+    spare the CROWN rows of the neurons they prove stable) is at least a fresh
+    problem's, and the kept bounds are used only for ``ε <= ε'``."""
+    net = load_model(name)
+    graph = build_graph(copy.deepcopy(net).double(), torch.as_tensor(digits[:1]))
+    labels = _labels(net, digits)
+    idx = np.arange(len(digits))
+    kept = EngineProblem(graph, digits, labels, make_domain(domain, digits))
+    for e in (4.0, 2.0, 1.0, 1.2):
+        eps = np.full(len(digits), e)
+        fresh = EngineProblem(graph, digits, labels, make_domain(domain, digits))
+        want, got = fresh(idx, eps), kept(idx, eps)
+        assert np.all(got >= want - 1e-9 * (1 + np.abs(want)))
+        mem = kept._seen.bounds(idx, torch.as_tensor(eps * (1 - 1e-9)))
+        assert mem is not None and all(torch.isfinite(lo).all() for lo, _ in mem.values())
+    assert kept._seen.bounds(idx, torch.full((len(digits),), 5.0, dtype=torch.float64)) is None

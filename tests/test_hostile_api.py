@@ -128,7 +128,8 @@ def image_arrays(draw):
 
 
 def image_problem(a: np.ndarray) -> str | None:
-    """Why ``a`` is no valid batch for the (N, 1, 4, 4) model; None if it is one."""
+    """Why ``a`` is no valid batch for the (N, 1, 4, 4) model (an MLP that flattens its
+    input, so any grid of 16 values fits it); None if it is one."""
     if a.ndim not in (2, 3, 4):
         return "rank"
     if not np.isfinite(a).all() or (a.size and a.min() < 0):
@@ -140,7 +141,7 @@ def image_problem(a: np.ndarray) -> str | None:
         mass = b.sum(axis=(-2, -1))
         if b.shape[0] and ((mass <= 0).any() or not np.isfinite(mass * (H + W)).all()):
             return "mass"
-    if b.shape[1:] != (1, H, W):
+    if int(np.prod(b.shape[1:])) != H * W:  # the MLP flattens: any C x H' x W' of H*W values
         return "shape"
     if b.size and b.max() > 1e30:  # logits overflow the float32 model
         return "huge"

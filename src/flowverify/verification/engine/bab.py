@@ -20,8 +20,10 @@ A *subdomain* fixes the phase of some (leaky) ReLU neurons, ``s_j z_j >= 0`` wit
   ``µ - ν*`` with ``ν*`` the image of the optimal transport plan
   (:func:`~..polytope.polytope_plan`).
 
-Branching (:mod:`.branching`): filtered smart branching over the top BaBSR candidates
-of each subdomain (both children of each bounded in one batch).  Falsification: the
+Branching (:mod:`.branching`): BaBSR-like scores, or filtered smart branching over the
+top candidates of each subdomain (both children of each bounded in one batch).  A
+subdomain with every unstable neuron split (the network affine on it) gets a longer
+optimisation of its multipliers, then an LP (:mod:`.region`).  Falsification: the
 minimiser ``ν*`` of the worst open margin's bound (a point of ``D_ε``) is run through the
 float64 model; a misclassified ``ν*`` is a witness.
 
@@ -84,7 +86,7 @@ class SplitBab:
         :meth:`relaxations`); otherwise the root's, clamped by the splits.
     candidates : int
         Filtered smart branching over this many BaBSR candidates per subdomain
-        (:mod:`.branching`; 1: BaBSR alone).
+        (:mod:`.branching`); 1 (default): BaBSR alone.
     """
 
     def __init__(
@@ -100,7 +102,7 @@ class SplitBab:
         iterations: int = 8,
         lr: float = 0.1,
         refine: bool = True,
-        candidates: int = 3,
+        candidates: int = 1,
     ):
         self.graph = graph
         self.x = np.asarray(x, dtype=np.float64)[None]
@@ -412,24 +414,30 @@ class SplitBab:
                     return BabDecision("falsified", self.nodes, witness=wit)
                 keep = [k for k, sub in enumerate(chunk) if bool(sub.open.any())]
                 choice = fsb_choices(self, self._last, scores, self.candidates, keep)
+                affine = []  # every unstable neuron split: the network is affine there
                 for k, sub in enumerate(chunk):
-                    if not bool(sub.open.any()):
-                        closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
-                        continue
-                    kids = self._branch(sub, choice[k])
-                    if kids is None:  # affine on the subdomain: an LP, longer optimisation
+                    kids = self._branch(sub, choice[k]) if bool(sub.open.any()) else []
+                    if kids is None:
+                        affine.append(sub)
+                    for kid in kids or ():
+                        heapq.heappush(heap, (kid.bound, next(self._tick), kid))
+                if affine:  # a longer optimisation of their multipliers first, together
+                    self._bound(affine, eps, root, 4 * self.iterations)
+                for sub in affine:
+                    if bool(sub.open.any()):  # then an LP, whose duals become β
                         wit = region_lp(self, sub, root, eps, deadline)
                         if wit is not None:
                             return BabDecision("falsified", self.nodes, witness=wit)
                         self._bound([sub], eps, root, 0)
-                        if not bool(sub.open.any()):
-                            closed.append((sub.splits, sub.alpha, sub.beta, sub.open, sub.depth))
-                            continue
+                    if bool(sub.open.any()):
                         late = deadline is not None and time.perf_counter() >= deadline
                         why = "time limit reached" if late else _STUCK
                         return BabDecision("unknown", self.nodes, message=why, worst=sub.bound)
-                    for kid in kids:
-                        heapq.heappush(heap, (kid.bound, next(self._tick), kid))
+                closed += [
+                    (s.splits, s.alpha, s.beta, s.open, s.depth)
+                    for s in chunk
+                    if not bool(s.open.any())
+                ]
             first = False
             if not heap:
                 break

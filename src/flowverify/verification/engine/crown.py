@@ -33,6 +33,7 @@ from flowverify.verification.engine import patches as _patches
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
 from flowverify.verification.engine.graph import Graph
+from flowverify.verification.engine.probes import ProbeBounds, stable_part
 
 __all__ = ["EngineProblem", "backward"]
 
@@ -142,6 +143,7 @@ class EngineProblem:
             [0] if _reaches_input(graph, self.pre, self.front) else []
         )
         self._front_net: _flownet.FlowNet | None = None
+        self._seen = ProbeBounds(graph, self.pre, self.device)
 
     @property
     def size(self) -> int:
@@ -203,14 +205,17 @@ class EngineProblem:
 
     # ------------------------------------------------------------- bounds and oracle
 
-    def layer_bounds(self, idx, eps: torch.Tensor, *, known: dict | None = None):
+    def layer_bounds(self, idx, eps: torch.Tensor, *, known=None, hint=None):
         """Pre-activation bounds ``{node: (lo, up)}`` on ``D_ε`` and the relaxations.
 
         ``known``: pre-activation node -> ``(lo, up)`` (flat, ``(B, n)``) already known to
         hold on the region (a subdomain's, e.g. split constraints); each node's bounds are
         intersected with them before they relax its activation and bound the nodes above
         (bounds that cross mean an empty region: returned as they are, relaxed as a
-        point)."""
+        point).  ``hint``: the same, used only where it proves a (leaky) ReLU's input
+        stable (no CROWN row is computed there; every other bound is the one computed
+        without it, so the relaxations, whose lower slopes depend on the bounds, stay
+        the same and no bound gets looser elsewhere)."""
         graph = self.graph
         lo_in, up_in = self.domain.box(idx, eps, self.x)
         vals = {0: (self._model_input(lo_in, idx), self._model_input(up_in, idx))}
@@ -232,6 +237,8 @@ class EngineProblem:
             else:
                 vals[i] = op.interval(*ins[0])
             if i in self.pre:
+                if hint is not None and i in hint and self._piecewise(i):
+                    vals[i] = stable_part(*vals[i], *hint[i])
                 bounds[i] = self._crown_bounds(idx, eps, i, *vals[i], relax)
                 if known is not None and i in known:
                     bounds[i] = _intersect(*bounds[i], *known[i])
@@ -411,7 +418,10 @@ class EngineProblem:
         relaxation fails even at the image (``margin / ‖·‖``, a signal for the search)."""
         idx, eps_t = self._eps(idx, eps)
         with torch.no_grad():
-            bounds, relax, lin = self.margins(idx, eps_t)
+            hint = self._seen.bounds(idx, eps_t)
+            bounds, relax = self.layer_bounds(idx, eps_t, hint=hint)
+            self._seen.add(idx, eps_t, bounds)
+            lin = self.linear(idx, self.graph.output, self.spec[idx], relax)
             best = self._radii(lin, eps_t, idx, signed=True).min(dim=1).values
         if self.optimise:
             best = torch.maximum(best, _alpha.optimise(self, idx, eps_t, bounds, relax))
