@@ -493,3 +493,28 @@ def test_a_search_reuses_the_bounds_of_its_larger_probes(name, domain, digits):
         mem = kept._seen.bounds(idx, torch.as_tensor(eps * (1 - 1e-9)))
         assert mem is not None and all(torch.isfinite(lo).all() for lo, _ in mem.values())
     assert kept._seen.bounds(idx, torch.full((len(digits),), 5.0, dtype=torch.float64)) is None
+
+
+@pytest.mark.parametrize("name,domain", [("fc", "w1-ball"), ("cnn", "w1-polytope")])
+def test_bounds_of_a_batch_equal_those_of_each_image(name, domain):
+    """A batch whose images have very different counts of unstable neurons is bounded in
+    groups (``crown._groups``: less padding); its bounds are each image's alone."""
+    from flowverify.verification.engine import crown
+
+    net = load_model(name)
+    x, _ = bundled_digits()
+    x = x[:8].astype(np.float64)
+    graph = build_graph(copy.deepcopy(net).double(), torch.as_tensor(x[:1]))
+    labels = _labels(net, x)
+    eps = torch.as_tensor(np.linspace(0.2, 3.0, len(x)))  # from few to many unstable
+    prob = EngineProblem(graph, x, labels, make_domain(domain, x))
+    assert crown._groups(torch.tensor([1, 2, 40, 41, 42, 43])) is not None
+    got, _ = prob.layer_bounds(np.arange(len(x)), eps)
+    for k in range(len(x)):
+        one = EngineProblem(
+            graph, x[k : k + 1], labels[k : k + 1], make_domain(domain, x[k : k + 1])
+        )
+        want, _ = one.layer_bounds(np.zeros(1, dtype=np.int64), eps[k : k + 1])
+        for node, (lo, up) in want.items():
+            np.testing.assert_allclose(got[node][0][k].numpy(), lo[0].numpy(), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(got[node][1][k].numpy(), up[0].numpy(), rtol=1e-9, atol=1e-9)

@@ -82,6 +82,29 @@ class Graph:
         """Positions whose bounds the relaxations need (inputs of activations), in order."""
         return sorted({self.nodes[i].inputs[0] for i in self.activations()})
 
+    def linear_front(self, pre) -> set[int]:
+        """The nodes of ``pre`` reached from the input through affine operators only."""
+        affine = {0}
+        for i, node in enumerate(self.nodes[1:], start=1):
+            if not isinstance(node.op, act.Activation) and all(j in affine for j in node.inputs):
+                affine.add(i)
+        return {i for i in pre if i in affine}
+
+    def reaches_input(self, pre, front) -> bool:
+        """Whether a bound of the output or of ``pre`` reaches the input without passing
+        the nodes ``front``."""
+        todo = [self.output] + [p for p in pre if p not in front]
+        seen = set()
+        while todo:
+            i = todo.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if i == 0:
+                return True
+            todo.extend(j for j in self.nodes[i].inputs if j not in front)
+        return False
+
     def values(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every node's output on the input ``x``."""
         vals: list[torch.Tensor] = [x]
