@@ -107,6 +107,7 @@ def search_radius(
     hi = np.full(n, np.inf)
     probes = np.zeros(n, dtype=np.int64)
     pts: list[list[tuple[float, float]]] = [[] for _ in range(n)]
+    brackets: list[list[tuple[float, float]]] = [[] for _ in range(n)]  # after each probe
     e = np.zeros(n)
     if lower_init is not None and not linear:
         lo = np.minimum(np.maximum(np.asarray(lower_init, dtype=np.float64), 0.0), e_max)
@@ -128,6 +129,7 @@ def search_radius(
         out_of_time = deadline is not None and clock() >= deadline
         for k, i in enumerate(active):
             pts[i].append((float(ea[k]), float(np.clip(f_val[k], -4 * e_max[i], 4 * e_max[i]))))
+            brackets[i].append((float(lo[i]), float(hi[i])))
             if (
                 lo[i] >= e_max[i]
                 or hi[i] <= lo[i] * (1 + rtol)
@@ -136,7 +138,7 @@ def search_radius(
             ):
                 done[k] = True
                 continue
-            nxt[k] = _next_probe(pts[i], lo[i], hi[i], e_max[i], rtol, kappa)
+            nxt[k] = _next_probe(pts[i], lo[i], hi[i], e_max[i], rtol, kappa, brackets[i])
         e[active] = nxt
         active = active[~done]
     converged = (hi <= lo * (1 + rtol)) | (lo >= e_max)
@@ -149,7 +151,7 @@ def search_radius(
 _AIM = 0.8
 
 
-def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
+def _next_probe(pts, lo, hi, e_max, rtol, kappa, brackets) -> float:
     e2, f2 = pts[-1]
     if e2 == 0.0 and len(pts) == 1:
         est = kappa * f2 if f2 > 0 else e_max
@@ -188,22 +190,18 @@ def _next_probe(pts, lo, hi, e_max, rtol, kappa) -> float:
     t = max(t, lo * (1 + rtol / 4))
     if math.isfinite(hi) and not (lo < t < hi):
         t = 0.5 * (lo + hi)
-    if _stalled(pts, lo, hi):
+    if _stalled(brackets, lo, hi):
         t = math.sqrt(lo * hi)
     return float(min(t, e_max))
 
 
-def _stalled(pts, lo, hi) -> bool:
+def _stalled(brackets, lo, hi) -> bool:
     """Whether the bracket ``[lo, hi]`` failed to halve (in log space) over the last three
-    probes: the secant then creeps (a relaxation whose ``F`` jumps), so the next probe
-    bisects (Brent's safeguard)."""
-    if len(pts) < 5 or lo <= 0.0 or not math.isfinite(hi):
+    probes (``brackets``: ``(lower, upper)`` after each probe): the secant then creeps (a
+    relaxation whose ``F`` jumps), so the next probe bisects (Brent's safeguard)."""
+    if len(brackets) < 5 or lo <= 0.0 or not math.isfinite(hi):
         return False
-    lo2, hi2 = 0.0, math.inf
-    for e, f in pts[:-3]:
-        lo2 = max(lo2, min(e, f))
-        if f < e:
-            hi2 = min(hi2, e)
+    lo2, hi2 = brackets[-4]
     if lo2 <= 0.0 or not math.isfinite(hi2):
         return False
     return math.log(hi / lo) > 0.5 * math.log(hi2 / lo2)

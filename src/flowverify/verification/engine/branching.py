@@ -59,6 +59,9 @@ def fsb_choices(bab, ctx, scores: dict, k: int, keep: list) -> dict:
     if not keep:
         return {}
     at = torch.as_tensor(keep, device=ctx[3].device)
+    scores = {i: s[at] for i, s in scores.items()}
+    if k <= 1:  # BaBSR alone: nothing to bound
+        return dict(zip(keep, _choices(bab, None, scores, 1), strict=True))
     rels, extra, slope, rows, eps = ctx
     ctx = (
         {i: tuple(None if t is None else t[at] for t in r) for i, r in rels.items()},
@@ -67,8 +70,7 @@ def fsb_choices(bab, ctx, scores: dict, k: int, keep: list) -> dict:
         rows[at],
         eps,
     )
-    picks = _choices(bab, ctx, {i: s[at] for i, s in scores.items()}, k)
-    return dict(zip(keep, picks, strict=True))
+    return dict(zip(keep, _choices(bab, ctx, scores, k), strict=True))
 
 
 def _choices(bab, ctx, scores: dict, k: int) -> list:

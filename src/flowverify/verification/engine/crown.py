@@ -33,7 +33,7 @@ from flowverify.verification.engine import patches as _patches
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
 from flowverify.verification.engine.graph import Graph
-from flowverify.verification.engine.probes import ProbeBounds, stable_part
+from flowverify.verification.engine.probes import ProbeBounds
 
 __all__ = ["EngineProblem", "backward"]
 
@@ -210,10 +210,10 @@ class EngineProblem:
         hold on the region (a subdomain's, e.g. split constraints); each node's bounds are
         intersected with them before they relax its activation and bound the nodes above
         (bounds that cross mean an empty region: returned as they are, relaxed as a
-        point).  ``hint``: the same, used only where it proves a (leaky) ReLU's input
-        stable (no CROWN row is computed there; every other bound is the one computed
-        without it, so the relaxations, whose lower slopes depend on the bounds, stay
-        the same and no bound gets looser elsewhere)."""
+        point).  ``hint``: the same, finite only where it proves a (leaky) ReLU's input
+        stable (:class:`~.probes.ProbeBounds`): no CROWN row is computed there; every
+        other bound is the one computed without it, so the relaxations, whose lower
+        slopes depend on the bounds, stay the same and no bound gets looser elsewhere."""
         graph = self.graph
         lo_in, up_in = self.domain.box(idx, eps, self.x)
         vals = {0: (self._model_input(lo_in, idx), self._model_input(up_in, idx))}
@@ -236,7 +236,7 @@ class EngineProblem:
                 vals[i] = op.interval(*ins[0])
             if i in self.pre:
                 if hint is not None and i in hint and self._piecewise(i):
-                    vals[i] = stable_part(*vals[i], *hint[i])
+                    vals[i] = _intersect(*vals[i], *hint[i])
                 bounds[i] = self._crown_bounds(idx, eps, i, *vals[i], relax)
                 if known is not None and i in known:
                     bounds[i] = _intersect(*bounds[i], *known[i])

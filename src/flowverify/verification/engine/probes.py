@@ -7,7 +7,8 @@ row (the expensive part of a probe).  Sound for any ``ε' >= ε``; the smallest 
 ``ε'`` gives the tightest.  Used at the pre-activation nodes no other one depends on
 (:attr:`ProbeBounds.last`: the last hidden layer of a chain), where the probe's bounds
 are then exactly those computed without them, except for neurons proven stable only
-by them (better); see :meth:`~.crown.EngineProblem.layer_bounds` (``hint``).
+by them (better); see :meth:`~.crown.EngineProblem.layer_bounds` (``hint``).  Only the
+bounds of those nodes are kept.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["ProbeBounds", "stable_part"]
+__all__ = ["ProbeBounds"]
 
 
 class ProbeBounds:
     """The bounds of each probe of each image ``(ε, {node: (lo, up)})`` (flat rows)."""
 
     def __init__(self, graph, pre, device):
-        self.sizes = {j: graph.nodes[j].size for j in pre}
         self.device = device
         self.seen: dict[int, list] = {}
         above: list[set] = []  # the nodes each node depends on
@@ -35,18 +35,20 @@ class ProbeBounds:
         #: other bound; elsewhere they would feed interval arithmetic above, and a looser
         #: interval can end up as a looser CROWN bound (measured: 4.5% off one radius)
         self.last = [j for j in pre if not any(j in above[k] for k in pre if k != j)]
+        self.sizes = {j: graph.nodes[j].size for j in self.last}
 
     def add(self, idx, eps: torch.Tensor, bounds: dict) -> None:
-        """Keep the bounds ``{node: (lo, up)}`` (``(B, *shape)``) of a probe of ``idx``."""
+        """Keep the bounds ``{node: (lo, up)}`` (``(B, *shape)``) of a probe of ``idx`` at
+        the nodes :attr:`last`."""
         e = eps.cpu().numpy()
         for k, i in enumerate(np.asarray(idx).tolist()):
-            b = {j: (lo[k].reshape(-1), up[k].reshape(-1)) for j, (lo, up) in bounds.items()}
+            b = {j: (bounds[j][0][k].reshape(-1), bounds[j][1][k].reshape(-1)) for j in self.last}
             self.seen.setdefault(i, []).append((float(e[k]), b))
 
     def bounds(self, idx, eps: torch.Tensor) -> dict | None:
         """``{node: (lo, up)}`` (``(B, n)``) of the earlier probes at the smallest
-        ``ε' >= ε`` of each image (``∓inf`` for an image without one) at the nodes
-        :attr:`last`, or None."""
+        ``ε' >= ε`` of each image at the nodes :attr:`last`, where they prove a neuron
+        stable (``∓inf`` elsewhere and for an image without one), or None."""
         e = eps.cpu().numpy()
         picks = []
         for k, i in enumerate(np.asarray(idx).tolist()):
@@ -60,16 +62,6 @@ class ProbeBounds:
             inf = torch.full((n,), math.inf, dtype=torch.float64, device=self.device)
             lo = torch.stack([-inf if p is None else p[j][0] for p in picks])
             up = torch.stack([inf if p is None else p[j][1] for p in picks])
-            out[j] = (lo, up)
+            stable = (lo >= 0) | (up <= 0)
+            out[j] = (torch.where(stable, lo, -math.inf), torch.where(stable, up, math.inf))
         return out
-
-
-def stable_part(lo, up, h_lo, h_up):
-    """``[lo, up] ∩ [h_lo, h_up]`` where the latter (flat ``(B, n)``) is stable (does not
-    contain 0 inside), ``[lo, up]`` elsewhere."""
-    shape = lo.shape
-    lo, up = lo.reshape(shape[0], -1), up.reshape(shape[0], -1)
-    stable = (h_lo >= 0) | (h_up <= 0)
-    lo = torch.where(stable, torch.maximum(lo, h_lo), lo)
-    up = torch.where(stable, torch.minimum(up, h_up), up)
-    return lo.reshape(shape), up.reshape(shape)
