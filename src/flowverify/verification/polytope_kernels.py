@@ -16,6 +16,14 @@ from flowverify.verification.numerics import _small_serial
 from flowverify.verification.polytope_transform import _dual_terms, _lip_support, _support
 
 
+#: A row's search without kept evaluations looks for a point left of the optimum at
+#: ``θ = lip·D, lip·D², ...`` (``D`` = ``_DESCENT``, at most ``_DESCENT_STEPS`` of them)
+#: before ``θ = 0``: the transform runs on the support grown by ``max(-g)/θ``, so the
+#: large ``θ`` are the cheap ones, and ``θ = 0`` (the whole image) the dearest.
+_DESCENT = 0.5
+_DESCENT_STEPS = 6
+
+
 @numba.njit(cache=True)
 def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
     """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope.
@@ -39,7 +47,7 @@ def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=T
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return best
     n_old = planes.shape[0]
-    seen = np.empty((n_old + iters + 3, 3))
+    seen = np.empty((n_old + iters + 3 + _DESCENT_STEPS, 3))
     n_seen = 0
     if same:
         for k in range(n_old):
@@ -65,6 +73,19 @@ def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=T
                 a, fa, da = th, f, d
         elif th < b:
             b, fb, db = th, f, d
+    if a < 0.0 and b > 0.0:  # a left point: down from the right end, cheap first
+        theta = b * _DESCENT
+        for _ in range(_DESCENT_STEPS):
+            k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
+            seen[n_seen] = (theta, k_val, t_val)
+            n_seen += 1
+            f = theta * eps + k_val
+            best = min(best, f)
+            if t_val > eps:
+                a, fa, da = theta, f, eps - t_val
+                break
+            b, fb, db = theta, f, eps - t_val
+            theta *= _DESCENT
     if a < 0.0 and b > 0.0:
         k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
         seen[n_seen] = (0.0, k0, t0)
