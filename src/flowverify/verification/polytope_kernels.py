@@ -15,7 +15,6 @@ from flowverify.verification.ball import _acc_lip, _csr_row
 from flowverify.verification.numerics import _small_serial
 from flowverify.verification.polytope_transform import _dual_terms, _lip_support, _support
 
-
 #: A row's search without kept evaluations looks for a point left of the optimum at
 #: ``θ = lip·D, lip·D², ...`` (``D`` = ``_DESCENT``, at most ``_DESCENT_STEPS`` of them)
 #: before ``θ = 0``: the transform runs on the support grown by ``max(-g)/θ``, so the
@@ -26,7 +25,16 @@ _DESCENT_STEPS = 6
 
 @numba.njit(cache=True)
 def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
-    """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope.
+    """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope:
+    :func:`_dual_search`'s value."""
+    return _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same)[0]
+
+
+@numba.njit(cache=True)
+def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
+    """The dual value of :func:`_gain_one` and the final bracket ``(value, a, b)``: ``a``
+    the largest ``θ`` evaluated left of the optimum (``T(a) > ε``; ``-1`` if none: then
+    ``b = 0`` is optimal, or ``b = lip``), ``b`` the smallest right of it.
 
     ``lip = ‖Aᵀg‖_∞``, ``sup``: :func:`_support`.
     ``f(θ) = θε + K(θ)`` is convex and piecewise linear with ``f'(θ) = ε - T(θ)``: a
@@ -45,7 +53,7 @@ def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=T
     """
     best = lip * eps  # θ = ‖Aᵀg‖_∞: K = 0 (the ball bound)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
-        return best
+        return best, -1.0, lip
     n_old = planes.shape[0]
     seen = np.empty((n_old + iters + 3 + _DESCENT_STEPS, 3))
     n_seen = 0
@@ -118,7 +126,7 @@ def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=T
                 b, fb, db = theta, f, d
     if n_old:
         _keep_planes(seen[:n_seen], eps, planes)
-    return best
+    return best, a, b
 
 
 @numba.njit(cache=True)
@@ -282,7 +290,14 @@ def _radius_rows(q, src, mus, C, H, W, margin, extra, iters, ptr=None, img=None)
 
 @numba.njit(cache=True)
 def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
-    """A maximiser ``ν`` of ``q^T(µ - ν)`` over the W1 polytope (transport cost <= ε)."""
+    """A maximiser ``ν`` of ``q^T(µ - ν)`` over the W1 polytope (transport cost <= ε).
+
+    The dual's search (:func:`_dual_search`) ends on a bracket ``[a, b]`` whose
+    supporting lines meet at the optimum ``θ*``, so ``f`` is linear on ``[a, θ*]`` and on
+    ``[θ*, b]``: the greedy plans at ``a`` (cost ``T(a) > ε``) and at ``b`` (``T(b) <=
+    ε``; ``b = lip``: nothing moves) are both optimal at ``θ*``, and their mixture of
+    cost exactly ``ε`` is an optimal primal.  If ``θ = 0`` is optimal (``T(0) <= ε``),
+    the plan at 0 moves all the mass."""
     p_all = g.size
     for p in range(p_all):
         nu[p] = 0.0
@@ -291,34 +306,31 @@ def _plan_one(g, src, mus, C, H, W, eps, iters, h, arg, nu):
     lip, sup = _lip_support(g, C, H, W)
     if eps <= 0.0 or lip == 0.0 or src.size == 0:
         return
+    _, a, b = _dual_search(
+        g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, np.empty((0, 3)), True
+    )
     arg_lo = np.empty(p_all, dtype=np.int64)
     arg_hi = np.empty(p_all, dtype=np.int64)
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
-    t_lo = t0
-    t_hi = 0.0
     for p in range(p_all):
-        arg_lo[p] = arg[p]
         arg_hi[p] = p
-    if t0 > eps:
-        lo = 0.0
-        hi = lip
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg, sup)
-            if t_val > eps:
-                lo = mid
-                t_lo = t_val
-                for p in range(p_all):
-                    arg_lo[p] = arg[p]
-            else:
-                hi = mid
-                t_hi = t_val
-                for p in range(p_all):
-                    arg_hi[p] = arg[p]
+    t_hi = 0.0
+    if a < 0.0 and b < lip:  # θ = 0 optimal: the whole plan fits in the budget
+        _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
+        for p in range(p_all):
+            arg_lo[p] = arg[p]
+        tau = 1.0
+    elif a < 0.0:  # nothing to move (no left point)
+        return
+    else:
+        _, t_lo = _dual_terms(g, a, src, mus, C, H, W, h, arg, sup)
+        for p in range(p_all):
+            arg_lo[p] = arg[p]
+        if b < lip:
+            _, t_hi = _dual_terms(g, b, src, mus, C, H, W, h, arg, sup)
+            for p in range(p_all):
+                arg_hi[p] = arg[p]
         tau = (eps - t_hi) / (t_lo - t_hi) if t_lo > t_hi else 0.0
         tau = min(max(tau, 0.0), 1.0)
-    else:
-        tau = 1.0  # θ = 0: the whole plan fits in the budget
     for s in range(src.size):
         p = src[s]
         m_lo = tau * mus[s]
