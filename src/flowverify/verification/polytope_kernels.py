@@ -150,7 +150,14 @@ def _keep_planes(seen, eps, planes):
 
 @numba.njit(cache=True)
 def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
-    """Largest ``ε`` with ``gain(ε) + extra·ε <= margin`` (a sound lower estimate)."""
+    """Largest ``ε`` with ``gain(ε) + extra·ε <= margin`` (a sound lower estimate).
+
+    Every ``θ`` certifies ``ψ(θ) = (margin - K(θ)) / (θ + extra)`` (then ``θε + K(θ) +
+    extra·ε <= margin``); ``ψ`` is quasi-concave (a concave numerator over a positive
+    linear denominator), increasing where ``T(θ) > ψ(θ)``.  As in :func:`_dual_search`:
+    a left point by descent from ``θ = lip`` (``K = 0``: the ball's radius), then cutting
+    planes of ``K`` (lines ``K(a) - T(a)(θ - a)``) between the two ends; the model's
+    maximum bounds ``ψ`` above, so the search stops within ``1e-12`` of the optimum."""
     if margin <= 0.0:
         return 0.0
     lip, sup = _lip_support(g, C, H, W)
@@ -159,25 +166,46 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     best = margin / (lip + extra)
     if src.size == 0:
         return best
-    k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
-    if k0 < margin:
-        if extra <= 0.0:
+    a, ka, ta, pa = -1.0, 0.0, 0.0, -np.inf
+    b, kb, tb, pb = lip, 0.0, 0.0, best
+    theta = lip * _DESCENT
+    for _ in range(_DESCENT_STEPS):
+        k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
+        psi = (margin - k_val) / (theta + extra)
+        best = max(best, psi)
+        if t_val > psi:
+            a, ka, ta, pa = theta, k_val, t_val, psi
+            break
+        b, kb, tb, pb = theta, k_val, t_val, psi
+        theta *= _DESCENT
+    if a < 0.0:
+        k0, t0 = _dual_terms(g, 0.0, src, mus, C, H, W, h, arg, sup)
+        if k0 < margin and extra <= 0.0:
             return np.inf
-        v = (margin - k0) / extra
-        if v > best:
-            best = v
-    lo = 0.0
-    hi = lip
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        k_val, t_val = _dual_terms(g, mid, src, mus, C, H, W, h, arg, sup)
-        psi = (margin - k_val) / (mid + extra)
-        if psi > best:
-            best = psi
-        if t_val > psi:  # ψ increasing at mid
-            lo = mid
+        p0 = (margin - k0) / extra if extra > 0.0 else -np.inf
+        best = max(best, p0)
+        if not t0 > p0:  # ψ decreasing from 0: its maximum is there
+            return best
+        a, ka, ta, pa = 0.0, k0, t0, p0
+    for it in range(iters):
+        if not ta > tb:
+            break
+        theta = (ka + ta * a - kb - tb * b) / (ta - tb)
+        if a < theta < b:
+            model = (margin - (ka - ta * (theta - a))) / (theta + extra)
+            if max(pa, pb, model) <= best * (1.0 + 1e-12):
+                break
+        if it % 3 == 2 or not (a < theta < b):
+            theta = 0.5 * (a + b)
+        if b - a <= 1e-15 * lip:
+            break
+        k_val, t_val = _dual_terms(g, theta, src, mus, C, H, W, h, arg, sup)
+        psi = (margin - k_val) / (theta + extra)
+        best = max(best, psi)
+        if t_val > psi:
+            a, ka, ta, pa = theta, k_val, t_val, psi
         else:
-            hi = mid
+            b, kb, tb, pb = theta, k_val, t_val, psi
     return best
 
 
