@@ -49,9 +49,10 @@ or optimised by gradient: alpha-CROWN).  What remains is to minimise the linear 
       \qquad (q \,\square\, \theta d)(p) = \min_{p'} q_{p'} + \theta\,\|p - p'\|_1 ,
 
   an L1 distance transform computed by four sweeps.  Every ``θ`` gives a sound bound,
-  the minimum (bisection on the subgradient ``ε - T(θ)``, ``T`` the transport cost of
-  the greedy plan) is the exact polytope minimum, and ``θ = ‖Aᵀq‖_∞`` recovers the ball
-  bound, so the polytope bound is never looser than the vanilla one.
+  the minimum (a cutting-plane search on ``θ`` bracketed by the subgradient ``ε - T(θ)``,
+  ``T`` the transport cost of the greedy plan) is the exact polytope minimum, and
+  ``θ = ‖Aᵀq‖_∞`` recovers the ball bound, so the polytope bound is never looser than
+  the vanilla one.
 
 The certified radius of a fixed relaxation is read off directly: margins stay
 positive for all :math:`\varepsilon' \le \varepsilon` up to

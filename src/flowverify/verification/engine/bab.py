@@ -55,7 +55,7 @@ from flowverify.verification.engine.subdomain import BabDecision, BabRadius, _Su
 
 __all__ = ["BabDecision", "BabRadius", "SplitBab"]
 
-#: Bisection steps on the dual variable for the transport plans that serve as gradients.
+#: Most search steps on the dual variable for the transport plans that serve as gradients.
 PLAN_ITERS = 12
 _STUCK = (
     "a subdomain with every unstable neuron split still has a negative bound (the "
