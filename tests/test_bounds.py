@@ -371,3 +371,22 @@ def test_vanilla_radii_with_float32_norms_match_float64(monkeypatch):
     r64 = np.array([r.radius for r in fv.certify("fc", x, y, method="vanilla")])
     assert np.any(r64 > 0)
     np.testing.assert_allclose(r32, r64, rtol=2e-3)
+
+
+def test_polytope_radius_with_a_slope_and_beyond_every_budget():
+    """``gain(ε) + extra·ε <= margin`` solved tightly with a slope ``extra`` (the first
+    layer's residual); a margin no transport can use up gives ``inf`` without a slope and
+    a finite radius with one (the searches' ``θ = 0`` end)."""
+    rng = np.random.default_rng(8)
+    mu, q = _random_problem(rng)
+    full = _polytope.polytope_gain(q, mu, 1e4)  # every budget: all mass anywhere
+    for margin, extra in ((full * 0.3 + 0.01, 0.05), (full * 2 + 0.1, 0.0), (full * 2 + 0.1, 0.2)):
+        rad = _polytope.polytope_radius(q, mu, margin, extra=extra)
+        for k in range(len(q)):
+            if extra == 0.0:
+                assert rad[k] == np.inf
+                continue
+            gain = _lp_gain(q[k], mu, rad[k])
+            assert gain + extra * rad[k] <= margin[k] + 1e-9
+            up = rad[k] * (1 + 1e-6) + 1e-9
+            assert _lp_gain(q[k], mu, up) + extra * up >= margin[k] - 1e-7
