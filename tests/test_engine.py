@@ -522,3 +522,60 @@ def test_bounds_of_a_batch_equal_those_of_each_image(name, domain):
         for node, (lo, up) in want.items():
             np.testing.assert_allclose(got[node][0][k].numpy(), lo[0].numpy(), rtol=1e-9, atol=1e-9)
             np.testing.assert_allclose(got[node][1][k].numpy(), up[0].numpy(), rtol=1e-9, atol=1e-9)
+
+
+def _rgb_stem(front=None):
+    """RGB conv (padding, stride) -> ReLU -> dilated conv (padding) -> ReLU -> linear,
+    optionally after an element-wise ``front`` (a normalisation)."""
+    layers = [] if front is None else [front]
+    return nn.Sequential(
+        *layers,
+        nn.Conv2d(3, 4, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 6 * 6, 10),
+    )
+
+
+@pytest.mark.parametrize("name", ["cnn", "rgb", "rgb-normalised", "rgb-per-pixel"])
+def test_folded_patch_norms_equal_the_sparse_kernel(name, monkeypatch):
+    """On a convolutional front the patch rows' ball norms come from each channel's
+    kernel (:func:`~flowverify.verification.flownet.folded_rows_norm`): the bounds equal
+    the sparse kernel's, with padding, stride, dilation, colour and a per-channel
+    normalisation; a per-pixel scaling is not a convolution's front and keeps the
+    sparse kernel."""
+    from flowverify.verification.engine import patches
+
+    rng = np.random.default_rng(2)
+    torch.manual_seed(4)
+    if name == "cnn":
+        net, x = load_model("cnn"), bundled_digits()[0][:3].astype(np.float64)
+    else:
+        front = {
+            "rgb": None,
+            "rgb-normalised": Elementwise("div", torch.tensor([0.3, 0.5, 0.7])[:, None, None]),
+            "rgb-per-pixel": Elementwise("mul", torch.rand(1, 12, 12) + 0.5),
+        }[name]
+        net = _rgb_stem(front).eval()
+        x = rng.random((3, 3, 12, 12)) * (rng.random((3, 3, 12, 12)) < 0.6)
+    graph = build_graph(copy.deepcopy(net).double(), torch.as_tensor(x[:1]))
+    eps = torch.full((len(x),), 0.8 if name == "cnn" else 0.3, dtype=torch.float64)
+
+    def bounds():
+        graph.cache.clear()
+        prob = EngineProblem(graph, x, _labels(net, x), make_domain("w1-ball", x))
+        return prob.layer_bounds(np.arange(len(x)), eps)[0]
+
+    folded = bounds()
+    used = [v is not None for k, v in graph.cache.items() if k[0] == "folded"]
+    assert used == [name != "rgb-per-pixel"]
+    monkeypatch.setattr(patches, "_folded", lambda prob, i, f: None)
+    sparse = bounds()
+    unstable = 0
+    for node, (lo, up) in sparse.items():
+        np.testing.assert_allclose(folded[node][0].numpy(), lo.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(folded[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
+        unstable += int(((lo < 0) & (up > 0)).sum())
+    assert unstable > 0  # the relaxations are not trivial

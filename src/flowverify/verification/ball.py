@@ -230,3 +230,60 @@ def _grad_absmax_t(q: torch.Tensor, shape, *, per_channel: bool = False) -> torc
     if h > 1:
         out = torch.maximum(out, (x[..., 1:, :] - x[..., :-1, :]).abs().amax(dim=(-2, -1)))
     return out if per_channel else out.amax(dim=-1)
+
+
+@numba.njit(cache=True, parallel=True)
+def _folded_lip(lam, tmpl, win, scale, kh2, kw2, sy, sx, kh, kw, pair_h, pair_v, edge):
+    """``‖Aᵀ(Λ_r G diag(scale_r))‖_∞`` of rows on windows of a convolutional front:
+    ``lam (R, C1, kh2·kw2)`` the entries of each row at its window's neurons, ``tmpl
+    (C1, C0·kh·kw)`` each channel's kernel (the front's row of a neuron, placed ``sy, sx``
+    pixels apart from its neighbours'), ``win (R,)`` the windows, ``scale (R, C0)``.
+
+    Per window position the channels' kernels are combined (``C1·C0·kh·kw``
+    multiply-adds, contiguous), then added at the position's place on the window's box
+    (the transposed convolution).  The norm is the largest neighbour difference over the
+    pairs ``pair_h``/``pair_v`` of the window (``(W, BH, BW-1)``, ``(W, BH-1, BW)``: both
+    pixels in the image) and the magnitude at ``edge`` pixels (``(W, BH, BW)``: an image
+    pixel outside the box, where the row is 0, is next to them)."""
+    n_rows, c1, n_pos = lam.shape
+    nk = tmpl.shape[1]
+    c0 = nk // (kh * kw)
+    bh, bw = edge.shape[1], edge.shape[2]
+    out = np.zeros(n_rows)
+    for r in numba.prange(n_rows):
+        box = np.zeros((c0, bh, bw))
+        comb = np.empty(nk)
+        for pos in range(n_pos):
+            comb[:] = 0.0
+            live = False
+            for c in range(c1):
+                v = lam[r, c, pos]
+                if v != 0.0:
+                    live = True
+                    for k in range(nk):
+                        comb[k] += v * tmpl[c, k]
+            if not live:
+                continue
+            y0 = (pos // kw2) * sy
+            x0 = (pos % kw2) * sx
+            k = 0
+            for ch in range(c0):
+                for i in range(kh):
+                    for j in range(kw):
+                        box[ch, y0 + i, x0 + j] += comb[k]
+                        k += 1
+        w = win[r]
+        best = 0.0
+        for ch in range(c0):
+            m = 0.0
+            for i in range(bh):
+                for j in range(bw):
+                    if j + 1 < bw and pair_h[w, i, j]:
+                        m = max(m, abs(box[ch, i, j + 1] - box[ch, i, j]))
+                    if i + 1 < bh and pair_v[w, i, j]:
+                        m = max(m, abs(box[ch, i + 1, j] - box[ch, i, j]))
+                    if edge[w, i, j]:
+                        m = max(m, abs(box[ch, i, j]))
+            best = max(best, m * scale[r, ch])
+        out[r] = best
+    return out

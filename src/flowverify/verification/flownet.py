@@ -15,6 +15,7 @@ import torch
 from flowverify.transport.flows import apply_flow_adjoint, flow_dim
 from flowverify.verification.ball import (
     _F32_SAFE,
+    _folded_lip,
     _grad_absmax_t,
     _lam_g_lip,
     _lam_g_lip_csr,
@@ -243,3 +244,117 @@ def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> 
             lam, net.G_np, scale, mask, pair, c, h, w, G32=net.G_np32, g_absmax=net.G_absmax
         )
     return torch.as_tensor(lip) + lin.extra
+
+
+def conv_template(net: FlowNet, a: int, z: int, shape) -> tuple | None:
+    """The front rows ``[a, z)`` of a node of shape ``(C1, H1, W1)`` as one kernel per
+    channel shifted over the image (a convolution, after or before any per-channel
+    scaling): ``(template (C1, C0·kh·kw) float64, (sy, sx), (oy, ox), (kh, kw))``, the
+    row of neuron ``(c, y, x)`` being ``template[c]`` placed at ``(oy + sy·y, ox + sx·x)``
+    and clipped to the image; None if the rows are not exactly that (checked on every
+    row), or without a sparse ``G``."""
+    c1, h1, w1 = (int(s) for s in shape)
+    c0, h, w = net.shape
+    if net.G_csr is None or z - a != c1 * h1 * w1 or h1 < 3 or w1 < 3:
+        return None
+    boxes = net.G_boxes[a:z].reshape(c1, h1, w1, 4)
+    yr, xr = h1 // 2, w1 // 2
+
+    def union(y, x):
+        b = boxes[:, y, x]
+        live = b[:, 1] >= 0
+        if not live.any():
+            return None
+        return b[live, 0].min(), b[live, 1].max(), b[live, 2].min(), b[live, 3].max()
+
+    ref, down, right = union(yr, xr), union(yr + 1, xr), union(yr, xr + 1)
+    if ref is None or down is None or right is None:
+        return None
+    y0, y1, x0, x1 = (int(v) for v in ref)
+    sy, sx = int(down[0]) - y0, int(right[2]) - x0
+    if sy < 1 or sx < 1:
+        return None
+    kh, kw = y1 - y0 + 1, x1 - x0 + 1
+    oy, ox = y0 - sy * yr, x0 - sx * xr
+    g = net.G_np[a:z].reshape(c1, h1, w1, c0, h, w)
+    tmpl = g[:, yr, xr, :, y0 : y0 + kh, x0 : x0 + kw]  # (C1, C0, kh, kw)
+    expect = np.zeros_like(g)
+    for y in range(h1):
+        ty = oy + sy * y
+        i0, i1 = max(ty, 0), min(ty + kh, h)
+        for x in range(w1):
+            tx = ox + sx * x
+            j0, j1 = max(tx, 0), min(tx + kw, w)
+            if i0 < i1 and j0 < j1:
+                expect[:, y, x, :, i0:i1, j0:j1] = tmpl[:, :, i0 - ty : i1 - ty, j0 - tx : j1 - tx]
+    if not np.array_equal(expect, g):
+        return None
+    return np.ascontiguousarray(tmpl.reshape(c1, -1)), (sy, sx), (oy, ox), (kh, kw)
+
+
+def window_geometry(template: tuple, starts, step, window, image_shape) -> dict:
+    """What :func:`folded_rows_norm` needs of windows of a convolution reading the node
+    of :func:`conv_template` ``template``: the windows start at its neurons ``starts (W,
+    2)`` and take ``window = (kh2, kw2)`` of them ``step = (dy, dx)`` apart.  Each
+    window's rows live on an image box ``BH x BW`` at ``origin``: its pixels inside the
+    image, the neighbour pairs inside it, and the pixels with an image neighbour outside
+    the box (where the row is 0)."""
+    _, (sy, sx), (oy, ox), (kh, kw) = template
+    h, w = image_shape
+    (dy, dx), (kh2, kw2) = step, window
+    bh, bw = (kh2 - 1) * sy * dy + kh, (kw2 - 1) * sx * dx + kw
+    starts = np.asarray(starts, dtype=np.int64)
+    top = oy + sy * starts[:, 0]
+    left = ox + sx * starts[:, 1]
+    ii = top[:, None] + np.arange(bh)[None]  # (W, BH) image rows
+    jj = left[:, None] + np.arange(bw)[None]
+    in_i, in_j = (ii >= 0) & (ii < h), (jj >= 0) & (jj < w)
+    inside = in_i[:, :, None] & in_j[:, None, :]
+    edge = np.zeros_like(inside)
+    edge[:, 0, :] |= (top - 1 >= 0)[:, None]
+    edge[:, -1, :] |= (top + bh <= h - 1)[:, None]
+    edge[:, :, 0] |= (left - 1 >= 0)[:, None]
+    edge[:, :, -1] |= (left + bw <= w - 1)[:, None]
+    return {
+        "window": (int(kh2), int(kw2)),
+        "stride": (sy * dy, sx * dx),
+        "kernel": (kh, kw),
+        "pair_h": np.ascontiguousarray(inside[:, :, 1:] & inside[:, :, :-1]),
+        "pair_v": np.ascontiguousarray(inside[:, 1:, :] & inside[:, :-1, :]),
+        "edge": np.ascontiguousarray(edge & inside),
+        "template": template[0],
+    }
+
+
+def folded_rows_norm(geo: dict, vals: torch.Tensor, win: torch.Tensor, scale, rows):
+    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` (as :func:`sparse_rows_norm`) of rows given by
+    their entries ``vals (N, m, C1·kh2·kw2)`` on the windows ``win (N, m)`` of
+    :func:`window_geometry`, where ``rows (N, m)`` (0 elsewhere).
+
+    On a convolutional front each entry's row of ``G`` is its channel's kernel shifted,
+    so ``Λ_r G`` is the transposed convolution of the window: per window position the
+    channels' kernels combined (one matrix product for all rows), then overlapped
+    (``fold``) on the window's image box.  The norm is the largest neighbour difference
+    inside the box and the image, or an edge value of the box next to an image pixel
+    outside it (which is 0): the same pairs as the sparse kernel, in float64."""
+    out = torch.zeros(rows.shape, dtype=torch.float64)
+    bi, ri = torch.as_tensor(rows).nonzero(as_tuple=True)
+    if bi.numel() == 0:
+        return out
+    tmpl = geo["template"]
+    lam = vals[bi, ri].to(torch.float64).reshape(bi.numel(), tmpl.shape[0], -1)
+    scale = torch.as_tensor(scale, dtype=torch.float64)[bi]
+    args = (
+        np.ascontiguousarray(lam.numpy()),
+        tmpl,
+        np.ascontiguousarray(win[bi, ri].numpy()),
+        np.ascontiguousarray(scale.numpy()),
+        *geo["window"],
+        *geo["stride"],
+        *geo["kernel"],
+        geo["pair_h"],
+        geo["pair_v"],
+        geo["edge"],
+    )
+    out[bi, ri] = torch.as_tensor(_small_serial(_folded_lip, lam.numel() * 4, *args))
+    return out

@@ -167,17 +167,23 @@ class ConvOp(_Affine):
         flat input neurons ``cols`` of the neuron's window (an entry in the padding has
         value 0 at neuron 0)."""
         b, k = sel.shape
-        c_out = self.weight.shape[0]
         ho_wo = self.out_shape[1] * self.out_shape[2]
         s = sel.reshape(-1)
         ch = s // ho_wo
         table, valid = self._patch_table(s.device)
-        row = (ch // (c_out // self.groups)) * ho_wo + s % ho_wo
+        row = self.window_ids(s)
         cols, ok = table[row], valid[row]
         wt = weight.reshape(-1).to(self.weight.dtype)
         vals = self.weight[ch].reshape(s.numel(), -1) * wt[:, None] * ok
         beta = wt * self.b[ch] if self.b is not None else torch.zeros_like(wt)
         return vals.reshape(b, k, -1), cols.reshape(b, k, -1), beta.reshape(b, k)
+
+    def window_ids(self, sel: torch.Tensor) -> torch.Tensor:
+        """The window (row of the patch table) each output neuron ``sel`` reads: its
+        group's window at its position."""
+        c_out = self.weight.shape[0]
+        ho_wo = self.out_shape[1] * self.out_shape[2]
+        return (sel // ho_wo // (c_out // self.groups)) * ho_wo + sel % ho_wo
 
     def _patch_table(self, device):
         """Flat input indices ``(G·Ho·Wo, P)`` of each group's window at each output

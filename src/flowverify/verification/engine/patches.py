@@ -9,7 +9,11 @@ sparse) give its value at the image and its W1-ball dual norm ``‖Aᵀ(Λ G)‖
 So each row costs ``P`` entries instead of a dense map of ``f``'s size: the same bound,
 computed by the same relaxation (:func:`~.activations.apply`) and the same norm
 (:func:`~..flownet.sparse_rows_norm`), as the dense path of
-:meth:`~.crown.EngineProblem._crown_bounds`.
+:meth:`~.crown.EngineProblem._crown_bounds`.  When ``f`` is a convolution of the image
+(its rows one kernel per channel, shifted; :func:`~..flownet.conv_template`), the norm
+is taken on the window's transposed convolution instead
+(:func:`~..flownet.folded_rows_norm`: the kernels combined per window position, then
+placed), the same value for a fifth of the scattered additions.
 """
 
 from __future__ import annotations
@@ -42,6 +46,31 @@ def patch_front(prob, i: int):
     return j, f
 
 
+def _folded(prob, i: int, f: int):
+    """:func:`~..flownet.window_geometry` of convolution ``i``'s windows when the front
+    node ``f`` it reads (through an activation) is a convolution of the image
+    (:func:`~..flownet.conv_template`) and ``i`` has one group; else None.  Cached on
+    the graph."""
+    key = ("folded", i, f, tuple(prob._ends), str(prob.device))
+    if key not in prob.graph.cache:
+        op, shape = prob.graph.nodes[i].op, prob.graph.nodes[f].shape
+        geo = None
+        if op.groups == 1 and isinstance(op.padding, tuple) and len(shape) == 3:
+            a, z = prob._offsets[f]
+            tmpl = _flownet.conv_template(prob._front(), a, z, shape)
+            if tmpl is not None:
+                _, out_h, out_w = op.out_shape
+                oy, ox = np.divmod(np.arange(out_h * out_w), out_w)
+                starts = np.stack(
+                    [oy * op.stride[0] - op.padding[0], ox * op.stride[1] - op.padding[1]], 1
+                )
+                geo = _flownet.window_geometry(
+                    tmpl, starts, op.dilation, op.weight.shape[2:], prob._front().shape[1:]
+                )
+        prob.graph.cache[key] = geo
+    return prob.graph.cache[key]
+
+
 def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     """CROWN bounds of the selected neurons ``sel`` of a convolution ``i`` whose rows
     stay on their windows down to the front (auto_LiRPA's "patches"): the kernel
@@ -67,7 +96,12 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     vals_np = np.ascontiguousarray(vals.numpy())
     cols_np = np.ascontiguousarray(cols.numpy())
     inv_np = np.ascontiguousarray(inv.numpy())
-    norm = _flownet.sparse_rows_norm(net, vals_np, cols_np, inv_np, mask.numpy())
+    geo = _folded(prob, i, f)
+    if geo is not None:
+        win = prob.graph.nodes[i].op.window_ids(sel)
+        norm = _flownet.folded_rows_norm(geo, vals, torch.cat([win, win], 1), inv, mask)
+    else:
+        norm = _flownet.sparse_rows_norm(net, vals_np, cols_np, inv_np, mask.numpy())
 
     lo_f, up_f = lo.reshape(b, -1), up.reshape(b, -1)
     new_lo, new_up = prob._tighten(
