@@ -540,13 +540,14 @@ def _rgb_stem(front=None):
 
 
 @pytest.mark.parametrize("name", ["cnn", "rgb", "rgb-normalised", "rgb-per-pixel"])
-def test_folded_patch_norms_equal_the_sparse_kernel(name, monkeypatch):
-    """On a convolutional front the patch rows' ball norms come from each channel's
-    kernel (:func:`~flowverify.verification.flownet.folded_rows_norm`): the bounds equal
+def test_folded_norms_equal_the_sparse_kernel(name, monkeypatch):
+    """On a convolutional front the ball norms of the patch rows and of the dense rows
+    come from each channel's kernel (:func:`~flowverify.verification.flownet.
+    folded_rows_norm`): the bounds equal
     the sparse kernel's, with padding, stride, dilation, colour and a per-channel
     normalisation; a per-pixel scaling is not a convolution's front and keeps the
     sparse kernel."""
-    from flowverify.verification.engine import patches
+    from flowverify.verification import flownet as _flownet
 
     rng = np.random.default_rng(2)
     torch.manual_seed(4)
@@ -566,12 +567,16 @@ def test_folded_patch_norms_equal_the_sparse_kernel(name, monkeypatch):
     def bounds():
         graph.cache.clear()
         prob = EngineProblem(graph, x, _labels(net, x), make_domain("w1-ball", x))
-        return prob.layer_bounds(np.arange(len(x)), eps)[0]
+        found = prob.layer_bounds(np.arange(len(x)), eps)[0]
+        found["F"] = (torch.as_tensor(prob(np.arange(len(x)), eps.numpy())),) * 2  # margins
+        return found
 
     folded = bounds()
     used = [v is not None for k, v in graph.cache.items() if k[0] == "folded"]
     assert used == [name != "rgb-per-pixel"]
-    monkeypatch.setattr(patches, "_folded", lambda prob, i, f: None)
+    fronts = [v[0].front_geo is not None for k, v in graph.cache.items() if k[0] == "front"]
+    assert fronts == [name != "rgb-per-pixel"]  # the dense rows' norms too
+    monkeypatch.setattr(_flownet, "conv_template", lambda *a: None)
     sparse = bounds()
     unstable = 0
     for node, (lo, up) in sparse.items():

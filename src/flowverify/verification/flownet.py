@@ -110,6 +110,9 @@ class FlowNet:
             self.G_sparse_t = csr.T.tocsr()
             self.G_boxes = row_boxes(*self.G_csr[:2], *self.shape[1:])
         self.G_lip = _grad_absmax_t(self.G, self.shape, per_channel=True)  # (n_0, C)
+        # a convolution's front: :func:`window_geometry` of one window over all its
+        # neurons, set by the caller that knows the front's shape (see ball_norm)
+        self.front_geo = None
         # float32 copy for the dense intermediate-bound norms (see _lam_g_lip)
         self.G_np32 = None
         self.G_absmax = None
@@ -235,7 +238,10 @@ def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> 
     mask = np.ones((n, m), dtype=np.bool_) if rows is None else np.asarray(rows, dtype=np.bool_)
     c, h, w = net.shape
     scale = np.ascontiguousarray(lin.inv_scale.detach().cpu().numpy())
-    if net.G_csr is not None:
+    if net.front_geo is not None:  # a convolution's front: its transposed convolution
+        win = torch.zeros((n, m), dtype=torch.int64)
+        lip = folded_rows_norm(net.front_geo, lin.lam.detach(), win, scale, mask)
+    elif net.G_csr is not None:
         cols = np.arange(lam.shape[2], dtype=np.int64).reshape(1, 1, -1)
         lip = sparse_rows_norm(net, lam, cols, scale, mask)
     else:

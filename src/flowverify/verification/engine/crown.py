@@ -488,4 +488,10 @@ def _front_map(graph: Graph, ends, image: torch.Tensor, device):
         at += q.shape[0]
     g = torch.cat(blocks).cpu().numpy()
     net = _flownet.FlowNet(g, tuple(image.shape), device=device)
+    shape = graph.nodes[ends[0]].shape if ends[0] != 0 else ()
+    if len(ends) == 1 and len(shape) == 3:  # one node: is it a convolution of the image?
+        tmpl = _flownet.conv_template(net, 0, g.shape[0], shape)
+        if tmpl is not None:
+            hw = tuple(image.shape[1:])
+            net.front_geo = _flownet.window_geometry(tmpl, [[0, 0]], (1, 1), shape[1:], hw)
     return net, offsets
