@@ -130,17 +130,23 @@ def apply(
     ``(B, m, *S)``: one lower slope per row, alpha-CROWN).  Each coefficient takes
     the lower line where it is non-negative and the upper line where it is negative.
     ``cols (B, m, P)``: ``lam (B, m, P)`` holds only the coefficients of the neurons
-    ``cols`` (flat indices; the rows of a convolution as patches, :mod:`.patches`).
+    ``cols`` (flat indices; the rows of a convolution as patches, :mod:`.patches`);
+    ``(B, m/2, P)`` when rows ``r`` and ``r + m/2`` read the same neurons (the lines are
+    gathered once for both).
     """
     s_lo, b_lo, s_up, b_up = relax
     b, m = lam.shape[:2]
     flat = lam.reshape(b, m, -1)
     n = flat.shape[2]
     if cols is not None:  # every line gathered per row at its neurons
-        at = cols.reshape(b, -1)
+        at, k = cols.reshape(b, -1), cols.shape[1]
         s_lo, b_lo, s_up, b_up = (
-            None if t is None else t.reshape(b, -1).gather(1, at).reshape(b, m, n) for t in relax
+            None if t is None else t.reshape(b, -1).gather(1, at).reshape(b, k, n) for t in relax
         )
+        if k != m:  # rows r and r + m/2 on the same neurons
+            s_lo, b_lo, s_up, b_up = (
+                None if t is None else torch.cat([t, t], 1) for t in (s_lo, b_lo, s_up, b_up)
+            )
     per_row = s_lo.dim() == lam.dim()  # alpha-CROWN (or patches): one lower slope per row
     s_lo = s_lo.reshape(b, m if per_row else 1, -1)
     if cols is None:

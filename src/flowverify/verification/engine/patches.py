@@ -82,14 +82,16 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     j, f = front
     sel, valid = selected
     b = lo.shape[0]
-    one = valid.to(lo.dtype)
-    vals, cols, beta = prob.graph.nodes[i].op.patch_rows(
-        torch.cat([sel, sel], 1), torch.cat([one, -one], 1)
+    k = sel.shape[1]
+    vals, cols, beta = prob.graph.nodes[i].op.patch_rows(sel, valid.to(lo.dtype))
+    # the lower rows +w, the upper rows -w, on the same neurons
+    vals, beta = act.apply(
+        torch.cat([vals, -vals], 1), torch.cat([beta, -beta], 1), relax[j], cols=cols
     )
-    vals, beta = act.apply(vals, beta, relax[j], cols=cols)
     cols = cols + prob._offsets[f][0]  # rows of the front map
-    at = cols.reshape(b, -1)
-    centre = (vals * prob._front_vals[idx].gather(1, at).reshape(vals.shape)).sum(2) + beta
+    at = prob._front_vals[idx].gather(1, cols.reshape(b, -1)).reshape(cols.shape)
+    centre = torch.cat([(vals[:, :k] * at).sum(2), (vals[:, k:] * at).sum(2)], 1) + beta
+    cols = torch.cat([cols, cols], 1)
     net = prob._front()
     inv = prob.inv_scale[idx]
     mask = torch.cat([valid, valid], dim=1)
