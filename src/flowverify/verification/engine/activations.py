@@ -143,10 +143,10 @@ def apply(
         s_lo, b_lo, s_up, b_up = (
             None if t is None else t.reshape(b, -1).gather(1, at).reshape(b, k, n) for t in relax
         )
-        if k != m:  # rows r and r + m/2 on the same neurons
-            s_lo, b_lo, s_up, b_up = (
-                None if t is None else torch.cat([t, t], 1) for t in (s_lo, b_lo, s_up, b_up)
-            )
+        if k != m:  # rows r and r + m/2 on the same neurons: the lines broadcast
+            lines = [None if t is None else t[:, None] for t in (s_lo, b_lo, s_up, b_up)]
+            out, beta = _lines(flat.reshape(b, 2, k, n), beta.reshape(b, 2, k), *lines)
+            return out.reshape(lam.shape), beta.reshape(b, m)
     per_row = s_lo.dim() == lam.dim()  # alpha-CROWN (or patches): one lower slope per row
     s_lo = s_lo.reshape(b, m if per_row else 1, -1)
     if cols is None:
@@ -169,19 +169,28 @@ def apply(
             bu = b_up.gather(1, cols) * used
             beta = beta + torch.bmm(part - pos, bu[:, :, None])[..., 0]
             return out.reshape(lam.shape), beta
+    out, beta = _lines(flat, beta, s_lo, b_lo, s_up, b_up)
+    return out.reshape(lam.shape), beta
+
+
+def _lines(flat, beta, s_lo, b_lo, s_up, b_up):
+    """Each coefficient of ``flat (B, ..., n)`` on the lower line where it is
+    non-negative and on the upper where it is negative: ``(Λ', β')``; lines per row
+    (as many dimensions as ``flat``, broadcasting) or shared by the rows (``(B, n)``)."""
     neg = flat < 0
     out = flat * torch.where(neg, s_up, s_lo)
     lam_neg = torch.where(neg, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
     beta = beta + _row_dot(lam_neg, b_up)
     if b_lo is not None:
         beta = beta + _row_dot(flat - lam_neg, b_lo)
-    return out.reshape(lam.shape), beta
+    return out, beta
 
 
 def _row_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``Σ_j lam_{bmj} t_{bj}`` (``t (B, n)``) or ``Σ_j lam_{bmj} t_{bmj}`` (per row)."""
-    if t.dim() == 3:
-        return (lam * t).sum(dim=2)
+    """``Σ_j lam_{bmj} t_{bj}`` (``t (B, n)``) or ``Σ_j lam_{bmj} t_{bmj}`` (per row,
+    ``t`` with as many dimensions as ``lam``, broadcasting)."""
+    if t.dim() == lam.dim():
+        return (lam * t).sum(dim=-1)
     return torch.bmm(lam, t.reshape(t.shape[0], -1, 1))[..., 0]
 
 

@@ -91,14 +91,16 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
     cols = cols + prob._offsets[f][0]  # rows of the front map
     at = prob._front_vals[idx].gather(1, cols.reshape(b, -1)).reshape(cols.shape)
     centre = torch.cat([(vals[:, :k] * at).sum(2), (vals[:, k:] * at).sum(2)], 1) + beta
-    cols = torch.cat([cols, cols], 1)
     net = prob._front()
     inv = prob.inv_scale[idx]
     mask = torch.cat([valid, valid], dim=1)
-    vals_np = np.ascontiguousarray(vals.numpy())
-    cols_np = np.ascontiguousarray(cols.numpy())
-    inv_np = np.ascontiguousarray(inv.numpy())
     geo = _folded(prob, i, f)
+    rows = None  # the rows on the front's sparse map: for the polytope, or the norm
+    if prob.domain.refines or geo is None:
+        vals_np = np.ascontiguousarray(vals.numpy())
+        cols_np = np.ascontiguousarray(torch.cat([cols, cols], 1).numpy())
+        inv_np = np.ascontiguousarray(inv.numpy())
+        rows = _flownet.sparse_rows(net, vals_np, cols_np, inv_np)
     if geo is not None:
         win = prob.graph.nodes[i].op.window_ids(sel)
         norm = _flownet.folded_rows_norm(geo, vals, torch.cat([win, win], 1), inv, mask)
@@ -111,7 +113,7 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
         eps,
         centre,
         torch.as_tensor(norm),
-        _flownet.sparse_rows(net, vals_np, cols_np, inv_np),
+        rows,
         torch.gather(lo_f, 1, sel),
         torch.gather(up_f, 1, sel),
         valid,
