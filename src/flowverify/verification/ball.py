@@ -233,57 +233,57 @@ def _grad_absmax_t(q: torch.Tensor, shape, *, per_channel: bool = False) -> torc
 
 
 @numba.njit(cache=True, parallel=True)
-def _folded_lip(lam, tmpl, win, scale, kh2, kw2, sy, sx, kh, kw, pair_h, pair_v, edge):
+def _folded_lip(lam, tmpl, win, scale, top, left, kh2, kw2, sy, sx, kh, kw, C, H, W):
     """``‖Aᵀ(Λ_r G diag(scale_r))‖_∞`` of rows on windows of a convolutional front:
     ``lam (R, C1, kh2·kw2)`` the entries of each row at its window's neurons, ``tmpl
-    (C1, C0·kh·kw)`` each channel's kernel (the front's row of a neuron, placed ``sy, sx``
-    pixels apart from its neighbours'), ``win (R,)`` the windows, ``scale (R, C0)``.
+    (C1, C·kh·kw)`` each channel's kernel (the front's row of a neuron, placed ``sy, sx``
+    pixels apart from its neighbours'), ``win (R,)`` the windows, whose first kernel
+    sits at image pixel ``(top[w], left[w])``, ``scale (R, C)``.
 
-    Per window position the channels' kernels are combined (``C1·C0·kh·kw``
-    multiply-adds, contiguous), then added at the position's place on the window's box
-    (the transposed convolution).  The norm is the largest neighbour difference over the
-    pairs ``pair_h``/``pair_v`` of the window (``(W, BH, BW-1)``, ``(W, BH-1, BW)``: both
-    pixels in the image) and the magnitude at ``edge`` pixels (``(W, BH, BW)``: an image
-    pixel outside the box, where the row is 0, is next to them)."""
+    Per window position the channels' kernels are combined (``C1·C·kh·kw``
+    multiply-adds, contiguous), then added at the position's place in the image (the
+    transposed convolution; pixels outside the image are the front's padding and are
+    dropped), on the window's box grown by one pixel and clipped to the image; the
+    norm there is :func:`_acc_lip`'s, as for the sparse rows (:func:`_lam_g_lip_csr`)."""
     n_rows, c1, n_pos = lam.shape
     nk = tmpl.shape[1]
-    c0 = nk // (kh * kw)
-    bh, bw = edge.shape[1], edge.shape[2]
+    bh, bw = (kh2 - 1) * sy + kh, (kw2 - 1) * sx + kw
+    hw = H * W
     out = np.zeros(n_rows)
-    for r in numba.prange(n_rows):
-        box = np.zeros((c0, bh, bw))
+    n_chunks = min(n_rows, 256)  # one image-sized accumulator per chunk of rows
+    for chunk in numba.prange(n_chunks):
+        acc = np.empty(C * hw)
         comb = np.empty(nk)
-        for pos in range(n_pos):
-            comb[:] = 0.0
-            live = False
-            for c in range(c1):
-                v = lam[r, c, pos]
-                if v != 0.0:
-                    live = True
-                    for k in range(nk):
-                        comb[k] += v * tmpl[c, k]
-            if not live:
+        for r in range(chunk, n_rows, n_chunks):
+            y0, x0 = top[win[r]], left[win[r]]
+            i0, i1 = max(y0 - 1, 0), min(y0 + bh, H - 1)
+            j0, j1 = max(x0 - 1, 0), min(x0 + bw, W - 1)
+            if i0 > i1 or j0 > j1:
                 continue
-            y0 = (pos // kw2) * sy
-            x0 = (pos % kw2) * sx
-            k = 0
-            for ch in range(c0):
-                for i in range(kh):
-                    for j in range(kw):
-                        box[ch, y0 + i, x0 + j] += comb[k]
-                        k += 1
-        w = win[r]
-        best = 0.0
-        for ch in range(c0):
-            m = 0.0
-            for i in range(bh):
-                for j in range(bw):
-                    if j + 1 < bw and pair_h[w, i, j]:
-                        m = max(m, abs(box[ch, i, j + 1] - box[ch, i, j]))
-                    if i + 1 < bh and pair_v[w, i, j]:
-                        m = max(m, abs(box[ch, i + 1, j] - box[ch, i, j]))
-                    if edge[w, i, j]:
-                        m = max(m, abs(box[ch, i, j]))
-            best = max(best, m * scale[r, ch])
-        out[r] = best
+            for ch in range(C):
+                for i in range(i0, i1 + 1):
+                    for j in range(j0, j1 + 1):
+                        acc[ch * hw + i * W + j] = 0.0
+            for pos in range(n_pos):
+                comb[:] = 0.0
+                live = False
+                for c in range(c1):
+                    v = lam[r, c, pos]
+                    if v != 0.0:
+                        live = True
+                        for k in range(nk):
+                            comb[k] += v * tmpl[c, k]
+                if not live:
+                    continue
+                py = y0 + (pos // kw2) * sy
+                px = x0 + (pos % kw2) * sx
+                ia, ib = max(-py, 0), min(kh, H - py)  # the kernel's rows in the image
+                ja, jb = max(-px, 0), min(kw, W - px)
+                for ch in range(C):
+                    for i in range(ia, ib):
+                        base = ch * hw + (py + i) * W + px
+                        kk = (ch * kh + i) * kw
+                        for j in range(ja, jb):
+                            acc[base + j] += comb[kk + j]
+            out[r] = _acc_lip(acc, scale[r], C, H, W, i0, i1, j0, j1)
     return out

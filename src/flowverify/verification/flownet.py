@@ -111,8 +111,10 @@ class FlowNet:
             self.G_boxes = row_boxes(*self.G_csr[:2], *self.shape[1:])
         self.G_lip = _grad_absmax_t(self.G, self.shape, per_channel=True)  # (n_0, C)
         # a convolution's front: :func:`window_geometry` of one window over all its
-        # neurons, set by the caller that knows the front's shape (see ball_norm)
+        # neurons, set by the caller that knows the front's shape (see ball_norm);
+        # :func:`conv_template` of its nodes
         self.front_geo = None
+        self.templates: dict = {}
         # float32 copy for the dense intermediate-bound norms (see _lam_g_lip)
         self.G_np32 = None
         self.G_absmax = None
@@ -240,7 +242,7 @@ def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> 
     scale = np.ascontiguousarray(lin.inv_scale.detach().cpu().numpy())
     if net.front_geo is not None:  # a convolution's front: its transposed convolution
         win = torch.zeros((n, m), dtype=torch.int64)
-        lip = folded_rows_norm(net.front_geo, lin.lam.detach(), win, scale, mask)
+        lip = folded_rows_norm(net, net.front_geo, lin.lam.detach(), win, scale, mask)
     elif net.G_csr is not None:
         cols = np.arange(lam.shape[2], dtype=np.int64).reshape(1, 1, -1)
         lip = sparse_rows_norm(net, lam, cols, scale, mask)
@@ -259,7 +261,13 @@ def conv_template(net: FlowNet, a: int, z: int, shape) -> tuple | None:
     row of neuron ``(c, y, x)`` being ``template[c]`` placed at ``(oy + sy·y, ox + sx·x)``
     and clipped to the image; None if the rows are not exactly that (checked on every
     row), or without a sparse ``G``."""
-    c1, h1, w1 = (int(s) for s in shape)
+    key = (a, z, tuple(int(s) for s in shape))
+    if key not in net.templates:  # checked once per front node, whoever asks
+        net.templates[key] = _conv_template(net, a, z, *key[2])
+    return net.templates[key]
+
+
+def _conv_template(net: FlowNet, a: int, z: int, c1: int, h1: int, w1: int):
     c0, h, w = net.shape
     if net.G_csr is None or z - a != c1 * h1 * w1 or h1 < 3 or w1 < 3:
         return None
@@ -298,51 +306,31 @@ def conv_template(net: FlowNet, a: int, z: int, shape) -> tuple | None:
     return np.ascontiguousarray(tmpl.reshape(c1, -1)), (sy, sx), (oy, ox), (kh, kw)
 
 
-def window_geometry(template: tuple, starts, step, window, image_shape) -> dict:
+def window_geometry(template: tuple, starts, step, window) -> dict:
     """What :func:`folded_rows_norm` needs of windows of a convolution reading the node
     of :func:`conv_template` ``template``: the windows start at its neurons ``starts (W,
-    2)`` and take ``window = (kh2, kw2)`` of them ``step = (dy, dx)`` apart.  Each
-    window's rows live on an image box ``BH x BW`` at ``origin``: its pixels inside the
-    image, the neighbour pairs inside it, and the pixels with an image neighbour outside
-    the box (where the row is 0)."""
+    2)`` and take ``window = (kh2, kw2)`` of them ``step = (dy, dx)`` apart; the first
+    kernel of window ``w`` sits at image pixel ``(top[w], left[w])``."""
     _, (sy, sx), (oy, ox), (kh, kw) = template
-    h, w = image_shape
-    (dy, dx), (kh2, kw2) = step, window
-    bh, bw = (kh2 - 1) * sy * dy + kh, (kw2 - 1) * sx * dx + kw
-    starts = np.asarray(starts, dtype=np.int64)
-    top = oy + sy * starts[:, 0]
-    left = ox + sx * starts[:, 1]
-    ii = top[:, None] + np.arange(bh)[None]  # (W, BH) image rows
-    jj = left[:, None] + np.arange(bw)[None]
-    in_i, in_j = (ii >= 0) & (ii < h), (jj >= 0) & (jj < w)
-    inside = in_i[:, :, None] & in_j[:, None, :]
-    edge = np.zeros_like(inside)
-    edge[:, 0, :] |= (top - 1 >= 0)[:, None]
-    edge[:, -1, :] |= (top + bh <= h - 1)[:, None]
-    edge[:, :, 0] |= (left - 1 >= 0)[:, None]
-    edge[:, :, -1] |= (left + bw <= w - 1)[:, None]
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1, 2)
     return {
-        "window": (int(kh2), int(kw2)),
-        "stride": (sy * dy, sx * dx),
-        "kernel": (kh, kw),
-        "pair_h": np.ascontiguousarray(inside[:, :, 1:] & inside[:, :, :-1]),
-        "pair_v": np.ascontiguousarray(inside[:, 1:, :] & inside[:, :-1, :]),
-        "edge": np.ascontiguousarray(edge & inside),
         "template": template[0],
+        "top": np.ascontiguousarray(oy + sy * starts[:, 0]),
+        "left": np.ascontiguousarray(ox + sx * starts[:, 1]),
+        "window": (int(window[0]), int(window[1])),
+        "stride": (sy * int(step[0]), sx * int(step[1])),
+        "kernel": (kh, kw),
     }
 
 
-def folded_rows_norm(geo: dict, vals: torch.Tensor, win: torch.Tensor, scale, rows):
+def folded_rows_norm(net: FlowNet, geo: dict, vals: torch.Tensor, win, scale, rows):
     """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` (as :func:`sparse_rows_norm`) of rows given by
     their entries ``vals (N, m, C1·kh2·kw2)`` on the windows ``win (N, m)`` of
     :func:`window_geometry`, where ``rows (N, m)`` (0 elsewhere).
 
     On a convolutional front each entry's row of ``G`` is its channel's kernel shifted,
-    so ``Λ_r G`` is the transposed convolution of the window: per window position the
-    channels' kernels combined (one matrix product for all rows), then overlapped
-    (``fold``) on the window's image box.  The norm is the largest neighbour difference
-    inside the box and the image, or an edge value of the box next to an image pixel
-    outside it (which is 0): the same pairs as the sparse kernel, in float64."""
+    so ``Λ_r G`` is the window's transposed convolution (:func:`~.ball._folded_lip`: the
+    channels' kernels combined per window position, then placed), in float64."""
     out = torch.zeros(rows.shape, dtype=torch.float64)
     bi, ri = torch.as_tensor(rows).nonzero(as_tuple=True)
     if bi.numel() == 0:
@@ -353,14 +341,14 @@ def folded_rows_norm(geo: dict, vals: torch.Tensor, win: torch.Tensor, scale, ro
     args = (
         np.ascontiguousarray(lam.numpy()),
         tmpl,
-        np.ascontiguousarray(win[bi, ri].numpy()),
+        np.ascontiguousarray(torch.as_tensor(win)[bi, ri].numpy()),
         np.ascontiguousarray(scale.numpy()),
+        geo["top"],
+        geo["left"],
         *geo["window"],
         *geo["stride"],
         *geo["kernel"],
-        geo["pair_h"],
-        geo["pair_v"],
-        geo["edge"],
+        *net.shape,
     )
     out[bi, ri] = torch.as_tensor(_small_serial(_folded_lip, lam.numel() * 4, *args))
     return out

@@ -492,6 +492,5 @@ def _front_map(graph: Graph, ends, image: torch.Tensor, device):
     if len(ends) == 1 and len(shape) == 3:  # one node: is it a convolution of the image?
         tmpl = _flownet.conv_template(net, 0, g.shape[0], shape)
         if tmpl is not None:
-            hw = tuple(image.shape[1:])
-            net.front_geo = _flownet.window_geometry(tmpl, [[0, 0]], (1, 1), shape[1:], hw)
+            net.front_geo = _flownet.window_geometry(tmpl, [[0, 0]], (1, 1), shape[1:])
     return net, offsets

@@ -64,9 +64,7 @@ def _folded(prob, i: int, f: int):
                 starts = np.stack(
                     [oy * op.stride[0] - op.padding[0], ox * op.stride[1] - op.padding[1]], 1
                 )
-                geo = _flownet.window_geometry(
-                    tmpl, starts, op.dilation, op.weight.shape[2:], prob._front().shape[1:]
-                )
+                geo = _flownet.window_geometry(tmpl, starts, op.dilation, op.weight.shape[2:])
         prob.graph.cache[key] = geo
     return prob.graph.cache[key]
 
@@ -103,7 +101,7 @@ def patch_bounds(prob, idx, eps, i: int, front, selected, lo, up, relax):
         rows = _flownet.sparse_rows(net, vals_np, cols_np, inv_np)
     if geo is not None:
         win = prob.graph.nodes[i].op.window_ids(sel)
-        norm = _flownet.folded_rows_norm(geo, vals, torch.cat([win, win], 1), inv, mask)
+        norm = _flownet.folded_rows_norm(net, geo, vals, torch.cat([win, win], 1), inv, mask)
     else:
         norm = _flownet.sparse_rows_norm(net, vals_np, cols_np, inv_np, mask.numpy())
 
