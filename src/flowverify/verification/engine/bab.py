@@ -284,13 +284,17 @@ class SplitBab:
                 beta = params[("b", i)].clamp(min=0.0)
                 extra[i] = (-beta * signs[i][:, None]).reshape(d, m, *shape)
             lin = prob.linear(idx, graph.output, spec, rels, extra=extra, record=record)
-            q = prob.q(lin)
+            if evaluate or replan or not self.feasible:
+                q = prob.q(lin)
             if evaluate or replan:
                 with torch.no_grad():
                     gain, fresh = self._gain(
                         q.detach(), eps, open_rows, bound=evaluate, slopes=replan
                     )
-                slope = fresh if replan else slope
+                if replan and self.feasible:  # <q, µ - ν*> = <Λ, G (µ - ν*) / s>
+                    inv = lin.inv_scale[:, None, :, None].detach()
+                    slope = (fresh.reshape(d, m, inv.shape[2], -1) * inv).flatten(2)
+                    slope = slope @ prob._front_net.G.T  # on the front's rows
             if evaluate:
                 with torch.no_grad():
                     val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)
@@ -309,7 +313,7 @@ class SplitBab:
             if not params:  # nothing to optimise (no ReLU)
                 continue
             if self.feasible:  # the gain linearised at the last plan
-                surrogate = lin.centre - (q.flatten(2) * slope).sum(dim=2)
+                surrogate = lin.centre - (lin.lam * slope).sum(dim=2)
             else:
                 surrogate = lin.centre - self.prob.domain.norm(q) * eps
             loss = -torch.where(open_rows, surrogate, torch.zeros_like(surrogate)).sum()

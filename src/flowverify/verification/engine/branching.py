@@ -54,7 +54,8 @@ def fsb_choices(bab, ctx, scores: dict, k: int, keep: list) -> dict:
 
     ``ctx = (rels, extra, slope, rows, eps)`` of :meth:`~.bab.SplitBab._bound`'s last
     iterate: the relaxations (lower slopes per margin row), the split terms of ``β``,
-    the plan gradient ``(D, m, P)`` (None over the ball), the margins still open
+    the plan gradient on the front's rows ``(D, m, n_0)`` (``G (µ - ν*) / s``; None over
+    the ball), the margins still open
     ``(D, m)`` and ``ε``."""
     if not keep:
         return {}
@@ -136,11 +137,7 @@ def _children(bab, ctx, pos, relus, starts) -> torch.Tensor:
     with torch.no_grad():
         lin = prob.linear(idx, graph.output, spec, new_rels, extra=new_extra)
         if slope is not None:  # <q, µ - ν*> as <Λ, G (µ - ν*) / s>: parents' rows only
-            net = prob._front_net
-            c = net.shape[0]
-            inv = prob.inv_scale[:1, None, :, None]
-            g_slope = (slope.reshape(d, slope.shape[1], c, -1) * inv).flatten(2) @ net.G.T
-            gain = (lin.lam * g_slope[rep]).sum(dim=2)
+            gain = (lin.lam * slope[rep]).sum(dim=2)
         else:
             gain = prob.domain.norm(prob.q(lin)) * eps
         est = torch.where(rows[rep], lin.centre - gain, math.inf).min(dim=1).values
