@@ -46,6 +46,7 @@ import torch
 from flowverify.verification import numerics as _numerics
 from flowverify.verification import polytope as _polytope
 from flowverify.verification.engine import activations as act
+from flowverify.verification.engine import subdomain as _subdomain
 from flowverify.verification.engine.branching import babsr_scores, fsb_choices
 from flowverify.verification.engine.crown import EngineProblem
 from flowverify.verification.engine.domains import make_domain
@@ -57,10 +58,7 @@ __all__ = ["BabDecision", "BabRadius", "SplitBab"]
 
 #: Most search steps on the dual variable for the transport plans that serve as gradients.
 PLAN_ITERS = 12
-_STUCK = (
-    "a subdomain with every unstable neuron split still has a negative bound (the "
-    "multipliers did not converge)"
-)
+_STUCK = "a fully split subdomain still has a negative bound (its multipliers did not converge)"
 
 
 class SplitBab:
@@ -193,7 +191,7 @@ class SplitBab:
                 up = torch.stack([up[0] if o is None else o[1] for o in own])
             todo = [k for k, sub in enumerate(subs) if 0 < sub.stale <= i]
             if todo and self.refine and node.inputs[0] not in self.prob.front:
-                lo, up = self._refine(i, todo, lo, up, rel, eps)
+                lo, up = self._refine(i, todo, lo, up, rel, eps, [subs[k] for k in todo])
                 for k in todo:
                     subs[k].bounds[i] = (lo[k], up[k])
             s = torch.stack([sub.splits[i] for sub in subs]).to(lo.dtype)
@@ -214,9 +212,10 @@ class SplitBab:
         later = [j for j in self.relus if j > split_at][:1]
         return min([j for j in (stale, *later) if j > 0], default=0)
 
-    def _refine(self, i: int, todo: list, lo, up, rel: dict, eps: float):
-        """CROWN bounds of ReLU ``i``'s input on the subdomains ``todo`` through the
-        relaxations ``rel`` of the activations above, intersected with ``lo``, ``up``."""
+    def _refine(self, i: int, todo: list, lo, up, rel: dict, eps: float, subs: list):
+        """CROWN bounds of ReLU ``i``'s input on the subdomains ``todo`` (``subs``) through
+        the relaxations ``rel`` of the activations above, intersected with ``lo``, ``up``;
+        each row's polytope dual starts from its bracket in the parent."""
         prob, at = self.prob, self.graph.nodes[i].inputs[0]
         rows = torch.as_tensor(todo, device=lo.device)
         sub_rel = {j: tuple(None if t is None else t[rows] for t in r) for j, r in rel.items()}
@@ -230,9 +229,10 @@ class SplitBab:
                 lo[rows].reshape(shape),
                 up[rows].reshape(shape),
                 sub_rel,
+                store := _subdomain.theta_store(subs, i, lo.shape[1]),
             )
-        lo, up = lo.clone(), up.clone()
-        lo[rows] = torch.maximum(lo[rows], lo2.reshape(k, -1))
+        _subdomain.keep_theta(subs, i, store)
+        lo, up = lo.index_put((rows,), torch.maximum(lo[rows], lo2.reshape(k, -1))), up.clone()
         up[rows] = torch.minimum(up[rows], up2.reshape(k, -1))
         return lo, up
 
@@ -381,6 +381,7 @@ class SplitBab:
                     bounds=None if sub.bounds is None else dict(sub.bounds),
                     eps=sub.eps,
                     stale=self._stale(sub.stale, best_i),
+                    theta=sub.theta,
                 )
             )
         return kids

@@ -278,9 +278,7 @@ class EngineProblem:
         )
         return new_lo.reshape(lo.shape), new_up.reshape(up.shape)
 
-    def _tighten(
-        self, idx, eps, centre, norm, q_rows, old_lo, old_up, valid, piecewise, key=None, sel=None
-    ):
+    def _tighten(self, idx, eps, centre, norm, q_rows, old_lo, old_up, valid, piecewise, **kw):
         """New bounds of ``k`` neurons from the linear lower bounds of ``[e_j; -e_j]``
         (``centre``, ``norm``: ``(B, 2k)``).
 
@@ -291,7 +289,9 @@ class EngineProblem:
         image-space rows of the entries ``(kk[s], rr[s])`` (:meth:`~.domains.W1Polytope.
         gain_rows`); ``key``: the node, whose rows are the same on every call (the domain
         keeps their dual evaluations), or with ``sel`` (the neurons ``(B, k)`` of the rows)
-        are the same neurons' (their evaluations start the next search)."""
+        are the same neurons' (their evaluations start the next search; per batch entry
+        in ``store`` if given: :meth:`~.domains.W1Polytope.gain_rows`)."""
+        key, sel, store = kw.get("key"), kw.get("sel"), kw.get("store")
         k = old_lo.shape[1]
 
         def tighten(gain):
@@ -306,7 +306,7 @@ class EngineProblem:
             if sel is not None:  # row r is neuron sel[r % k], sign by r // k
                 n = self.graph.nodes[key].size
                 ids = torch.cat([sel, sel + n], dim=1).cpu().numpy()
-                slots = {"slots": (ids, 2 * n), "same": False}
+                slots = {"slots": (ids, 2 * n), "same": False, "store": store}
             halves = ((True, False), (False, True)) if piecewise else ((True, True),)
             for want_lo, want_up in halves:
                 still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
@@ -319,8 +319,8 @@ class EngineProblem:
                 new_up = torch.maximum(new_up, new_lo)
         return new_lo, new_up
 
-    def _crown_bounds(self, idx, eps, i, lo, up, relax):
-        """Tighten the interval bounds of node ``i`` by CROWN where they are unstable."""
+    def _crown_bounds(self, idx, eps, i, lo, up, relax, store=None):
+        """Tighten node ``i``'s bounds by CROWN where unstable (``store``: :meth:`_tighten`)."""
         if i in self.front:
             return self._front_bounds(idx, eps, i, lo, up)
         node = self.graph.nodes[i]
@@ -336,8 +336,11 @@ class EngineProblem:
             lo, up = lo.clone(), up.clone()
             for g in groups:
                 sub = {j: tuple(None if t is None else t[g] for t in r) for j, r in relax.items()}
-                gi = np.asarray(idx)[g.cpu().numpy()]
-                lo[g], up[g] = self._crown_bounds(gi, eps[g], i, lo[g], up[g], sub)
+                g_np = g.cpu().numpy()
+                part, gi = None if store is None else store[g_np], np.asarray(idx)[g_np]
+                lo[g], up[g] = self._crown_bounds(gi, eps[g], i, lo[g], up[g], sub, part)
+                if part is not None:
+                    store[g_np] = part
             return lo, up
         order = torch.sort(need.to(torch.int8), dim=1, descending=True, stable=True)
         sel, valid = order.indices[:, :k], order.values[:, :k].bool()
@@ -366,6 +369,7 @@ class EngineProblem:
             piecewise,
             key=i,
             sel=sel,
+            store=store,
         )
         lo_f = lo_f.scatter(1, sel, new_lo)
         up_f = up_f.scatter(1, sel, new_up)

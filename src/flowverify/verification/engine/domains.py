@@ -110,7 +110,7 @@ class W1Polytope(W1Ball):
 
         return self.gain_rows(q_rows, eps, idx, mask).to(q.device, q.dtype)
 
-    def gain_rows(self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True):
+    def gain_rows(self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True, store=None):
         """The gains ``(B, R)`` of the rows where ``rows (B, R)`` (``inf`` elsewhere: no
         information, the caller keeps its ball bound there), from ``q_rows(kk, rr)``: the
         image-space rows ``(n, C*H*W)`` (float64) of the entries ``(kk[s], rr[s])``, or
@@ -120,7 +120,9 @@ class W1Polytope(W1Ball):
         to start the next call's search (:func:`~..polytope.polytope_gain_rows`); the slot
         of row ``(k, r)`` is ``r``, or ``ids[k, r]`` with ``slots = (ids, n_slots)``.
         ``same``: a slot always holds the same row (e.g. the rows of the linear front: the
-        evaluations are bounds at any ``ε``); else only their ``θ`` start the search."""
+        evaluations are bounds at any ``ε``); else only their ``θ`` start the search.
+        ``store``: ``(B, n_slots, S, 3)``, the evaluations kept per batch entry instead
+        of per image (a caller whose entries are subdomains of one image), updated."""
         b, r = rows.shape
         out = np.full((b, r), np.inf)
         kk, rr = np.nonzero(rows.detach().cpu().numpy())
@@ -128,7 +130,10 @@ class W1Polytope(W1Ball):
             e = eps.detach().cpu().numpy()[kk]
             img = np.asarray(idx)[kk]
             slot, n_slots = (rr, r) if slots is None else (slots[0][kk, rr], slots[1])
-            store = self._store(key, n_slots)
+            if store is None:
+                store = self._store(key, n_slots)
+            else:  # kept per batch entry
+                img = kk
             planes = None if store is None else store[img, slot]  # a copy: no races
             mu = self.mu[np.asarray(idx)]
             if isinstance(q_rows, tuple):

@@ -30,6 +30,9 @@ class _Sub:
     bounds: dict | None = None
     eps: float = math.nan
     stale: int = 0
+    #: per refined ReLU, the last bracket ``(θ_a, θ_b)`` of each of its rows' polytope
+    #: dual (``(2n, 2)``: lower rows, then upper), a child's first points to evaluate
+    theta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -64,3 +67,21 @@ class BabRadius:
     nodes: int
     seconds: float
     message: str = ""
+
+
+def theta_store(subs: list, i: int, n: int) -> np.ndarray:
+    """The brackets :attr:`_Sub.theta` of ReLU ``i`` (``n`` neurons) of the subdomains
+    ``subs`` as the ``store`` of :meth:`~.crown.EngineProblem._tighten` (``(D, 2n, 2, 3)``:
+    per row its left and right point, ``θ < 0`` where none is known)."""
+    store = np.full((len(subs), 2 * n, 2, 3), -1.0)
+    for k, sub in enumerate(subs):
+        if i in sub.theta:
+            store[k, :, :, 0] = sub.theta[i]
+    return store
+
+
+def keep_theta(subs: list, i: int, store: np.ndarray) -> None:
+    """Keep each subdomain's new brackets of ReLU ``i`` from ``store`` (a new dict: a
+    parent's is shared by its children)."""
+    for k, sub in enumerate(subs):
+        sub.theta = {**sub.theta, i: store[k, :, :, 0].astype(np.float32)}
