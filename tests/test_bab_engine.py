@@ -217,10 +217,11 @@ def test_branching_rules_reach_the_same_exact_radius(monkeypatch, candidates):
     """BaBSR alone (1 candidate) and filtered smart branching (:mod:`.engine.branching`)
     split only candidates (unstable, unsplit neurons) and find the brute-force radius."""
     from flowverify.verification.engine import bab as _bab
+    from flowverify.verification.engine import bab_search as _search
 
     model, chain, dmu, ref, label, img = _setup(8, [4, 4, 3])
     truth = _brute_force(chain, dmu, ref, label)
-    init, choose, seen = _bab.SplitBab.__init__, _bab.fsb_choices, []
+    init, choose, seen = _bab.SplitBab.__init__, _search.fsb_choices, []
 
     def init_k(self, *a, **kw):
         init(self, *a, candidates=candidates, **kw)
@@ -231,7 +232,7 @@ def test_branching_rules_reach_the_same_exact_radius(monkeypatch, candidates):
         return out
 
     monkeypatch.setattr(_bab.SplitBab, "__init__", init_k)
-    monkeypatch.setattr(_bab, "fsb_choices", check)
+    monkeypatch.setattr(_search, "fsb_choices", check)
     res = _complete(model, img, label, rtol=1e-7)
     assert res.status == Status.CERTIFIED and res.exact, res.message
     assert res.radius_raw == pytest.approx(truth, rel=1e-6)
