@@ -237,3 +237,36 @@ def test_branching_rules_reach_the_same_exact_radius(monkeypatch, candidates):
     assert res.status == Status.CERTIFIED and res.exact, res.message
     assert res.radius_raw == pytest.approx(truth, rel=1e-6)
     assert seen and all(seen)
+
+
+def test_a_decision_out_of_time_proves_the_radius_of_what_it_left_open(monkeypatch):
+    """A decision stopped by its deadline reports the smallest proven radius of the
+    subdomains it left open (each from its bound's relaxation, valid on every smaller
+    region): positive, at most ``ε`` and never above the brute-force radius; the radius
+    search keeps it (a clock that ticks once per look stops both after a few rounds)."""
+    import copy
+
+    from flowverify.verification.engine import bab_search as _search
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    model, chain, dmu, ref, label, img = _setup(3, [4, 4, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    monkeypatch.setattr(_search, "time", Clock())
+    bab = SplitBab(graph, img, label, batch=4)
+    eps = 0.999 * truth  # below the radius: no witness
+    dec = bab.decide(eps, deadline=6.0)
+    assert dec.status == "unknown" and dec.message == "time limit reached"
+    assert 0 < dec.proven <= eps
+    assert dec.proven <= truth * (1 + 1e-9)
+    monkeypatch.setattr(_search, "time", Clock())
+    res = SplitBab(graph, img, label, batch=4).radius(0.0, 2 * truth, deadline=12.0)
+    assert 0 < res.lower <= truth * (1 + 1e-9) and not res.exact

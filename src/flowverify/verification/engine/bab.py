@@ -34,6 +34,7 @@ partition across radii (:mod:`.bab_search`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -306,6 +307,7 @@ class SplitBab(BabSearch):
                     scores = babsr_scores(self.relus, record, rel, lohi, unstable, signs, still)
                     self._last = (rels, extra, slope, still, eps)
                     q_best = q.detach()
+                    self._proven(subs, lin, still, eps)
                     break
             if not params:  # nothing to optimise (no ReLU)
                 continue
@@ -331,6 +333,24 @@ class SplitBab(BabSearch):
             sub.open = sub.open & (best[k] <= 0)
             sub.bound = float(best[k][sub.open].min()) if bool(sub.open.any()) else math.inf
         return best, scores, q_best
+
+    def _proven(self, subs: list[_Sub], lin, still, eps: float) -> None:
+        """Raise each subdomain's proven radius (:attr:`_Sub.radius`) to the largest
+        ``ε' <= ε`` at which its bound's relaxation (valid on ``D_ε``, so on every smaller
+        region) keeps the margins ``still`` open at ``ε`` positive (the others are
+        positive at ``ε``): the radius form of the same dual (:meth:`~.crown.
+        EngineProblem._radii`, its rounding margin included)."""
+        if not bool(still.any()):
+            return
+        with torch.no_grad():
+            lin = dataclasses.replace(
+                lin, lam=lin.lam.detach(), centre=torch.where(still, lin.centre.detach(), -1.0)
+            )
+            eps_t = torch.full((len(subs),), float(eps), dtype=torch.float64, device=still.device)
+            rad = self.prob._radii(lin, eps_t, np.zeros(len(subs), dtype=np.int64))
+            rad = torch.where(still, rad, math.inf).min(dim=1).values.clamp(max=float(eps))
+        for sub, r in zip(subs, rad.tolist(), strict=True):
+            sub.radius = max(sub.radius, r)
 
     # ---------------------------------------------------------------- falsification
 

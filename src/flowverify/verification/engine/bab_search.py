@@ -8,11 +8,23 @@ warm start) instead of from the root.  A decision that runs out of its share of 
 is discarded (measured: starting the next, smaller ``ε`` from its finer partition
 bounded more nodes and proved less on fc digits 0, 1, 5; the fine leaves are bounded
 again at every later ``ε``).
+
+Each bounded subdomain also gets a proven radius (:meth:`~.bab.SplitBab._proven`): the
+largest ``ε' <= ε`` at which its bound's relaxation, valid on ``D_ε`` and so on every
+smaller region, keeps its margins positive (0 for a subdomain whose bound is negative
+at the image itself, e.g. one the image is not in); its children inherit it.  The
+smallest over the open subdomains is a radius proven on the whole search space, so a
+decision that runs out of time still raises the proven radius, and subdomains are
+taken smallest proven radius first (then lowest bound).  Measured on fc digits 0-7,
+30 s each, against the bound-first search without proven radii: larger on digits 0, 1,
+2, 5 (0.1076 -> 0.1137 on digit 0), equal on 3, 4, 6, smaller on 7 (0.0534 -> 0.0522,
+in a run that bounded 2,917 nodes against 4,521: this machine's speed varies).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 
 import numpy as np
@@ -51,6 +63,7 @@ class BabSearch:
                     eps=sub.eps,
                     stale=self._stale(sub.stale, best_i),
                     theta=sub.theta,
+                    radius=sub.radius,
                 )
             )
         return kids
@@ -65,10 +78,10 @@ class BabSearch:
     def decide(self, eps: float, *, deadline: float | None = None, leaves=None) -> BabDecision:
         """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``."""
         root = self._root(eps)
-        if leaves:
+        if leaves:  # closed at ε_c: proven there
             start = [
-                _Sub({i: t.clone() for i, t in sp.items()}, a, b, torch.ones_like(o), depth=dp)
-                for sp, a, b, o, dp in leaves
+                _Sub(sp, a, b, torch.ones_like(o), depth=dp, radius=e_c)
+                for sp, a, b, o, dp, e_c in leaves
             ]
         else:
             start = [self._fresh()]
@@ -78,7 +91,7 @@ class BabSearch:
         while todo:
             for c0 in range(0, len(todo), self.batch):
                 if c0 and deadline is not None and time.perf_counter() >= deadline:
-                    return BabDecision("unknown", self.nodes, message="time limit reached")
+                    return self._late(todo[c0:] + [h[-1] for h in heap])
                 chunk = todo[c0 : c0 + self.batch]
                 iters = 2 * self.iterations if first else self.iterations
                 lb, scores, q = self._bound(chunk, eps, root, iters)
@@ -94,7 +107,7 @@ class BabSearch:
                     if kids is None:
                         affine.append(sub)
                     for kid in kids or ():
-                        heapq.heappush(heap, (kid.bound, next(self._tick), kid))
+                        heapq.heappush(heap, (kid.radius, kid.bound, next(self._tick), kid))
                 if affine:  # a longer optimisation of their multipliers first, together
                     self._bound(affine, eps, root, 4 * self.iterations)
                 for sub in affine:
@@ -105,10 +118,11 @@ class BabSearch:
                         self._bound([sub], eps, root, 0)
                     if bool(sub.open.any()):
                         late = deadline is not None and time.perf_counter() >= deadline
-                        why = "time limit reached" if late else _STUCK
-                        return BabDecision("unknown", self.nodes, message=why, worst=sub.bound)
+                        rest = [s for s in affine if bool(s.open.any())]  # sub included
+                        rest += todo[c0 + self.batch :] + [h[-1] for h in heap]
+                        return self._late(rest, None if late else _STUCK, sub.bound)
                 closed += [
-                    (s.splits, s.alpha, s.beta, s.open, s.depth)
+                    (s.splits, s.alpha, s.beta, s.open, s.depth, eps)
                     for s in chunk
                     if not bool(s.open.any())
                 ]
@@ -116,11 +130,16 @@ class BabSearch:
             if not heap:
                 break
             if deadline is not None and time.perf_counter() >= deadline:
-                return BabDecision(
-                    "unknown", self.nodes, message="time limit reached", worst=heap[0][0]
-                )
-            todo = [heapq.heappop(heap)[2] for _ in range(min(self.batch // 2, len(heap)))]
+                return self._late([h[-1] for h in heap], worst=min(h[1] for h in heap))
+            todo = [heapq.heappop(heap)[-1] for _ in range(min(self.batch // 2, len(heap)))]
         return BabDecision("certified", self.nodes, leaves=closed)
+
+    def _late(self, rest: list, why: str | None = None, worst: float = -math.inf):
+        """``unknown``, with the smallest proven radius of the subdomains ``rest`` left
+        open (the others are closed at ``ε``, above it): a radius proven everywhere."""
+        proven = min((sub.radius for sub in rest), default=0.0)
+        why = why or "time limit reached"
+        return BabDecision("unknown", self.nodes, message=why, worst=worst, proven=proven)
 
     def radius(
         self,
@@ -163,7 +182,8 @@ class BabSearch:
                 if w1 < hi:
                     hi, witness = w1, dec.witness
                 step = min(step, max(hi / max(lo, 1e-300) - 1, 0) / 2)
-            else:
+            else:  # its open subdomains' proven radii still prove their smallest
+                lo = max(lo, min(dec.proven, eps))
                 step /= 4
         exact = hi <= lo * (1 + rtol)
         return BabRadius(lo, hi, witness, exact, self.nodes, time.perf_counter() - t0, message)

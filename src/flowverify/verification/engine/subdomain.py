@@ -33,6 +33,8 @@ class _Sub:
     #: per refined ReLU, the last bracket ``(θ_a, θ_b)`` of each of its rows' polytope
     #: dual (``(2n, 2)``: lower rows, then upper), a child's first points to evaluate
     theta: dict = field(default_factory=dict)
+    #: a proven radius (raw): every margin is positive on ``D_radius`` ∩ the subdomain
+    radius: float = 0.0
 
 
 @dataclass
@@ -52,6 +54,9 @@ class BabDecision:
     message: str = ""
     leaves: list = field(default_factory=list)
     worst: float = -math.inf
+    #: ``unknown``: the smallest proven radius (raw) of the subdomains left open, a
+    #: radius proven on the whole search space
+    proven: float = 0.0
 
 
 @dataclass
