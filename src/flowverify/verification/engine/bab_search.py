@@ -4,10 +4,10 @@ exact radius, on one partition of the search space kept across radii.
 A subdomain of a partition of the search space at one ``ε`` is a subdomain at any
 other, so the radius search climbs from the proven side and starts each decision from
 the leaves of the last proof (their splits, slopes ``α`` and multipliers ``β`` kept as a
-warm start) instead of from the root.  A decision that runs out of its share of the time
-is discarded (measured: starting the next, smaller ``ε`` from its finer partition
-bounded more nodes and proved less on fc digits 0, 1, 5; the fine leaves are bounded
-again at every later ``ε``).
+warm start) instead of from the root.  The partition of a decision that runs out of its
+share of the time is discarded (measured: starting the next, smaller ``ε`` from that
+finer partition bounded more nodes and proved less on fc digits 0, 1, 5; the fine leaves
+are bounded again at every later ``ε``); its proven radius is kept (below).
 
 Each bounded subdomain also gets a proven radius (:meth:`~.bab.SplitBab._proven`): the
 largest ``ε' <= ε`` at which its bound's relaxation, valid on ``D_ε`` and so on every
@@ -76,7 +76,9 @@ class BabSearch:
         return _Sub(splits, open=torch.ones(self.m, dtype=torch.bool, device=self.prob.device))
 
     def decide(self, eps: float, *, deadline: float | None = None, leaves=None) -> BabDecision:
-        """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``."""
+        """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``, starting
+        from the closed ``leaves`` ``(splits, α, β, open, depth, ε_closed)`` of an earlier
+        proof if given (the ``leaves`` of a certified decision)."""
         root = self._root(eps)
         if leaves:  # closed at ε_c: proven there
             start = [

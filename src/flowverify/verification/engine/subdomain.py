@@ -44,8 +44,8 @@ class BabDecision:
     ``status``: ``certified`` (every subdomain closed: no image of ``D_ε`` is
     misclassified), ``falsified`` (``witness``, an image of ``D_ε`` the model
     misclassifies, at W1 ``witness_w1`` from the image, re-checked by the caller) or
-    ``unknown`` (``message`` says why).  ``leaves``: the splits of the closed subdomains
-    (a partition of the search space, reused at a larger ``ε``).
+    ``unknown`` (``message`` says why).  ``leaves``: the closed subdomains ``(splits, α, β,
+    open, depth, ε_closed)`` (a partition of the search space, reused at a larger ``ε``).
     """
 
     status: str
