@@ -494,3 +494,30 @@ def test_certify_and_the_verifier_share_their_keywords_and_defaults():
     public = options(certify, {"sigma", "n0", "n_samples", "alpha"})
     inner = options(_vapi._iter_certify_modes, {"adversary"})
     assert public == inner
+
+
+def test_a_model_is_prepared_once_and_again_after_its_weights_change():
+    """The float64 copy and the engine graph (with its front map) are reused across calls
+    on the same model, and rebuilt after an in-place change of its weights (an optimiser
+    step), a new layer or a reloaded state: radii always those of the model as it is."""
+    from flowverify.verification import api as _api
+
+    model = _relu_net(5)
+    x = _images(6)
+    y = model(torch.as_tensor(x).double()).argmax(1).numpy()
+    first = [r.radius for r in certify(model, x, y, method="feasible")]
+    old = [r.radius for r in certify(model, x, y, method="vanilla")]
+    graph = _api._ENGINE_MODELS[model][2]
+    assert any(k[0] == "front" for k in graph.cache if isinstance(k, tuple))
+    assert [r.radius for r in certify(model, x, y, method="feasible")] == first
+    assert _api._ENGINE_MODELS[model][2] is graph  # reused, front map and all
+    with torch.no_grad():
+        model[1].weight.mul_(0.5)  # in place: the storage stays, its version moves on
+    fresh = copy.deepcopy(model)
+    now = [r.radius for r in certify(model, x, y, method="vanilla")]
+    assert now == [r.radius for r in certify(fresh, x, y, method="vanilla")] and now != old
+    assert _api._ENGINE_MODELS[model][2] is not graph
+    before = _api._ENGINE_MODELS[model][2]
+    model.load_state_dict(fresh.state_dict())  # same values, copied in: rebuilt anyway
+    certify(model, x[:1], y[:1], method="vanilla")
+    assert _api._ENGINE_MODELS[model][2] is not before

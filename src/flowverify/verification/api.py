@@ -50,9 +50,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -254,11 +257,39 @@ def _prepare_model(model, x: np.ndarray, method: str, certifier: str, input_scal
             f"Conv2d and ReLU layers ({chain_error}); vanilla and feasible with "
             "certifier='crown' certify this model through the bound-propagation engine"
         )
+    key = (_weights_key(net_model), tuple(x.shape[1:]), flat, input_scale)
+    try:
+        with _ENGINE_LOCK:
+            kept = _ENGINE_MODELS.get(net_model)
+    except TypeError:  # a module that cannot be a dictionary key: nothing is kept
+        kept = key = None
+    if kept is not None and kept[0] == key:
+        return net_model, kept[1], flat, num_classes, kept[2]
     model64 = copy.deepcopy(net_model).to(torch.float64).eval()
     for p in model64.parameters():
         p.requires_grad_(False)
     graph = _engine_graph(model64, x, flat, input_scale)
+    if key is not None:
+        with _ENGINE_LOCK:
+            _ENGINE_MODELS[net_model] = (key, model64, graph)
     return net_model, model64, flat, num_classes, graph
+
+
+#: Per user model (weakly held): its float64 copy and engine graph (with the graph's
+#: front map, built on first use), reused by later calls while :func:`_weights_key` is
+#: unchanged.  Measured: building them takes ~40 ms per call on the bundled ``cnn``.
+_ENGINE_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENGINE_LOCK = threading.Lock()
+
+
+def _weights_key(model) -> tuple:
+    """What a change of the model's layers or weights changes: every submodule, and every
+    parameter's and buffer's storage, version counter (bumped by in-place updates such
+    as an optimiser step or ``load_state_dict``), dtype, shape and device."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple(id(m) for m in model.modules()) + tuple(
+        (t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device)) for t in tensors
+    )
 
 
 def check_certifiable(

@@ -117,10 +117,16 @@ class Graph:
         return self.values(x)[-1]
 
     def to(self, device, dtype=torch.float64) -> Graph:
+        """Move every operator's tensors (in place); the cache is kept when nothing moves
+        (a graph reused across calls keeps its front map)."""
+        where = (torch.device(device), dtype)
+        if self.cache.get("_where") == where:
+            return self
         self.cache.clear()
         for node in self.nodes:
             if hasattr(node.op, "to"):
                 node.op.to(device, dtype)
+        self.cache["_where"] = where
         return self
 
 
