@@ -126,12 +126,22 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
     CROWN radius ``lower`` and the attacks' ``upper``; every witness is re-checked by the
     model and an exact W1."""
     from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.region import polish
 
     e_max = float(_e_max(x[None])[0])
     inv = 1.0 / x.sum(axis=(-2, -1)) if ctx.input_scale == "normalised" else None
     bab = SplitBab(
         ctx.graph, x, label, feasible=ctx.method == "complete", inv_scale=inv, device=ctx.device
     )
+    bab.check = lambda image: _checked_w1(ctx, image, x, label, exact=False) < math.inf
+    if adv is not None:  # the attacks' closest adversarial, polished on its linear region
+        left = None if t_end is None else t_end - time.perf_counter()
+        share = None if left is None else time.perf_counter() + 0.1 * max(left, 0.0)
+        better = polish(bab, adv, deadline=share, check=bab.check)
+        if better is not None:
+            w1 = _checked_w1(ctx, better, x, label)
+            if w1 < upper:
+                upper, adv = w1, better
     hi = upper if math.isfinite(upper) else e_max
     out = {"solver_status": "beta-crown", "witness": adv, "message": None}
     if eps_raw is None:
@@ -154,8 +164,7 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
             else:
                 out["message"] = f"branch and bound: {dec.message}"
     if witness is not None and witness is not adv:
-        ok = _predict(ctx.model, witness[None], ctx.flat, ctx.input_scale)[0] != label
-        w1 = float(w1_distance(witness, x, unit="raw")) if ok else math.inf
+        w1 = _checked_w1(ctx, witness, x, label)
         if w1 < upper:
             upper, adv = w1, witness
         if eps_raw is not None and not w1 <= eps_raw:
@@ -164,6 +173,14 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
     if out["exact"] and not upper <= lower * (1 + ctx.rtol):
         out["exact"] = False  # the witness did not survive the re-check
     return out
+
+
+def _checked_w1(ctx: _Ctx, image, x, label, *, exact: bool = True) -> float:
+    """The exact W1 from ``x`` of ``image`` if the model misclassifies it, else ``inf``
+    (not ``exact``: 0 for a misclassified image)."""
+    if _predict(ctx.model, image[None], ctx.flat, ctx.input_scale)[0] == label:
+        return math.inf
+    return float(w1_distance(image, x, unit="raw")) if exact else 0.0
 
 
 def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyResult:

@@ -120,6 +120,9 @@ class SplitBab(BabSearch):
         ]
         self.m = self.prob.spec.shape[1]
         self.nodes = 0
+        #: ``image -> misclassified`` for polished witnesses (:func:`.region.polish`;
+        #: ``None``: the float64 graph's logits), e.g. the caller's own model.
+        self.check = None
         self._tick = itertools.count()
 
     # ------------------------------------------------------------------ bounding

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from flowverify.verification.engine.branching import fsb_choices
-from flowverify.verification.engine.region import region_lp
+from flowverify.verification.engine.region import polish, region_lp
 from flowverify.verification.engine.subdomain import BabDecision, BabRadius, _Sub
 
 __all__ = ["BabSearch"]
@@ -186,10 +186,12 @@ class BabSearch:
             if dec.status == "certified":
                 lo, leaves = eps, dec.leaves
                 step *= 2
-            elif dec.status == "falsified":
-                w1 = float(w1_distance(dec.witness, self.x[0], unit="raw"))
+            elif dec.status == "falsified":  # polished on its linear region first
+                wit = polish(self, dec.witness, deadline=share, check=self.check)
+                wit = dec.witness if wit is None else wit
+                w1 = float(w1_distance(wit, self.x[0], unit="raw"))
                 if w1 < hi:
-                    hi, witness = w1, dec.witness
+                    hi, witness = w1, wit
                 step = min(step, max(hi / max(lo, 1e-300) - 1, 0) / 2)
             else:  # its open subdomains' proven radii still prove their smallest
                 lo = max(lo, min(dec.proven, eps))
