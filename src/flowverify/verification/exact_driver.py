@@ -113,6 +113,11 @@ _OPEN = {
 }
 
 
+#: A decision polishes the attacks' closest adversarial only if it lies within this factor
+#: of ``ε`` (the polish gained 0.2-11% of W1 on fc and the 256x2 net, in 0.5-3.5 s).
+POLISH_REACH = 1.2
+
+
 def _is_chain(model) -> bool:
     try:
         _check_architecture(model)
@@ -134,7 +139,8 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
         ctx.graph, x, label, feasible=ctx.method == "complete", inv_scale=inv, device=ctx.device
     )
     bab.check = lambda image: _checked_w1(ctx, image, x, label, exact=False) < math.inf
-    if adv is not None:  # the attacks' closest adversarial, polished on its linear region
+    near = eps_raw is None or upper <= POLISH_REACH * eps_raw  # else a decision needs proof
+    if adv is not None and near:  # the attacks' closest adversarial, polished on its region
         left = None if t_end is None else t_end - time.perf_counter()
         share = None if left is None else time.perf_counter() + 0.1 * max(left, 0.0)
         better = polish(bab, adv, deadline=share, check=bab.check)
