@@ -7,7 +7,8 @@ for training), the first ``--n`` correctly classified from ``--start``.
 
 Radius mode (default), per digit: status, the proven radius, the closest adversarial's
 W1 (the bracket ``[radius, upper]``; equal within ``rtol`` when exact), their ratio,
-seconds, nodes bounded and nodes per second.  ``--compare bab`` then runs the per-node-LP
+seconds, nodes bounded and nodes per second; the summary gives the median ratio and the
+median bracket ``upper / radius``.  ``--compare bab`` then runs the per-node-LP
 search on the first ``--compare-n`` digits for ``--compare-timeout`` seconds each and
 prints both searches' nodes per second (same run, same digits).
 
@@ -22,6 +23,8 @@ Examples
     python benchmarks/bench_complete.py --n 20 --timeout 60 --compare bab
     python benchmarks/bench_complete.py --model ../shared/models/mnist-net_256x2.onnx \\
         --n 20 --timeout 60 --decide
+    python benchmarks/bench_complete.py --model ../shared/models/mnist-net_256x2.onnx \\
+        --n 20 --timeout 60
 """
 
 from __future__ import annotations
@@ -108,8 +111,10 @@ def main(argv=None) -> int:
     exact = sum(r.exact for r, _, _ in rows)
     ratios = [q for _, _, q in rows if not math.isnan(q)]
     rate = sum(_nodes(r) for r, _, _ in rows) / sum(s for _, s, _ in rows)
+    brackets = [1 / q if q > 0 else math.inf for q in ratios]  # upper / radius
     print(f"\n# exact {exact}/{len(rows)}; median radius / closest adversarial ", end="")
-    print(f"{statistics.median(ratios):.3f}; nodes/s (all digits) {rate:.0f}")
+    print(f"{statistics.median(ratios):.3f} (bracket upper / radius ", end="")
+    print(f"{statistics.median(brackets):.3f}); nodes/s (all digits) {rate:.0f}")
     if args.compare:
         print(f"\n| digit | {args.certifier} nodes/s | {args.compare} nodes/s | ratio |")
         print("|---|---|---|---|")

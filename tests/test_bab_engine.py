@@ -294,3 +294,34 @@ def test_a_polished_witness_lies_between_the_exact_radius_and_the_attack(seed, s
     w1 = float(fv.w1_distance(out, img, unit="raw"))
     assert truth * (1 - 1e-9) <= w1 <= w1_start * (1 + 1e-9)
     assert w1 < w1_start * (1 - 1e-6) or w1_start <= truth * (1 + 1e-6)  # it moved closer
+
+
+def test_a_batch_with_no_open_margin_is_bounded_without_error():
+    """A batch whose subdomains are all empty (a split against the root's bounds) has no
+    open margin to bound: every bound is +inf (closed), no plan is searched, no error."""
+    import copy
+
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    model, chain, dmu, ref, label, img = _setup(8, [4, 4, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    bab = SplitBab(graph, img, label)
+    eps = 0.1 * truth
+    root = bab._root(eps)
+    subs = []
+    for i in bab.relus:
+        lo, up = (t.reshape(-1) for t in root[0][graph.nodes[i].inputs[0]])
+        stable = [(j, 1) for j in torch.nonzero(up < 0).flatten().tolist()]  # inactive
+        stable += [(j, -1) for j in torch.nonzero(lo > 0).flatten().tolist()]  # active
+        for j, sign in stable:  # split against its phase: an empty subdomain
+            sub = bab._fresh()
+            sub.splits[i][j] = sign
+            subs.append(sub)
+    assert subs, "the test net needs a neuron stable at the root"
+    lb, _, _ = bab._bound(subs, eps, root, 2)
+    assert bool(torch.isinf(lb).all()) and all(not bool(s.open.any()) for s in subs)
+    q = torch.zeros((2, bab.m, *img.shape), dtype=torch.float64)
+    gain, slope = bab._gain(q, eps, torch.zeros((2, bab.m), dtype=torch.bool))
+    assert bool(torch.isinf(gain).all()) and not bool(slope.any())

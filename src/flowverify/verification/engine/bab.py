@@ -145,7 +145,7 @@ class SplitBab(BabSearch):
         if not self.feasible:
             return out, None
         kk, rr = torch.nonzero(rows, as_tuple=True)
-        sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), -1).cpu().numpy())
+        sel = np.ascontiguousarray(q[kk, rr].reshape(kk.numel(), q[0, 0].numel()).cpu().numpy())
         e = np.full(sel.shape[0], float(eps))
         if slopes:
             slope = torch.zeros((d, m, q[0, 0].numel()), dtype=q.dtype, device=q.device)
