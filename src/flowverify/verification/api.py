@@ -258,20 +258,16 @@ def _prepare_model(model, x: np.ndarray, method: str, certifier: str, input_scal
             "certifier='crown' certify this model through the bound-propagation engine"
         )
     key = (_weights_key(net_model), tuple(x.shape[1:]), flat, input_scale)
-    try:
-        with _ENGINE_LOCK:
-            kept = _ENGINE_MODELS.get(net_model)
-    except TypeError:  # a module that cannot be a dictionary key: nothing is kept
-        kept = key = None
+    with _ENGINE_LOCK:
+        kept = _ENGINE_MODELS.get(net_model)
     if kept is not None and kept[0] == key:
         return net_model, kept[1], flat, num_classes, kept[2]
     model64 = copy.deepcopy(net_model).to(torch.float64).eval()
     for p in model64.parameters():
         p.requires_grad_(False)
     graph = _engine_graph(model64, x, flat, input_scale)
-    if key is not None:
-        with _ENGINE_LOCK:
-            _ENGINE_MODELS[net_model] = (key, model64, graph)
+    with _ENGINE_LOCK:
+        _ENGINE_MODELS[net_model] = (key, model64, graph)
     return net_model, model64, flat, num_classes, graph
 
 

@@ -138,16 +138,14 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
     bab = SplitBab(
         ctx.graph, x, label, feasible=ctx.method == "complete", inv_scale=inv, device=ctx.device
     )
-    bab.check = lambda image: _checked_w1(ctx, image, x, label, exact=False) < math.inf
+    bab.check = lambda image: _misclassified(ctx, image, label)
     near = eps_raw is None or upper <= POLISH_REACH * eps_raw  # else a decision needs proof
     if adv is not None and near:  # the attacks' closest adversarial, polished on its region
         left = None if t_end is None else t_end - time.perf_counter()
         share = None if left is None else time.perf_counter() + 0.1 * max(left, 0.0)
-        better = polish(bab, adv, deadline=share, check=bab.check)
-        if better is not None:
-            w1 = _checked_w1(ctx, better, x, label)
-            if w1 < upper:
-                upper, adv = w1, better
+        better = polish(bab, adv, deadline=share, check=bab.check)  # checked, exact W1
+        if better is not None and better[1] < upper:
+            adv, upper = better
     hi = upper if math.isfinite(upper) else e_max
     out = {"solver_status": "beta-crown", "witness": adv, "message": None}
     if eps_raw is None:
@@ -181,12 +179,16 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
     return out
 
 
-def _checked_w1(ctx: _Ctx, image, x, label, *, exact: bool = True) -> float:
-    """The exact W1 from ``x`` of ``image`` if the model misclassifies it, else ``inf``
-    (not ``exact``: 0 for a misclassified image)."""
-    if _predict(ctx.model, image[None], ctx.flat, ctx.input_scale)[0] == label:
+def _misclassified(ctx: _Ctx, image, label) -> bool:
+    """Whether the user's model classifies ``image`` ``(C, H, W)`` other than ``label``."""
+    return bool(_predict(ctx.model, image[None], ctx.flat, ctx.input_scale)[0] != label)
+
+
+def _checked_w1(ctx: _Ctx, image, x, label) -> float:
+    """The exact W1 from ``x`` of ``image`` if the model misclassifies it, else ``inf``."""
+    if not _misclassified(ctx, image, label):
         return math.inf
-    return float(w1_distance(image, x, unit="raw")) if exact else 0.0
+    return float(w1_distance(image, x, unit="raw"))
 
 
 def _complete_result(ctx, x, lab, pred, idx, ref_sets, i, eps, unit) -> CertifyResult:

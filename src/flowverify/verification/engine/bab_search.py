@@ -187,9 +187,9 @@ class BabSearch:
                 lo, leaves = eps, dec.leaves
                 step *= 2
             elif dec.status == "falsified":  # polished on its linear region first
-                wit = polish(self, dec.witness, deadline=share, check=self.check)
-                wit = dec.witness if wit is None else wit
-                w1 = float(w1_distance(wit, self.x[0], unit="raw"))
+                better = polish(self, dec.witness, deadline=share, check=self.check)
+                wit, w1 = better or (dec.witness, w1_distance(dec.witness, self.x[0], unit="raw"))
+                w1 = float(w1)
                 if w1 < hi:
                     hi, witness = w1, wit
                 step = min(step, max(hi / max(lo, 1e-300) - 1, 0) / 2)

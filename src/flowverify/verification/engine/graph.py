@@ -65,6 +65,8 @@ class Graph:
     nodes: list[Node]
     #: Image-independent data derived from the graph (the engine's front map), by key.
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: ``(device, dtype)`` the operators' tensors were last moved to (:meth:`to`).
+    where: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def output(self) -> int:
@@ -120,13 +122,13 @@ class Graph:
         """Move every operator's tensors (in place); the cache is kept when nothing moves
         (a graph reused across calls keeps its front map)."""
         where = (torch.device(device), dtype)
-        if self.cache.get("_where") == where:
+        if self.where == where:
             return self
         self.cache.clear()
         for node in self.nodes:
             if hasattr(node.op, "to"):
                 node.op.to(device, dtype)
-        self.cache["_where"] = where
+        self.where = where
         return self
 
 

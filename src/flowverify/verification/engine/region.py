@@ -54,7 +54,7 @@ def region_lp(bab, sub, root, eps: float, deadline: float | None = None) -> np.n
     amat = _incidence(bab)
     n_e = amat.shape[1]
     mu = bab.mu.reshape(-1)
-    split_rows, split_rhs, where = _split_rows(bab, rels, {i: signs[i][0] for i in bab.relus})
+    split_rows, split_rhs, where = _split_rows(bab, rels, {i: signs[i][0] for i in bab.relus}, amat)
     q_out, centre = _margin_rows(bab, rels)
     rows = [*split_rows, sp.csr_matrix(np.ones((1, n_e)))]
     rhs = [*split_rhs, [float(eps) * (1 - 1e-9)]]
@@ -113,13 +113,12 @@ def _incidence(bab) -> sp.csr_matrix:
     return _block_incidence(h, w, c)
 
 
-def _split_rows(bab, rels: dict, signs: dict):
+def _split_rows(bab, rels: dict, signs: dict, amat):
     """The rows ``-s_j q_jᵀA`` and right-hand sides ``c_j`` of the constraints ``s_j z_j(ν)
     >= 0`` (``s_j z_j = c_j + q_jᵀ(ν - µ)`` through the affine ``rels``) over the flows
-    ``g`` (``ν = µ + Ag``), for the neurons with ``signs[i] != 0``; and ``(i, sel)`` per
-    block."""
+    ``g`` (``ν = µ + Ag``, ``A = amat``), for the neurons with ``signs[i] != 0``; and
+    ``(i, sel)`` per block."""
     graph, prob = bab.graph, bab.prob
-    amat = _incidence(bab)
     idx = np.zeros(1, dtype=np.int64)
     rows, rhs, where = [], [], []
     for i in bab.relus:
@@ -145,15 +144,18 @@ def _margin_rows(bab, rels: dict):
 
 
 def polish(bab, witness: np.ndarray, *, rounds: int = 4, deadline: float | None = None, check=None):
-    """A closer adversarial image than ``witness`` (``(C, H, W)``, misclassified), or
-    ``None``: the least ``‖g‖₁`` (``ν = µ + Ag``, ``ν >= 0`` on the polytope) on the
-    witness's linear region (every ReLU ``s_j z_j(ν) >= 0`` in its phase there) with the
-    margin of its class below ``-κ``, then again with the neurons whose constraints bind
-    flipped (the last image lies on both sides), for ``rounds`` LPs or until one gains
-    nothing: every image returned has a smaller exact W1 than the witness and passes
-    ``check`` (image -> misclassified; default the float64 model's logits).  An image
-    the LP puts within rounding of the decision boundary is solved for again with the
-    margin's clearance ``κ`` 10 to 100 times larger (up to ``1e-4 (1 + |c|)``)."""
+    """A closer adversarial image than ``witness`` (``(C, H, W)``, misclassified) and
+    its exact W1 (raw), or ``None``.
+
+    The least ``‖g‖₁`` (``ν = µ + Ag``, ``ν >= 0`` on the polytope) on the witness's
+    linear region (every ReLU ``s_j z_j(ν) >= 0`` in its phase there, the network there
+    affine through each neuron's own relaxation on that side) with the margin of its
+    class below ``-κ``; then again with the neurons whose constraints bind flipped (the
+    last image lies on both sides), for ``rounds`` LPs or until one gains nothing: the
+    image returned has a smaller exact W1 than the witness and passes ``check`` (image
+    -> misclassified; default the float64 model's logits).  An image the LP puts within
+    rounding of the decision boundary is solved for again with the margin's clearance
+    ``κ`` 10 to 100 times larger (up to ``1e-4 (1 + |c|)``)."""
     graph = bab.graph
     if any(i not in bab.relus for i in graph.activations()):
         return None  # not piecewise linear
@@ -173,12 +175,13 @@ def polish(bab, witness: np.ndarray, *, rounds: int = 4, deadline: float | None 
         if deadline is not None and time.perf_counter() >= deadline:
             break
         rels = {}
-        for i in bab.relus:
-            op, shape = graph.nodes[i].op, graph.nodes[i].shape
-            slope = torch.where(signs[i] > 0, 1.0, float(op.a)).to(torch.float64)
-            slope = slope.to(bab.prob.device).reshape(1, *shape)
-            rels[i] = (slope, None, slope, torch.zeros_like(slope))
-        rows, rhs, where = _split_rows(bab, rels, signs)
+        for i in bab.relus:  # each neuron's own linear piece: its relaxation on one side
+            up = (signs[i] > 0).to(torch.float64).to(bab.prob.device)
+            lo, up = (up - 1.0)[None], up[None]  # [0, 1] active, [-1, 0] inactive
+            s_lo, _, s_up, b_up = graph.nodes[i].op.relax(lo, up)
+            shape = (1, *graph.nodes[i].shape)
+            rels[i] = (s_lo.reshape(shape), None, s_up.reshape(shape), b_up.reshape(shape))
+        rows, rhs, where = _split_rows(bab, rels, signs, amat)
         q_out, centre = _margin_rows(bab, rels)
         margins = centre + q_out @ (img.reshape(-1) - mu)
         t = int(np.argmin(margins))
@@ -197,7 +200,7 @@ def polish(bab, witness: np.ndarray, *, rounds: int = 4, deadline: float | None 
         w1 = float(w1_distance(cand, bab.x[0], unit="raw"))
         if not w1 < best_w1 * (1 - 1e-12):
             break
-        best, best_w1, img = cand, w1, cand
+        best, best_w1, img = (cand, w1), w1, cand
         duals = np.asarray(res.ineqlin.marginals)[: sum(len(r) for r in rhs)]
         at = 0
         for i, sel in where:  # binding phase constraints: the next region across them
