@@ -326,3 +326,33 @@ def test_a_batch_with_no_open_margin_is_bounded_without_error():
     q = torch.zeros((2, bab.m, *img.shape), dtype=torch.float64)
     gain, slope = bab._gain(q, eps, torch.zeros((2, bab.m), dtype=torch.bool))
     assert bool(torch.isinf(gain).all()) and not bool(slope.any())
+
+
+@pytest.mark.parametrize("seed,sizes", [(3, [4, 4, 3]), (8, [4, 4, 3])])
+def test_decisions_share_one_search_tree(seed, sizes):
+    """Decisions of one :class:`~.engine.bab.SplitBab` work on one tree: after a proof at
+    ``ε``, a decision at the same ``ε`` bounds nothing; a decision that ran out of time
+    is resumed (not restarted) by the next at the same ``ε``, which still proves it; a
+    larger ``ε`` past the radius is falsified on the same tree."""
+    import copy
+
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    model, chain, dmu, ref, label, img = _setup(seed, sizes)
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    eps = 0.97 * truth
+    fresh = SplitBab(graph, img, label, batch=2)
+    assert fresh.decide(eps).status == "certified"
+    n_full = fresh.nodes
+    assert fresh.decide(eps).status == "certified" and fresh.nodes == n_full  # all proven
+    assert fresh.decide(0.5 * eps).status == "certified"
+
+    bab = SplitBab(graph, img, label, batch=2)
+    first = bab.decide(eps, deadline=0.0)  # one batch, then out of time
+    assert first.status == "unknown" and 0 < bab.nodes < n_full
+    assert bab.decide(eps).status == "certified"
+    assert bab.nodes <= n_full + 2  # resumed: at most the first batch bounded again
+    above = bab.decide(1.05 * truth)
+    assert above.status == "falsified" and _misclassified(model, above.witness, label)

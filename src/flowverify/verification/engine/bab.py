@@ -29,7 +29,7 @@ float64 model; a misclassified ``ν*`` is a witness.
 
 :class:`SplitBab` decides one image at one ``ε`` (:meth:`~SplitBab.decide`, like a
 VNN-COMP verifier) and searches the exact radius (:meth:`~SplitBab.radius`) with one
-partition across radii (:mod:`.bab_search`).
+search tree across radii (:mod:`.bab_search`).
 """
 
 from __future__ import annotations
@@ -334,14 +334,16 @@ class SplitBab(BabSearch):
             sub.alpha = {i: keep[("a", i)][k] for i in self.relus}
             sub.beta = {i: keep[("b", i)][k] for i in self.relus}
             sub.open = sub.open & (best[k] <= 0)
+            sub.mrad = torch.where(sub.open, sub.mrad, sub.mrad.clamp(min=float(eps)))
+            sub.radius = float(sub.mrad.min())
             sub.bound = float(best[k][sub.open].min()) if bool(sub.open.any()) else math.inf
         return best, scores, q_best
 
     def _proven(self, subs: list[_Sub], lin, still, eps: float) -> None:
-        """Raise each subdomain's proven radius (:attr:`_Sub.radius`) to the largest
-        ``ε' <= ε`` at which its bound's relaxation (valid on ``D_ε``, so on every smaller
-        region) keeps the margins ``still`` open at ``ε`` positive (the others are
-        positive at ``ε``): the radius form of the same dual (:meth:`~.crown.
+        """Raise each subdomain's proven radius of each margin ``still`` open at ``ε``
+        (:attr:`_Sub.mrad`; the others are positive at ``ε``) to the largest ``ε' <= ε``
+        at which its bound's relaxation (valid on ``D_ε``, so on every smaller region)
+        keeps it positive: the radius form of the same dual (:meth:`~.crown.
         EngineProblem._radii`, its rounding margin included)."""
         if not bool(still.any()):
             return
@@ -351,9 +353,9 @@ class SplitBab(BabSearch):
             )
             eps_t = torch.full((len(subs),), float(eps), dtype=torch.float64, device=still.device)
             rad = self.prob._radii(lin, eps_t, np.zeros(len(subs), dtype=np.int64))
-            rad = torch.where(still, rad, math.inf).min(dim=1).values.clamp(max=float(eps))
-        for sub, r in zip(subs, rad.tolist(), strict=True):
-            sub.radius = max(sub.radius, r)
+            rad = torch.where(still, rad.clamp(max=float(eps)), 0.0)
+        for k, sub in enumerate(subs):
+            sub.mrad = torch.maximum(sub.mrad, rad[k])
 
     # ---------------------------------------------------------------- falsification
 

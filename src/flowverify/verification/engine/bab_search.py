@@ -1,24 +1,28 @@
 """The search of branch and bound on ReLU splits (:mod:`.bab`): a fixed-ε decision and the
-exact radius, on one partition of the search space kept across radii.
+exact radius, on one search tree kept across radii.
 
 A subdomain of a partition of the search space at one ``ε`` is a subdomain at any
-other, so the radius search climbs from the proven side and starts each decision from
-the leaves of the last proof (their splits, slopes ``α`` and multipliers ``β`` kept as a
-warm start) instead of from the root.  The partition of a decision that runs out of its
-share of the time is discarded (measured: starting the next, smaller ``ε`` from that
-finer partition bounded more nodes and proved less on fc digits 0, 1, 5; the fine leaves
-are bounded again at every later ``ε``); its proven radius is kept (below).
+other, so every decision of a :class:`~.bab.SplitBab` works on the same tree.  Each
+subdomain keeps, per margin, the largest ``ε`` at which it (or an ancestor) was proven
+(:attr:`~.subdomain._Sub.mrad`), its children once split and the smallest ``ε`` at which
+its own bound failed.  A decision at ``ε`` walks the tree from the root: a subdomain
+proven at ``ε`` or above is done; one that already failed at ``ε`` or below is replaced by
+its children without being bounded again; the others are bounded at ``ε`` (warm-started
+with their slopes ``α`` and multipliers ``β``) and split where still open, into the
+children they had if any.  So neither a proof nor a decision that ran out of time is
+lost: the radius search climbs from the proven side, and when a decision at ``ε`` runs
+out of its share of the time, the next one at a smaller ``ε`` finds the subdomains that
+were closed at ``ε`` done and resumes the rest (before, each decision started again from
+the leaves of the last proof, and the work of a decision that ran out of time was
+discarded: about two thirds of the nodes bounded on fc digits 1 and 5 at 60 s).
 
-Each bounded subdomain also gets a proven radius (:meth:`~.bab.SplitBab._proven`): the
-largest ``ε' <= ε`` at which its bound's relaxation, valid on ``D_ε`` and so on every
-smaller region, keeps its margins positive (0 for a subdomain whose bound is negative
-at the image itself, e.g. one the image is not in); its children inherit it.  The
-smallest over the open subdomains is a radius proven on the whole search space, so a
-decision that runs out of time still raises the proven radius, and subdomains are
-taken smallest proven radius first (then lowest bound).  Measured on fc digits 0-7,
-30 s each, against the bound-first search without proven radii: larger on digits 0, 1,
-2, 5 (0.1076 -> 0.1137 on digit 0), equal on 3, 4, 6, smaller on 7 (0.0534 -> 0.0522,
-in a run that bounded 2,917 nodes against 4,521: this machine's speed varies).
+Each bounded subdomain also gets a proven radius per margin (:meth:`~.bab.SplitBab.
+_proven`): the largest ``ε' <= ε`` at which its bound's relaxation, valid on ``D_ε`` and
+so on every smaller region, keeps the margin positive (0 for a subdomain whose bound is
+negative at the image itself, e.g. one the image is not in); its children inherit it.
+The smallest over the open subdomains is a radius proven on the whole search space, so a
+decision that runs out of time still raises the proven radius, and subdomains are taken
+smallest proven radius first (then lowest bound).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class BabSearch:
     """Decisions and the radius search of :class:`~.bab.SplitBab` (a mix-in: it bounds,
     falsifies and scores through the methods of that class)."""
 
+    _tree: _Sub | None = None
+
     def _branch(self, sub: _Sub, choice) -> list[_Sub] | None:
         if choice is None:
             return None
@@ -63,52 +69,82 @@ class BabSearch:
                     eps=sub.eps,
                     stale=self._stale(sub.stale, best_i),
                     theta=sub.theta,
+                    mrad=sub.mrad.clone(),
                     radius=sub.radius,
                 )
             )
+        # the children hold what they start from; an interior subdomain bounded again
+        # (at a smaller ε) starts afresh
+        sub.alpha = sub.beta = sub.bounds = None
+        sub.theta = {}
         return kids
 
     def _fresh(self) -> _Sub:
+        dev = self.prob.device
         splits = {
-            i: torch.zeros(self.graph.nodes[i].size, dtype=torch.int8, device=self.prob.device)
+            i: torch.zeros(self.graph.nodes[i].size, dtype=torch.int8, device=dev)
             for i in self.relus
         }
-        return _Sub(splits, open=torch.ones(self.m, dtype=torch.bool, device=self.prob.device))
+        return _Sub(
+            splits,
+            open=torch.ones(self.m, dtype=torch.bool, device=dev),
+            mrad=torch.zeros(self.m, dtype=torch.float64, device=dev),
+        )
 
-    def decide(self, eps: float, *, deadline: float | None = None, leaves=None) -> BabDecision:
-        """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``, starting
-        from the closed ``leaves`` ``(splits, α, β, open, depth, ε_closed)`` of an earlier
-        proof if given (the ``leaves`` of a certified decision)."""
+    @staticmethod
+    def _inherit(kid: _Sub, parent: _Sub) -> _Sub:
+        kid.mrad = torch.maximum(kid.mrad, parent.mrad)
+        kid.radius = float(kid.mrad.min())
+        return kid
+
+    def _frontier(self, eps: float) -> list[_Sub]:
+        """The subdomains of the tree to bound at ``ε``: down from the root, past those
+        proven at ``ε`` or above (left out) and those whose bound failed at ``ε`` or
+        below (replaced by their children)."""
+        if self._tree is None:
+            self._tree = self._fresh()
+        out, stack = [], [self._tree]
+        while stack:
+            sub = stack.pop()
+            if sub.radius >= eps:
+                continue
+            if sub.kids and sub.failed <= eps:
+                stack.extend(self._inherit(kid, sub) for kid in reversed(sub.kids))
+            else:
+                out.append(sub)
+        return out
+
+    def decide(self, eps: float, *, deadline: float | None = None) -> BabDecision:
+        """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``, on the
+        search tree of the earlier decisions of this object (a new one the first time)."""
         root = self._root(eps)
-        if leaves:  # closed at ε_c: proven there
-            start = [
-                _Sub(sp, a, b, torch.ones_like(o), depth=dp, radius=e_c)
-                for sp, a, b, o, dp, e_c in leaves
-            ]
-        else:
-            start = [self._fresh()]
-        closed: list = []
         heap: list = []
-        todo, first = start, True
+        todo, first = self._frontier(eps), True
         while todo:
             for c0 in range(0, len(todo), self.batch):
                 if c0 and deadline is not None and time.perf_counter() >= deadline:
                     return self._late(todo[c0:] + [h[-1] for h in heap])
                 chunk = todo[c0 : c0 + self.batch]
+                for sub in chunk:
+                    sub.open = sub.mrad < eps
                 iters = 2 * self.iterations if first else self.iterations
                 lb, scores, q = self._bound(chunk, eps, root, iters)
                 self.nodes += len(chunk)
                 wit = self._falsify(chunk, lb, q, eps)
                 if wit is not None:
                     return BabDecision("falsified", self.nodes, witness=wit)
-                keep = [k for k, sub in enumerate(chunk) if bool(sub.open.any())]
+                keep = [k for k, sub in enumerate(chunk) if bool(sub.open.any()) and not sub.kids]
                 choice = fsb_choices(self, self._last, scores, self.candidates, keep)
                 affine = []  # every unstable neuron split: the network is affine there
                 for k, sub in enumerate(chunk):
-                    kids = self._branch(sub, choice[k]) if bool(sub.open.any()) else []
-                    if kids is None:
+                    if not bool(sub.open.any()):
+                        continue
+                    sub.failed = min(sub.failed, eps)
+                    sub.kids = sub.kids or self._branch(sub, choice[k])
+                    if sub.kids is None:
                         affine.append(sub)
-                    for kid in kids or ():
+                    for kid in sub.kids or ():
+                        self._inherit(kid, sub)
                         heapq.heappush(heap, (kid.radius, kid.bound, next(self._tick), kid))
                 if affine:  # a longer optimisation of their multipliers first, together
                     self._bound(affine, eps, root, 4 * self.iterations)
@@ -123,18 +159,22 @@ class BabSearch:
                         rest = [s for s in affine if bool(s.open.any())]  # sub included
                         rest += todo[c0 + self.batch :] + [h[-1] for h in heap]
                         return self._late(rest, None if late else _STUCK, sub.bound)
-                closed += [
-                    (s.splits, s.alpha, s.beta, s.open, s.depth, eps)
-                    for s in chunk
-                    if not bool(s.open.any())
-                ]
             first = False
-            if not heap:
-                break
-            if deadline is not None and time.perf_counter() >= deadline:
-                return self._late([h[-1] for h in heap], worst=min(h[1] for h in heap))
-            todo = [heapq.heappop(heap)[-1] for _ in range(min(self.batch // 2, len(heap)))]
-        return BabDecision("certified", self.nodes, leaves=closed)
+            todo = []
+            while heap and len(todo) < max(self.batch // 2, 1):
+                sub = heapq.heappop(heap)[-1]
+                if sub.radius >= eps:  # proven before (at a larger ε)
+                    continue
+                if sub.kids and sub.failed <= eps:  # split before: its children instead
+                    for kid in sub.kids:
+                        self._inherit(kid, sub)
+                        heapq.heappush(heap, (kid.radius, kid.bound, next(self._tick), kid))
+                    continue
+                todo.append(sub)
+            if todo and deadline is not None and time.perf_counter() >= deadline:
+                rest = todo + [h[-1] for h in heap]
+                return self._late(rest, worst=min(s.bound for s in rest))
+        return BabDecision("certified", self.nodes)
 
     def _late(self, rest: list, why: str | None = None, worst: float = -math.inf):
         """``unknown``, with the smallest proven radius of the subdomains ``rest`` left
@@ -155,37 +195,36 @@ class BabSearch:
         """The exact radius (raw units) between a proven ``lower`` and the W1 ``upper`` of
         a known adversarial ``witness``.
 
-        Decisions climb from the proven side, ``ε = lower (1 + step)``: the step doubles
-        after a proof and shrinks after a decision that ran out of its share of the time
-        (a quarter of what is left, or 1.5 times what bounding its start leaves takes at
-        the search's rate so far, if longer: measured on fc digits 0, 1, 3, 5, 7 at 30 s,
-        larger proven radii on 1, 3, 5, where the decisions after a proof otherwise timed
-        out while bounding its leaves again); each proof's partition is reused at the
-        next ``ε``.  A witness found on the way lowers ``upper``."""
+        Decisions climb from the proven side, ``ε = lower (1 + step)``, on one search
+        tree: the step doubles after a proof and shrinks (to ``rtol`` at least) after a
+        decision that ran out of its share of the time (a quarter of what is left, or 1.5
+        times what bounding the subdomains it starts from takes at the search's rate so
+        far, if longer); the next decision resumes its tree.  A witness found on the way
+        lowers ``upper``."""
         from flowverify.transport.flows import w1_distance
 
         t0, n0 = time.perf_counter(), self.nodes
         lo, hi = float(lower), float(upper)
-        step, leaves, message = 0.1, None, ""
+        step, message, ceiling = 0.1, "", math.inf
+        self._tree = None
         while hi > lo * (1 + rtol):
             now = time.perf_counter()
             if deadline is not None and now >= deadline:
                 message = "time limit reached"
                 break
-            if step < rtol / 2:
-                message = "the decisions above the proven radius did not finish in time"
-                break
             eps = lo * (1 + step) if lo > 0 else hi / 8
+            if eps >= ceiling:  # halfway to where the last ran out, or there once close
+                eps = ceiling if ceiling <= lo * 1.02 else (lo + ceiling) / 2
             eps = min(eps, hi / (1 + rtol / 4))
             share = None
-            if deadline is not None:  # a quarter of what is left, or time to bound the leaves
+            if deadline is not None:  # a quarter of what is left, or time to bound the start
                 rate = (self.nodes - n0) / max(now - t0, 1e-9) if self.nodes > n0 else math.inf
-                need = 1.5 * len(leaves or ()) / rate
+                need = 1.5 * len(self._frontier(eps)) / rate
                 share = now + min(max((deadline - now) / 4, need, 0.05), deadline - now)
-            dec = self.decide(eps, deadline=share, leaves=leaves)
+            dec = self.decide(eps, deadline=share)
             if dec.status == "certified":
-                lo, leaves = eps, dec.leaves
-                step *= 2
+                lo, step = eps, step * 2 if math.isinf(ceiling) else step
+                ceiling = math.inf if eps >= ceiling else ceiling
             elif dec.status == "falsified":  # polished on its linear region first
                 better = polish(self, dec.witness, deadline=share, check=self.check)
                 wit, w1 = better or (dec.witness, w1_distance(dec.witness, self.x[0], unit="raw"))
@@ -194,7 +233,7 @@ class BabSearch:
                     hi, witness = w1, wit
                 step = min(step, max(hi / max(lo, 1e-300) - 1, 0) / 2)
             else:  # its open subdomains' proven radii still prove their smallest
-                lo = max(lo, min(dec.proven, eps))
-                step /= 4
+                lo, ceiling = max(lo, min(dec.proven, eps)), min(ceiling, eps)
+                step = max(step / 4, rtol)
         exact = hi <= lo * (1 + rtol)
         return BabRadius(lo, hi, witness, exact, self.nodes, time.perf_counter() - t0, message)

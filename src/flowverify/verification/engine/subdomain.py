@@ -33,8 +33,15 @@ class _Sub:
     #: per refined ReLU, the last bracket ``(θ_a, θ_b)`` of each of its rows' polytope
     #: dual (``(2n, 2)``: lower rows, then upper), a child's first points to evaluate
     theta: dict = field(default_factory=dict)
-    #: a proven radius (raw): every margin is positive on ``D_radius`` ∩ the subdomain
+    #: proven radii (raw) per margin ``(m,)``: margin ``t`` is positive on ``D_ε`` ∩ the
+    #: subdomain for every ``ε <= mrad[t]`` (its own bounds' or an ancestor's)
+    mrad: torch.Tensor | None = None
+    #: ``mrad.min()``: every margin is positive on ``D_radius`` ∩ the subdomain
     radius: float = 0.0
+    #: its two children once split (kept across decisions: :mod:`.bab_search`), and the
+    #: smallest ``ε`` at which its own bound left a margin open
+    kids: list | None = None
+    failed: float = math.inf
 
 
 @dataclass
@@ -44,15 +51,14 @@ class BabDecision:
     ``status``: ``certified`` (every subdomain closed: no image of ``D_ε`` is
     misclassified), ``falsified`` (``witness``, an image of ``D_ε`` the model
     misclassifies, at W1 ``witness_w1`` from the image, re-checked by the caller) or
-    ``unknown`` (``message`` says why).  ``leaves``: the closed subdomains ``(splits, α, β,
-    open, depth, ε_closed)`` (a partition of the search space, reused at a larger ``ε``).
+    ``unknown`` (``message`` says why).  The search tree stays with the
+    :class:`~.bab.SplitBab` for its next decision.
     """
 
     status: str
     nodes: int
     witness: np.ndarray | None = None
     message: str = ""
-    leaves: list = field(default_factory=list)
     worst: float = -math.inf
     #: ``unknown``: the smallest proven radius (raw) of the subdomains left open, a
     #: radius proven on the whole search space
