@@ -356,3 +356,34 @@ def test_decisions_share_one_search_tree(seed, sizes):
     assert bab.nodes <= n_full + 2  # resumed: at most the first batch bounded again
     above = bab.decide(1.05 * truth)
     assert above.status == "falsified" and _misclassified(model, above.witness, label)
+
+
+@pytest.mark.parametrize("seed,sizes", [(1, [6, 3]), (13, [4, 4, 3])])
+def test_a_radius_search_with_a_target_decides_it(monkeypatch, seed, sizes):
+    """``radius(target=ε)`` (how ``certify(..., eps=)`` decides on the engine) climbs from
+    the proven side and never decides above ``ε``: below the exact radius it proves
+    ``ε``; above it, it stops at a misclassified witness within ``ε``."""
+    import copy
+
+    from flowverify.verification.engine import bab_search as _search
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    model, chain, dmu, ref, label, img = _setup(seed, sizes)
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    probed, decide = [], _search.BabSearch.decide
+
+    def spy(self, eps, **kw):
+        probed.append(eps)
+        return decide(self, eps, **kw)
+
+    monkeypatch.setattr(_search.BabSearch, "decide", spy)
+    below = SplitBab(graph, img, label).radius(0.0, 4 * truth, target=0.9 * truth)
+    assert below.lower >= 0.9 * truth and max(probed) <= 0.9 * truth
+    assert len(probed) > 1  # it climbed
+    probed.clear()
+    above = SplitBab(graph, img, label).radius(0.0, 4 * truth, target=1.1 * truth)
+    assert above.upper <= 1.1 * truth and max(probed) <= 1.1 * truth
+    assert _misclassified(model, above.witness, label)
+    assert float(fv.w1_distance(above.witness, img, unit="raw")) <= above.upper * (1 + 1e-9)

@@ -191,6 +191,7 @@ class BabSearch:
         *,
         deadline: float | None = None,
         rtol: float = 1e-3,
+        target: float | None = None,
     ) -> BabRadius:
         """The exact radius (raw units) between a proven ``lower`` and the W1 ``upper`` of
         a known adversarial ``witness``.
@@ -200,7 +201,11 @@ class BabSearch:
         decision that ran out of its share of the time (a quarter of what is left, or 1.5
         times what bounding the subdomains it starts from takes at the search's rate so
         far, if longer); the next decision resumes its tree.  A witness found on the way
-        lowers ``upper``."""
+        lowers ``upper``.
+
+        With ``target``, a fixed-ε decision by the same climb: no decision above
+        ``target``, and the search stops once ``lower >= target`` (certified) or
+        ``upper <= target`` (a witness within it)."""
         from flowverify.transport.flows import w1_distance
 
         t0, n0 = time.perf_counter(), self.nodes
@@ -208,6 +213,8 @@ class BabSearch:
         step, message, ceiling = 0.1, "", math.inf
         self._tree = None
         while hi > lo * (1 + rtol):
+            if target is not None and (lo >= target or hi <= target):
+                break  # decided
             now = time.perf_counter()
             if deadline is not None and now >= deadline:
                 message = "time limit reached"
@@ -215,7 +222,7 @@ class BabSearch:
             eps = lo * (1 + step) if lo > 0 else hi / 8
             if eps >= ceiling:  # halfway to where the last ran out, or there once close
                 eps = ceiling if ceiling <= lo * 1.02 else (lo + ceiling) / 2
-            eps = min(eps, hi / (1 + rtol / 4))
+            eps = min(eps, hi / (1 + rtol / 4), math.inf if target is None else target)
             share = None
             if deadline is not None:  # a quarter of what is left, or time to bound the start
                 rate = (self.nodes - n0) / max(now - t0, 1e-9) if self.nodes > n0 else math.inf
