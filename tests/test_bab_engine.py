@@ -387,3 +387,23 @@ def test_a_radius_search_with_a_target_decides_it(monkeypatch, seed, sizes):
     assert above.upper <= 1.1 * truth and max(probed) <= 1.1 * truth
     assert _misclassified(model, above.witness, label)
     assert float(fv.w1_distance(above.witness, img, unit="raw")) <= above.upper * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("climb", [0.0, 0.25, 1.0])
+def test_a_decision_climbs_then_decides_from_the_root(monkeypatch, climb):
+    """``certify(..., eps=)`` on the engine: the climb for a share of the time, then one
+    decision at ``ε`` on a tree of its own (share 0: that decision alone; share 1: the
+    climb alone).  Each certifies below the brute-force radius; a tiny time limit gives
+    ``unknown`` with a message and a proven radius never above the truth."""
+    from flowverify.verification import exact_driver as _driver
+
+    model, chain, dmu, ref, label, img = _setup(2, [6, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    monkeypatch.setattr(_driver, "CLIMB_SHARE", climb)
+    eps = 0.97 * truth
+    res = _complete(model, img, label, eps=eps)  # raw units
+    assert res.status == Status.CERTIFIED, res.message
+    assert res.radius_raw == pytest.approx(eps, rel=1e-9) and res.radius_raw <= truth
+    late = _complete(model, img, label, eps=eps, timeout=1e-3)
+    assert late.status == Status.UNKNOWN and late.message
+    assert late.radius_raw <= truth * (1 + 1e-9)

@@ -176,8 +176,8 @@ def _complete_engine(ctx: _Ctx, x, label, eps_raw, lower, upper, adv, t_end) -> 
             elif res.upper <= eps_raw and res.witness is not None:
                 witness = res.witness
             else:  # then one decision at ε, from the root (a tree of its own)
-                lower, bab._tree = max(lower, res.lower), None
-                dec = bab.decide(eps_raw, deadline=t_end)
+                lower = max(lower, res.lower)
+                dec = bab.decide(eps_raw, deadline=t_end, fresh=True)
                 if dec.status == "certified":
                     lower = eps_raw
                 elif dec.status == "falsified":

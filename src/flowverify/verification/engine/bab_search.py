@@ -62,7 +62,7 @@ class BabSearch:
                     splits,
                     sub.alpha,
                     sub.beta,
-                    sub.open.clone(),
+                    None,  # its open margins: set where it is bounded
                     sub.bound,
                     sub.depth + 1,
                     bounds=None if sub.bounds is None else dict(sub.bounds),
@@ -92,34 +92,55 @@ class BabSearch:
         )
 
     @staticmethod
-    def _inherit(kid: _Sub, parent: _Sub) -> _Sub:
-        kid.mrad = torch.maximum(kid.mrad, parent.mrad)
-        kid.radius = float(kid.mrad.min())
-        return kid
+    def _visit(sub: _Sub, eps: float) -> list[_Sub] | None:
+        """Where the walk of the tree at ``ε`` goes from ``sub``: ``[]`` if it is proven
+        at ``ε`` or above, its children (with its proven radii) if its own bound failed
+        at ``ε`` or below, else None (``sub`` is to be bounded at ``ε``)."""
+        if sub.radius >= eps:
+            return []
+        if not (sub.kids and sub.failed <= eps):
+            return None
+        for kid in sub.kids:
+            kid.mrad = torch.maximum(kid.mrad, sub.mrad)
+            kid.radius = float(kid.mrad.min())
+        return sub.kids
 
     def _frontier(self, eps: float) -> list[_Sub]:
-        """The subdomains of the tree to bound at ``ε``: down from the root, past those
-        proven at ``ε`` or above (left out) and those whose bound failed at ``ε`` or
-        below (replaced by their children)."""
+        """The subdomains of the tree to bound at ``ε``: down from the root by
+        :meth:`_visit`."""
         if self._tree is None:
             self._tree = self._fresh()
         out, stack = [], [self._tree]
         while stack:
             sub = stack.pop()
-            if sub.radius >= eps:
-                continue
-            if sub.kids and sub.failed <= eps:
-                stack.extend(self._inherit(kid, sub) for kid in reversed(sub.kids))
-            else:
+            kids = self._visit(sub, eps)
+            if kids is None:
                 out.append(sub)
+            else:
+                stack.extend(reversed(kids))
         return out
 
-    def decide(self, eps: float, *, deadline: float | None = None) -> BabDecision:
+    def decide(
+        self,
+        eps: float,
+        *,
+        deadline: float | None = None,
+        fresh: bool = False,
+        frontier: list[_Sub] | None = None,
+    ) -> BabDecision:
         """Whether every image of ``D_ε`` (raw ``ε``) is classified ``label``, on the
-        search tree of the earlier decisions of this object (a new one the first time)."""
+        search tree of the earlier decisions of this object (a new one the first time or
+        with ``fresh``), starting from its ``frontier`` at ``ε`` (:meth:`_frontier`, if
+        the caller has it)."""
+        if fresh:
+            self._tree, frontier = None, None
         root = self._root(eps)
         heap: list = []
-        todo, first = self._frontier(eps), True
+        todo, first = frontier if frontier is not None else self._frontier(eps), True
+
+        def push(sub):
+            heapq.heappush(heap, (sub.radius, sub.bound, next(self._tick), sub))
+
         while todo:
             for c0 in range(0, len(todo), self.batch):
                 if c0 and deadline is not None and time.perf_counter() >= deadline:
@@ -143,9 +164,8 @@ class BabSearch:
                     sub.kids = sub.kids or self._branch(sub, choice[k])
                     if sub.kids is None:
                         affine.append(sub)
-                    for kid in sub.kids or ():
-                        self._inherit(kid, sub)
-                        heapq.heappush(heap, (kid.radius, kid.bound, next(self._tick), kid))
+                    for kid in self._visit(sub, eps) or ():  # its children, now failed
+                        push(kid)
                 if affine:  # a longer optimisation of their multipliers first, together
                     self._bound(affine, eps, root, 4 * self.iterations)
                 for sub in affine:
@@ -163,14 +183,11 @@ class BabSearch:
             todo = []
             while heap and len(todo) < max(self.batch // 2, 1):
                 sub = heapq.heappop(heap)[-1]
-                if sub.radius >= eps:  # proven before (at a larger ε)
-                    continue
-                if sub.kids and sub.failed <= eps:  # split before: its children instead
-                    for kid in sub.kids:
-                        self._inherit(kid, sub)
-                        heapq.heappush(heap, (kid.radius, kid.bound, next(self._tick), kid))
-                    continue
-                todo.append(sub)
+                kids = self._visit(sub, eps)
+                if kids is None:
+                    todo.append(sub)
+                for kid in kids or ():
+                    push(kid)
             if todo and deadline is not None and time.perf_counter() >= deadline:
                 rest = todo + [h[-1] for h in heap]
                 return self._late(rest, worst=min(s.bound for s in rest))
@@ -211,7 +228,7 @@ class BabSearch:
         t0, n0 = time.perf_counter(), self.nodes
         lo, hi = float(lower), float(upper)
         step, message, ceiling = 0.1, "", math.inf
-        self._tree = None
+        self._tree = None  # one tree per search
         while hi > lo * (1 + rtol):
             if target is not None and (lo >= target or hi <= target):
                 break  # decided
@@ -223,12 +240,12 @@ class BabSearch:
             if eps >= ceiling:  # halfway to where the last ran out, or there once close
                 eps = ceiling if ceiling <= lo * 1.02 else (lo + ceiling) / 2
             eps = min(eps, hi / (1 + rtol / 4), math.inf if target is None else target)
-            share = None
+            start, share = self._frontier(eps), None
             if deadline is not None:  # a quarter of what is left, or time to bound the start
                 rate = (self.nodes - n0) / max(now - t0, 1e-9) if self.nodes > n0 else math.inf
-                need = 1.5 * len(self._frontier(eps)) / rate
+                need = 1.5 * len(start) / rate
                 share = now + min(max((deadline - now) / 4, need, 0.05), deadline - now)
-            dec = self.decide(eps, deadline=share)
+            dec = self.decide(eps, deadline=share, frontier=start)
             if dec.status == "certified":
                 lo, step = eps, step * 2 if math.isinf(ceiling) else step
                 ceiling = math.inf if eps >= ceiling else ceiling
