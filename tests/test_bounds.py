@@ -131,6 +131,24 @@ def test_polytope_gain_from_kept_evaluations_is_the_lp_optimum(c):
     np.testing.assert_allclose(sparse, exact, rtol=1e-9, atol=1e-9)
 
 
+def test_polytope_gain_with_a_loose_tolerance_is_sound_and_within_it():
+    """``tol`` stops the dual's search early: never below the LP optimum (every value is
+    the dual's at some ``θ``), above it by at most ``tol·(gain + ‖Aᵀq‖_∞ ε)``."""
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        mu, q = _random_problem(rng, 2)
+        eps = float(rng.random() * 3)
+        exact = np.array([_lp_gain(row, mu, eps) for row in q])
+        ball = eps * np.array(
+            [np.abs(apply_flow_adjoint(row.reshape(mu.shape))).max() for row in q]
+        )
+        img = np.zeros(4, dtype=np.int64)
+        for tol in (1e-2, 0.3):
+            gain = _polytope.polytope_gain_rows(q, mu[None], img, np.full(4, eps), tol=tol)
+            assert np.all(gain >= exact - 1e-9)
+            assert np.all(gain <= exact + tol * (np.abs(gain) + ball) + 1e-9)
+
+
 def test_polytope_radius_is_tight_and_sound():
     rng = np.random.default_rng(3)
     for _ in range(5):

@@ -17,6 +17,7 @@ from flowverify.verification.polytope_kernels import (
 
 __all__ = [
     "THETA_ITERS",
+    "THETA_TOL",
     "polytope_gain",
     "polytope_gain_rows",
     "polytope_gain_sparse_rows",
@@ -28,6 +29,10 @@ __all__ = [
 #: Most steps of the search on the dual variable ``θ`` of the polytope bound (cutting
 #: planes with a bisection every third step; it stops earlier when optimal to 1e-12).
 THETA_ITERS = 40
+
+#: The search's optimality tolerance, relative to ``|bound| + ‖Aᵀq‖_∞·ε`` (the ball
+#: bound's scale): the default for every bound the certifiers report.
+THETA_TOL = 1e-12
 
 
 def _sources_batch(mu: np.ndarray):
@@ -41,7 +46,15 @@ def _sources_batch(mu: np.ndarray):
 
 
 def polytope_gain_rows(
-    q, mu, img, eps, *, iters: int = THETA_ITERS, planes: np.ndarray | None = None, same=True
+    q,
+    mu,
+    img,
+    eps,
+    *,
+    iters: int = THETA_ITERS,
+    planes: np.ndarray | None = None,
+    same=True,
+    tol: float = THETA_TOL,
 ) -> np.ndarray:
     """:func:`polytope_gain` for rows of several images at once (one parallel kernel).
 
@@ -50,18 +63,30 @@ def polytope_gain_rows(
     evaluations ``(θ, K(θ), T(θ))`` of each row kept between calls on the same rows and
     images (any ``ε``), updated in place; ``θ < 0`` marks an empty slot.  ``same=False``:
     the planes are of other rows (the same neurons' at another ``ε``, say): only their
-    ``θ`` are used, as starting points.
+    ``θ`` are used, as starting points.  ``tol``: the search stops once its value is
+    proven within ``tol·(|gain| + ‖Aᵀq‖_∞ ε)`` of the optimum (sound for any ``tol``:
+    every value is the dual's at some ``θ``; a looser one saves evaluations where a
+    bound's last digits matter little, as a subdomain's intermediate bounds).
     """
     b, c, h, w = mu.shape
     q = _rows(q, c * h * w, "q")
     src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
     e = _per_row(eps, q.shape[0], "eps")
     img = np.ascontiguousarray(img, dtype=np.int64)
-    return _gain_rows(q, src, mus, c, h, w, e, iters, ptr, img, planes, same)
+    return _gain_rows(q, src, mus, c, h, w, e, iters, ptr, img, planes, same, tol)
 
 
 def polytope_gain_sparse_rows(
-    rows: tuple, kk, rr, mu, eps, *, iters: int = THETA_ITERS, planes=None, same=True
+    rows: tuple,
+    kk,
+    rr,
+    mu,
+    eps,
+    *,
+    iters: int = THETA_ITERS,
+    planes=None,
+    same=True,
+    tol: float = THETA_TOL,
 ) -> np.ndarray:
     """:func:`polytope_gain_rows` of the rows ``(kk[s], rr[s])`` of a family given by
     their entries on a sparse map (``rows``: :func:`~.flownet.sparse_rows`); row ``s``
@@ -71,7 +96,8 @@ def polytope_gain_sparse_rows(
     kk = np.ascontiguousarray(kk, dtype=np.int64)
     rr = np.ascontiguousarray(rr, dtype=np.int64)
     e = _per_row(eps, kk.size, "eps")
-    return _sparse_gain_rows(rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same)
+    args = (rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same, tol)
+    return _sparse_gain_rows(*args)
 
 
 def polytope_radius_rows(q, mu, img, margin, *, iters: int = THETA_ITERS) -> np.ndarray:

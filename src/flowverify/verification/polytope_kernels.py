@@ -24,14 +24,15 @@ _DESCENT_STEPS = 6
 
 
 @numba.njit(cache=True)
-def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
+def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=1e-12):
     """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope:
     :func:`_dual_search`'s value."""
-    return _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same)[0]
+    args = (g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same, tol)
+    return _dual_search(*args)[0]
 
 
 @numba.njit(cache=True)
-def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True):
+def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=1e-12):
     """The dual value of :func:`_gain_one` and the final bracket ``(value, a, b)``: ``a``
     the largest ``θ`` evaluated left of the optimum (``T(a) > ε``; ``-1`` if none: then
     ``b = 0`` is optimal, or ``b = lip``), ``b`` the smallest right of it.
@@ -39,7 +40,8 @@ def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, sam
     ``lip = ‖Aᵀg‖_∞``, ``sup``: :func:`_support`.
     ``f(θ) = θε + K(θ)`` is convex and piecewise linear with ``f'(θ) = ε - T(θ)``: a
     bracketed cutting-plane search (Kelley; bisection every third step as a safeguard)
-    whose lower model certifies optimality to ``1e-12`` relative.  Any evaluated ``θ``
+    whose lower model certifies optimality to ``tol`` relative (of ``|f| + lip·ε``; a
+    looser ``tol`` stops earlier, a little above the optimum).  Any evaluated ``θ``
     gives a sound bound; the smallest is returned.
 
     ``planes (S, 3)``: evaluations ``(θ, K(θ), T(θ))`` of this row kept from earlier
@@ -107,7 +109,7 @@ def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, sam
         for it in range(iters):
             theta = (fb - fa + da * a - db * b) / (da - db)
             model = fa + da * (theta - a)  # lower bound on min f (two supporting lines)
-            if best - model <= 1e-12 * (abs(best) + lip * eps):
+            if best - model <= tol * (abs(best) + lip * eps):
                 break
             if it % 3 == 2 or not (a < theta < b):
                 theta = 0.5 * (a + b)
@@ -209,7 +211,7 @@ def _radius_one(g, src, mus, C, H, W, margin, extra, iters, h, arg):
     return best
 
 
-def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same):
+def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same, tol):
     """Row ``r`` of ``q`` on image ``img[r]``, whose sources are ``src[ptr[i]:ptr[i+1]]``:
     ``kind`` 0, its gain at ``ε = a[r]`` (``planes[r]``: see :func:`_gain_one`); 1, its
     radius for the margin ``a[r]`` with the slope ``b[r]`` (:func:`_radius_one`)."""
@@ -237,6 +239,7 @@ def _rows_impl(kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same):
                 arg,
                 planes[r],
                 same,
+                tol,
             )
         else:
             out[r] = _radius_one(q[r], src[s0:s1], mus[s0:s1], C, H, W, a[r], b[r], iters, h, arg)
@@ -251,24 +254,26 @@ def _one_image(src, m):
     return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
 
 
-def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=True):
+def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=True, tol=1e-12):
     if ptr is None:
         ptr, img = _one_image(src, q.shape[0])
     if planes is None:
         planes = np.empty((q.shape[0], 0, 3))
     work = q.shape[0] * q.shape[1]
-    args = (kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same)
+    args = (kind, q, src, mus, ptr, img, C, H, W, a, b, iters, planes, same, tol)
     return _small_serial(_rows_par, work, *args)
 
 
-def _gain_rows(q, src, mus, C, H, W, eps, iters, ptr=None, img=None, planes=None, same=True):
+def _gain_rows(
+    q, src, mus, C, H, W, eps, iters, ptr=None, img=None, planes=None, same=True, tol=1e-12
+):
     """Gains of the rows ``q`` (:func:`_gain_one`), ``ε`` per row; ``planes (m, S, 3)``
-    (updated in place) or None, ``same`` as in :func:`_gain_one`."""
-    return _rows(0, q, src, mus, C, H, W, eps, eps, iters, ptr, img, planes, same)
+    (updated in place) or None, ``same`` and ``tol`` as in :func:`_gain_one`."""
+    return _rows(0, q, src, mus, C, H, W, eps, eps, iters, ptr, img, planes, same, tol)
 
 
 @numba.njit(cache=True, parallel=True)
-def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same):
+def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same, tol):
     """:func:`_gain_rows` of the rows ``g_s = (Σ_e vals[b, r, e] G[cols[b, r, e]]) ·
     diag(scale_b)`` at ``(b, r) = (kk[s], rr[s])`` (``rows``: ``vals, cols`` (both may
     broadcast over ``b``), ``G``'s CSR ``indptr, indices, data``, its rows' ``boxes`` and
@@ -296,18 +301,34 @@ def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, s
         lip = _acc_lip(g, np.ones(C), C, H, W, i0, i1, j0, j1)
         s0, s1 = ptr[b], ptr[b + 1]
         out[s] = _gain_one(
-            g, lip, sup, src[s0:s1], mus[s0:s1], C, H, W, eps[s], iters, h, arg, planes[s], same
+            g,
+            lip,
+            sup,
+            src[s0:s1],
+            mus[s0:s1],
+            C,
+            H,
+            W,
+            eps[s],
+            iters,
+            h,
+            arg,
+            planes[s],
+            same,
+            tol,
         )
     return out
 
 
-def _sparse_gain_rows(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes=None, same=True):
-    """Gains of sparse rows (:func:`_sparse_gain_par`); ``planes``, ``same`` as in
-    :func:`_gain_one`."""
+def _sparse_gain_rows(
+    rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes=None, same=True, tol=1e-12
+):
+    """Gains of sparse rows (:func:`_sparse_gain_par`); ``planes``, ``same``, ``tol`` as
+    in :func:`_gain_one`."""
     if planes is None:
         planes = np.empty((kk.size, 0, 3))
     work = kk.size * rows[0].shape[2] * 50
-    args = (rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same)
+    args = (rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, same, tol)
     return _small_serial(_sparse_gain_par, work, *args)
 
 

@@ -290,7 +290,7 @@ class EngineProblem:
         gain_rows`); ``key``: the node, whose rows are the same on every call (the domain
         keeps their dual evaluations), or with ``sel`` (the neurons ``(B, k)`` of the rows)
         are the same neurons' (their evaluations start the next search; per batch entry
-        in ``store`` if given: :meth:`~.domains.W1Polytope.gain_rows`)."""
+        in ``store`` if given; ``tol``: :meth:`~.domains.W1Polytope.gain_rows`)."""
         key, sel, store = kw.get("key"), kw.get("sel"), kw.get("store")
         k = old_lo.shape[1]
 
@@ -306,7 +306,7 @@ class EngineProblem:
             if sel is not None:  # row r is neuron sel[r % k], sign by r // k
                 n = self.graph.nodes[key].size
                 ids = torch.cat([sel, sel + n], dim=1).cpu().numpy()
-                slots = {"slots": (ids, 2 * n), "same": False, "store": store}
+                slots = dict(slots=(ids, 2 * n), same=False, store=store, tol=kw.get("tol"))
             halves = ((True, False), (False, True)) if piecewise else ((True, True),)
             for want_lo, want_up in halves:
                 still = valid & ((new_lo < 0) & (new_up > 0) if piecewise else valid)
@@ -319,8 +319,9 @@ class EngineProblem:
                 new_up = torch.maximum(new_up, new_lo)
         return new_lo, new_up
 
-    def _crown_bounds(self, idx, eps, i, lo, up, relax, store=None):
-        """Tighten node ``i``'s bounds by CROWN where unstable (``store``: :meth:`_tighten`)."""
+    def _crown_bounds(self, idx, eps, i, lo, up, relax, store=None, tol=None):
+        """Tighten node ``i``'s bounds by CROWN where unstable (``store``, ``tol``:
+        :meth:`_tighten`)."""
         if i in self.front:
             return self._front_bounds(idx, eps, i, lo, up)
         node = self.graph.nodes[i]
@@ -338,7 +339,7 @@ class EngineProblem:
                 sub = {j: tuple(None if t is None else t[g] for t in r) for j, r in relax.items()}
                 g_np = g.cpu().numpy()
                 part, gi = None if store is None else store[g_np], np.asarray(idx)[g_np]
-                lo[g], up[g] = self._crown_bounds(gi, eps[g], i, lo[g], up[g], sub, part)
+                lo[g], up[g] = self._crown_bounds(gi, eps[g], i, lo[g], up[g], sub, part, tol)
                 if part is not None:
                     store[g_np] = part
             return lo, up
@@ -357,20 +358,10 @@ class EngineProblem:
             lam[:, :k].scatter_(2, sel[..., None], one[..., None])
             lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
             lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
-        new_lo, new_up = self._tighten(
-            idx,
-            eps,
-            lin.centre,
-            self.norm(lin, torch.cat([valid, valid], dim=1), paired=True),
-            lin.rows(self._front_net),
-            torch.gather(lo_f, 1, sel),
-            torch.gather(up_f, 1, sel),
-            valid,
-            piecewise,
-            key=i,
-            sel=sel,
-            store=store,
-        )
+        norm = self.norm(lin, torch.cat([valid, valid], dim=1), paired=True)
+        old = torch.gather(lo_f, 1, sel), torch.gather(up_f, 1, sel)
+        args = (idx, eps, lin.centre, norm, lin.rows(self._front_net), *old, valid, piecewise)
+        new_lo, new_up = self._tighten(*args, key=i, sel=sel, store=store, tol=tol)
         lo_f = lo_f.scatter(1, sel, new_lo)
         up_f = up_f.scatter(1, sel, new_up)
         return lo_f.reshape(lo.shape), up_f.reshape(up.shape)

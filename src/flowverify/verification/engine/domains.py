@@ -110,7 +110,9 @@ class W1Polytope(W1Ball):
 
         return self.gain_rows(q_rows, eps, idx, mask).to(q.device, q.dtype)
 
-    def gain_rows(self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True, store=None):
+    def gain_rows(
+        self, q_rows, eps, idx, rows, key=None, *, slots=None, same=True, store=None, tol=None
+    ):
         """The gains ``(B, R)`` of the rows where ``rows (B, R)`` (``inf`` elsewhere: no
         information, the caller keeps its ball bound there), from ``q_rows(kk, rr)``: the
         image-space rows ``(n, C*H*W)`` (float64) of the entries ``(kk[s], rr[s])``, or
@@ -122,11 +124,13 @@ class W1Polytope(W1Ball):
         ``same``: a slot always holds the same row (e.g. the rows of the linear front: the
         evaluations are bounds at any ``ε``); else only their ``θ`` start the search.
         ``store``: ``(B, n_slots, S, 3)``, the evaluations kept per batch entry instead
-        of per image (a caller whose entries are subdomains of one image), updated."""
+        of per image (a caller whose entries are subdomains of one image), updated.
+        ``tol``: the dual search's tolerance (default :data:`~..polytope.THETA_TOL`)."""
         b, r = rows.shape
         out = np.full((b, r), np.inf)
         kk, rr = np.nonzero(rows.detach().cpu().numpy())
         if kk.size:
+            tol = _polytope.THETA_TOL if tol is None else float(tol)
             e = eps.detach().cpu().numpy()[kk]
             img = np.asarray(idx)[kk]
             slot, n_slots = (rr, r) if slots is None else (slots[0][kk, rr], slots[1])
@@ -138,12 +142,12 @@ class W1Polytope(W1Ball):
             mu = self.mu[np.asarray(idx)]
             if isinstance(q_rows, tuple):
                 out[kk, rr] = _polytope.polytope_gain_sparse_rows(
-                    q_rows, kk, rr, mu, e, planes=planes, same=same
+                    q_rows, kk, rr, mu, e, planes=planes, same=same, tol=tol
                 )
             else:
                 sel_q = np.ascontiguousarray(q_rows(kk, rr), dtype=np.float64)
                 out[kk, rr] = _polytope.polytope_gain_rows(
-                    sel_q, mu, kk, e, planes=planes, same=same
+                    sel_q, mu, kk, e, planes=planes, same=same, tol=tol
                 )
             if store is not None:  # one write per (image, slot), even from several rows
                 _, first = np.unique(img * n_slots + slot, return_index=True)
