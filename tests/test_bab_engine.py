@@ -358,6 +358,46 @@ def test_decisions_share_one_search_tree(seed, sizes):
     assert above.status == "falsified" and _misclassified(model, above.witness, label)
 
 
+def test_the_search_tree_keeps_small_copies_of_its_warm_starts():
+    """A subdomain kept in the tree holds its own copies, never views of a batch's
+    tensors (which would keep the whole batch alive): intermediate bounds in float64,
+    ``α`` on the neurons unstable where it was bounded and ``β`` on split neurons only,
+    in float32.  The search's freed memory goes back to the system (glibc)."""
+    import copy
+    import sys
+
+    from flowverify.core.memory import release_free_memory
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    model, chain, dmu, ref, label, img = _setup(13, [4, 4, 3])
+    truth = _brute_force(chain, dmu, ref, label)
+    graph = build_graph(copy.deepcopy(model).double(), torch.as_tensor(img[None]))
+    bab = SplitBab(graph, img, label, batch=2)
+    assert bab.decide(0.97 * truth).status == "certified"
+
+    def own(t):
+        return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+    stack, seen = [bab._tree], 0
+    while stack:
+        sub = stack.pop()
+        stack.extend(sub.kids or ())
+        for lo, up in (sub.bounds or {}).values():
+            assert lo.dtype == torch.float64 and own(lo) and own(up)
+        if sub.alpha is None:
+            continue
+        seen += 1
+        for i in bab.relus:
+            (ia, va), (ib, vb) = sub.alpha[i], sub.beta[i]
+            assert va.dtype == vb.dtype == torch.float32 and own(va) and own(vb)
+            assert va.shape == (bab.m, ia.numel()) and vb.shape == (bab.m, ib.numel())
+            assert bool((sub.splits[i][ib] != 0).all())  # β: split neurons only
+    assert seen > 2
+    assert release_free_memory(every=0.0) == sys.platform.startswith("linux")
+    assert not release_free_memory(every=3600.0)  # at most once per interval
+
+
 @pytest.mark.parametrize("seed,sizes", [(1, [6, 3]), (13, [4, 4, 3])])
 def test_a_radius_search_with_a_target_decides_it(monkeypatch, seed, sizes):
     """``radius(target=ε)`` (how ``certify(..., eps=)`` decides on the engine) climbs from

@@ -198,8 +198,8 @@ class SplitBab(BabSearch):
             todo = [k for k, sub in enumerate(subs) if 0 < sub.stale <= i]
             if todo and self.refine and node.inputs[0] not in self.prob.front:
                 lo, up = self._refine(i, todo, lo, up, rel, eps, [subs[k] for k in todo])
-                for k in todo:
-                    subs[k].bounds[i] = (lo[k], up[k])
+                for k in todo:  # copies: a view would keep the whole batch's alive
+                    subs[k].bounds[i] = (lo[k].clone(), up[k].clone())
             s = torch.stack([sub.splits[i] for sub in subs]).to(lo.dtype)
             lo = torch.where(s > 0, lo.clamp(min=0.0), lo)
             up = torch.where(s < 0, up.clamp(max=0.0), up)
@@ -263,7 +263,8 @@ class SplitBab(BabSearch):
             b0 = torch.zeros((d, m, n), dtype=lo.dtype, device=lo.device)
             for k, sub in enumerate(subs):
                 if sub.alpha is not None:
-                    a0[k], b0[k] = sub.alpha[i], sub.beta[i]
+                    _subdomain.unpack(sub.alpha[i], a0[k])
+                    _subdomain.unpack(sub.beta[i], b0[k])
             params[("a", i)], params[("b", i)] = a0, b0
         open_rows = torch.stack([sub.open for sub in subs]).to(prob.device) & ~empty[:, None]
         best = torch.full((d, m), -math.inf, dtype=torch.float64, device=prob.device)
@@ -337,9 +338,10 @@ class SplitBab(BabSearch):
                     den = (m2 / (1 - 0.999 ** (it + 1))).sqrt_().add_(1e-8)
                     v.sub_(self.lr * step / den)
         best = torch.where(empty[:, None], math.inf, best)
+        pack = _subdomain.pack  # warm starts only: float32, where they act (no batch views)
         for k, sub in enumerate(subs):
-            sub.alpha = {i: keep[("a", i)][k] for i in self.relus}
-            sub.beta = {i: keep[("b", i)][k] for i in self.relus}
+            sub.alpha = {i: pack(keep[("a", i)][k], unstable[i][k]) for i in self.relus}
+            sub.beta = {i: pack(keep[("b", i)][k], signs[i][k] != 0) for i in self.relus}
             sub.open = sub.open & (best[k] <= 0)
             sub.mrad = torch.where(sub.open, sub.mrad, sub.mrad.clamp(min=float(eps)))
             sub.radius = float(sub.mrad.min())

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+from flowverify.core.memory import release_free_memory
 from flowverify.verification.engine.branching import fsb_choices
 from flowverify.verification.engine.region import polish, region_lp
 from flowverify.verification.engine.subdomain import BabDecision, BabRadius, _Sub
@@ -151,6 +152,7 @@ class BabSearch:
                 iters = 2 * self.iterations if first else self.iterations
                 lb, scores, q = self._bound(chunk, eps, root, iters)
                 self.nodes += len(chunk)
+                release_free_memory()  # the batch's temporaries (see core.memory)
                 wit = self._falsify(chunk, lb, q, eps)
                 if wit is not None:
                     return BabDecision("falsified", self.nodes, witness=wit)

@@ -27,6 +27,7 @@ from scipy.optimize import linprog
 
 from flowverify.transport.flows import w1_distance
 from flowverify.verification._exact import _block_incidence
+from flowverify.verification.engine import subdomain as _subdomain
 
 __all__ = ["polish", "region_lp"]
 
@@ -41,6 +42,7 @@ def region_lp(bab, sub, root, eps: float, deadline: float | None = None) -> np.n
     the LP only proposes, the engine's bound decides.  ``deadline``
     (``time.perf_counter()``): no LP starts after it and none runs past it."""
     graph, prob = bab.graph, bab.prob
+    dev = prob.device
     if any(i not in bab.relus for i in graph.activations()):
         return None  # not affine on the subdomain
     rel, _, _, signs, empty = bab.relaxations([sub], root, eps)
@@ -101,9 +103,10 @@ def region_lp(bab, sub, root, eps: float, deadline: float | None = None) -> np.n
         at = 0
         for i, sel in where:
             k = sel.numel()
-            sub.beta[i][t, sel] = torch.as_tensor(
-                np.maximum(duals[at : at + k], 0.0), dtype=torch.float64, device=prob.device
-            )
+            beta = torch.zeros((bab.m, graph.nodes[i].size), dtype=torch.float64, device=dev)
+            _subdomain.unpack(sub.beta[i], beta)
+            beta[t, sel] = torch.as_tensor(np.maximum(duals[at : at + k], 0.0)).to(beta)
+            sub.beta[i] = _subdomain.pack(beta, signs[i][0] != 0)
             at += k
     return None
 

@@ -15,8 +15,9 @@ __all__ = ["BabDecision", "BabRadius"]
 
 @dataclass
 class _Sub:
-    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β``, the
-    margins still to prove (``open (m,)``) and its current bound (worst open margin)."""
+    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β`` (per
+    activation, :func:`pack`'d), the margins still to prove (``open (m,)``) and its
+    current bound (worst open margin)."""
 
     splits: dict
     alpha: dict | None = None
@@ -78,6 +79,21 @@ class BabRadius:
     nodes: int
     seconds: float
     message: str = ""
+
+
+def pack(t: torch.Tensor, keep: torch.Tensor) -> tuple:
+    """A warm start ``t (m, n)`` kept on the neurons ``keep (n,)`` only, in float32:
+    ``(idx (k,), vals (m, k))`` (a subdomain's ``α`` on its unstable neurons, ``β`` on its
+    split ones; elsewhere they are not used, or zero).  A leaf of the search tree keeps
+    its multipliers until it is bounded again, so this is most of the tree's memory."""
+    idx = torch.nonzero(keep).flatten()
+    return idx, t[:, idx].to(torch.float32)
+
+
+def unpack(packed: tuple, out: torch.Tensor) -> None:
+    """Write a :func:`pack`'d warm start into ``out (m, n)`` (its other entries kept)."""
+    idx, vals = packed
+    out[:, idx] = vals.to(out.dtype)
 
 
 def theta_store(subs: list, i: int, n: int) -> np.ndarray:
