@@ -123,6 +123,7 @@ def main(argv=None) -> int:
             b, sb = _run(model, x, y, i, args.compare, args.compare_timeout)
             ra, rb = _nodes(a) / sa, _nodes(b) / sb
             print(f"| {i} | {ra:.0f} | {rb:.1f} | {ra / max(rb, 1e-9):.0f}x |", flush=True)
+    _peak()
     return 0
 
 
@@ -143,7 +144,17 @@ def _decide(model, x, y, idx, args) -> int:
             flush=True,
         )
     print(f"\n# decided {decided}/{len(idx)} within {args.timeout:g} s each")
+    _peak()
     return 0
+
+
+def _peak() -> None:
+    """The process's peak resident memory (Linux: ``ru_maxrss`` in KiB), all digits."""
+    if sys.platform.startswith("linux"):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"# peak resident memory of the process: {peak:.2f} GiB")
 
 
 if __name__ == "__main__":
