@@ -361,8 +361,8 @@ def test_decisions_share_one_search_tree(seed, sizes):
 def test_the_search_tree_keeps_small_copies_of_its_warm_starts():
     """A subdomain kept in the tree holds its own copies, never views of a batch's
     tensors (which would keep the whole batch alive): intermediate bounds in float64,
-    ``α`` on the neurons unstable where it was bounded and ``β`` on split neurons only,
-    in float32.  The search's freed memory goes back to the system (glibc)."""
+    ``α`` on every neuron and ``β`` on split neurons only, in float32.  The search's
+    freed memory goes back to the system (glibc)."""
     import copy
     import sys
 
@@ -389,9 +389,10 @@ def test_the_search_tree_keeps_small_copies_of_its_warm_starts():
             continue
         seen += 1
         for i in bab.relus:
-            (ia, va), (ib, vb) = sub.alpha[i], sub.beta[i]
+            va, (ib, vb) = sub.alpha[i], sub.beta[i]
             assert va.dtype == vb.dtype == torch.float32 and own(va) and own(vb)
-            assert va.shape == (bab.m, ia.numel()) and vb.shape == (bab.m, ib.numel())
+            assert va.shape == (bab.m, bab.graph.nodes[i].size)
+            assert vb.shape == (bab.m, ib.numel())
             assert bool((sub.splits[i][ib] != 0).all())  # β: split neurons only
     assert seen > 2
     assert release_free_memory(every=0.0) == sys.platform.startswith("linux")

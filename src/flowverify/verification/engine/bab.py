@@ -263,7 +263,7 @@ class SplitBab(BabSearch):
             b0 = torch.zeros((d, m, n), dtype=lo.dtype, device=lo.device)
             for k, sub in enumerate(subs):
                 if sub.alpha is not None:
-                    _subdomain.unpack(sub.alpha[i], a0[k])
+                    a0[k] = sub.alpha[i]
                     _subdomain.unpack(sub.beta[i], b0[k])
             params[("a", i)], params[("b", i)] = a0, b0
         open_rows = torch.stack([sub.open for sub in subs]).to(prob.device) & ~empty[:, None]
@@ -338,10 +338,13 @@ class SplitBab(BabSearch):
                     den = (m2 / (1 - 0.999 ** (it + 1))).sqrt_().add_(1e-8)
                     v.sub_(self.lr * step / den)
         best = torch.where(empty[:, None], math.inf, best)
-        pack = _subdomain.pack  # warm starts only: float32, where they act (no batch views)
+        # warm starts only, float32 copies (no views of the batch's tensors): α on every
+        # neuron (a neuron stable here may be unstable where the subdomain or its children
+        # are bounded at a larger ε: its last slope starts it there, which decided 256x2
+        # digits the default slope left open), β on the split neurons only
         for k, sub in enumerate(subs):
-            sub.alpha = {i: pack(keep[("a", i)][k], unstable[i][k]) for i in self.relus}
-            sub.beta = {i: pack(keep[("b", i)][k], signs[i][k] != 0) for i in self.relus}
+            sub.alpha = {i: keep[("a", i)][k].to(torch.float32) for i in self.relus}
+            sub.beta = {i: _subdomain.pack(keep[("b", i)][k], signs[i][k] != 0) for i in self.relus}
             sub.open = sub.open & (best[k] <= 0)
             sub.mrad = torch.where(sub.open, sub.mrad, sub.mrad.clamp(min=float(eps)))
             sub.radius = float(sub.mrad.min())

@@ -15,9 +15,9 @@ __all__ = ["BabDecision", "BabRadius"]
 
 @dataclass
 class _Sub:
-    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α``/``β`` (per
-    activation, :func:`pack`'d), the margins still to prove (``open (m,)``) and its
-    current bound (worst open margin)."""
+    """A subdomain: the splits ``{activation: (n,) int8}``, warm-start ``α`` (per
+    activation ``(m, n)`` float32) and ``β`` (:func:`pack`'d), the margins still to prove
+    (``open (m,)``) and its current bound (worst open margin)."""
 
     splits: dict
     alpha: dict | None = None
@@ -83,9 +83,9 @@ class BabRadius:
 
 def pack(t: torch.Tensor, keep: torch.Tensor) -> tuple:
     """A warm start ``t (m, n)`` kept on the neurons ``keep (n,)`` only, in float32:
-    ``(idx (k,), vals (m, k))`` (a subdomain's ``α`` on its unstable neurons, ``β`` on its
-    split ones; elsewhere they are not used, or zero).  A leaf of the search tree keeps
-    its multipliers until it is bounded again, so this is most of the tree's memory."""
+    ``(idx (k,), vals (m, k))`` (a subdomain's ``β`` on its split neurons, zero
+    elsewhere).  A leaf of the search tree keeps its multipliers until it is bounded
+    again, so they are most of the tree's memory."""
     idx = torch.nonzero(keep).flatten()
     return idx, t[:, idx].to(torch.float32)
 
