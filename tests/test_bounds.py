@@ -147,6 +147,8 @@ def test_polytope_gain_with_a_loose_tolerance_is_sound_and_within_it():
             gain = _polytope.polytope_gain_rows(q, mu[None], img, np.full(4, eps), tol=tol)
             assert np.all(gain >= exact - 1e-9)
             assert np.all(gain <= exact + tol * (np.abs(gain) + ball) + 1e-9)
+    with pytest.raises(ValueError, match="tol"):
+        _polytope.polytope_gain_rows(q, mu[None], img, np.full(4, eps), tol=-1.0)
 
 
 def test_polytope_radius_is_tight_and_sound():

@@ -6,9 +6,12 @@ for rows of coefficients (:mod:`.polytope_kernels` holds the kernels).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from flowverify.verification.polytope_kernels import (
+    THETA_TOL,
     _gain_rows,
     _plan_rows,
     _radius_rows,
@@ -29,10 +32,6 @@ __all__ = [
 #: Most steps of the search on the dual variable ``θ`` of the polytope bound (cutting
 #: planes with a bisection every third step; it stops earlier when optimal to 1e-12).
 THETA_ITERS = 40
-
-#: The search's optimality tolerance, relative to ``|bound| + ‖Aᵀq‖_∞·ε`` (the ball
-#: bound's scale): the default for every bound the certifiers report.
-THETA_TOL = 1e-12
 
 
 def _sources_batch(mu: np.ndarray):
@@ -70,6 +69,7 @@ def polytope_gain_rows(
     """
     b, c, h, w = mu.shape
     q = _rows(q, c * h * w, "q")
+    tol = _tolerance(tol)
     src, mus, ptr = _sources_batch(np.asarray(mu, dtype=np.float64).reshape(b, -1))
     e = _per_row(eps, q.shape[0], "eps")
     img = np.ascontiguousarray(img, dtype=np.int64)
@@ -96,7 +96,7 @@ def polytope_gain_sparse_rows(
     kk = np.ascontiguousarray(kk, dtype=np.int64)
     rr = np.ascontiguousarray(rr, dtype=np.int64)
     e = _per_row(eps, kk.size, "eps")
-    args = (rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same, tol)
+    args = (rows, kk, rr, src, mus, ptr, c, h, w, e, iters, planes, same, _tolerance(tol))
     return _sparse_gain_rows(*args)
 
 
@@ -123,6 +123,13 @@ def _rows(q: np.ndarray, p: int, name: str) -> np.ndarray:
     if q.ndim != 2 or q.shape[1] != p:
         raise ValueError(f"{name}: expected shape (m, {p}), got {q.shape}")
     return q
+
+
+def _tolerance(tol) -> float:
+    tol = float(tol)
+    if not (math.isfinite(tol) and tol >= 0.0):
+        raise ValueError(f"tol: expected a finite number >= 0, got {tol}")
+    return tol
 
 
 def _per_row(value, m: int, name: str) -> np.ndarray:

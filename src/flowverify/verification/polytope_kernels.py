@@ -22,9 +22,14 @@ from flowverify.verification.polytope_transform import _dual_terms, _lip_support
 _DESCENT = 0.5
 _DESCENT_STEPS = 6
 
+#: The dual search's optimality tolerance, relative to ``|bound| + ‖Aᵀq‖_∞·ε`` (the ball
+#: bound's scale): the default for every bound the certifiers report (re-exported by
+#: :mod:`.polytope`; a looser one only where a caller asks, e.g. intermediate bounds).
+THETA_TOL = 1e-12
+
 
 @numba.njit(cache=True)
-def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=1e-12):
+def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=THETA_TOL):
     """Sound upper bound (a dual value) on ``max q^T(µ - ν)`` over the W1 polytope:
     :func:`_dual_search`'s value."""
     args = (g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same, tol)
@@ -32,7 +37,9 @@ def _gain_one(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=T
 
 
 @numba.njit(cache=True)
-def _dual_search(g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=1e-12):
+def _dual_search(
+    g, lip, sup, src, mus, C, H, W, eps, iters, h, arg, planes, same=True, tol=THETA_TOL
+):
     """The dual value of :func:`_gain_one` and the final bracket ``(value, a, b)``: ``a``
     the largest ``θ`` evaluated left of the optimum (``T(a) > ε``; ``-1`` if none: then
     ``b = 0`` is optimal, or ``b = lip``), ``b`` the smallest right of it.
@@ -254,7 +261,7 @@ def _one_image(src, m):
     return np.array([0, src.size], dtype=np.int64), np.zeros(m, dtype=np.int64)
 
 
-def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=True, tol=1e-12):
+def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=True, tol=THETA_TOL):
     if ptr is None:
         ptr, img = _one_image(src, q.shape[0])
     if planes is None:
@@ -265,7 +272,7 @@ def _rows(kind, q, src, mus, C, H, W, a, b, iters, ptr, img, planes=None, same=T
 
 
 def _gain_rows(
-    q, src, mus, C, H, W, eps, iters, ptr=None, img=None, planes=None, same=True, tol=1e-12
+    q, src, mus, C, H, W, eps, iters, ptr=None, img=None, planes=None, same=True, tol=THETA_TOL
 ):
     """Gains of the rows ``q`` (:func:`_gain_one`), ``ε`` per row; ``planes (m, S, 3)``
     (updated in place) or None, ``same`` and ``tol`` as in :func:`_gain_one`."""
@@ -321,7 +328,7 @@ def _sparse_gain_par(rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes, s
 
 
 def _sparse_gain_rows(
-    rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes=None, same=True, tol=1e-12
+    rows, kk, rr, src, mus, ptr, C, H, W, eps, iters, planes=None, same=True, tol=THETA_TOL
 ):
     """Gains of sparse rows (:func:`_sparse_gain_par`); ``planes``, ``same``, ``tol`` as
     in :func:`_gain_one`."""
