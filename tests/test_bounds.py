@@ -355,15 +355,15 @@ def test_float32_norm_is_a_rigorous_upper_bound(seed):
     rows = np.ones(lam.shape[:2], dtype=np.bool_)
     rows[0, 1] = rows[0, 1 + lam.shape[1] // 2] = False
     G32, gmax = G.astype(np.float32), np.abs(G).max(axis=1)
-    got = _ball._lam_g_lip(lam, G, scale, rows, True, c, h, w, G32=G32, g_absmax=gmax)
+    got = _ball._lam_g_lip(lam, G, scale, rows, c, h, w, G32=G32, g_absmax=gmax)
     exact = _exact_pair_norms(lam, G, scale, c, h, w)
     exact[~rows] = 0.0
     err = _ball._f32_dot_error(lam, gmax, scale)
     assert np.all(got >= exact)
     assert np.all(got <= exact * (1 + 1e-6) + 2 * err)  # error either way, then + err
     # the error term is needed: float32 sums alone fall below the exact norm here
-    raw = _ball._lam_g_lip_par(
-        lam.astype(np.float32), G32, np.zeros_like(err), 1.0, scale, rows, True, c, h, w
+    raw = _ball._blas_rows_lip(
+        lam.astype(np.float32), torch.from_numpy(G32), np.zeros_like(err), 1.0, scale, rows, c, h, w
     )
     assert np.any(raw < exact)
 
@@ -375,11 +375,27 @@ def test_float32_norm_falls_back_to_float64_on_huge_coefficients():
     rows = np.ones(lam.shape[:2], dtype=np.bool_)
     gmax = np.abs(G).max(axis=1)
     assert _ball._f32_dot_error(lam, gmax, scale) is None
-    got = _ball._lam_g_lip(
-        lam, G, scale, rows, True, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax
-    )
-    ref = _ball._lam_g_lip(lam, G, scale, rows, True, 1, 7, 6)
+    got = _ball._lam_g_lip(lam, G, scale, rows, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax)
+    ref = _ball._lam_g_lip(lam, G, scale, rows, 1, 7, 6)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_float32_norm_needs_ieee_float32_products():
+    """Where torch may form float32 products at a lower precision (TF32, bfloat16), the
+    norms are float64 sums: the same values as without a float32 copy."""
+    rng = np.random.default_rng(6)
+    lam, G, scale = _cancelling_pairs(rng)
+    rows = np.ones(lam.shape[:2], dtype=np.bool_)
+    gmax = np.abs(G).max(axis=1)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = _ball._lam_g_lip(
+            lam, G, scale, rows, 1, 7, 6, G32=G.astype(np.float32), g_absmax=gmax
+        )
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    np.testing.assert_array_equal(got, _ball._lam_g_lip(lam, G, scale, rows, 1, 7, 6))
 
 
 def test_vanilla_radii_with_float32_norms_match_float64(monkeypatch):

@@ -15,88 +15,36 @@ from flowverify.verification.numerics import _small_serial
 @numba.njit(cache=True)
 def _acc_lip(acc, scale, C, H, W, i0=0, i1=-1, j0=0, j1=-1):
     """``max_c scale_c · max |neighbour differences of acc in channel c|``, over the
-    pixel pairs inside rows ``i0..i1`` and columns ``j0..j1`` (default: the image)."""
+    pixel pairs inside rows ``i0..i1`` and columns ``j0..j1`` (default: the image).
+
+    The maxima are kept per column (``lanes``) and reduced at the end: the column loops
+    then vectorise (a maximum is exact in any order)."""
     if i1 < 0:
         i1, j1 = H - 1, W - 1
     hw = H * W
+    lanes = np.empty(W, dtype=acc.dtype)
     out = 0.0
     for c in range(C):
         base = c * hw
-        m = 0.0
+        lanes[:] = 0.0
         for i in range(i0, i1 + 1):
+            p0 = base + i * W
             for j in range(j0, j1):
-                p = base + i * W + j
-                d = abs(acc[p + 1] - acc[p])
-                if d > m:
-                    m = d
+                d = abs(acc[p0 + j + 1] - acc[p0 + j])
+                lanes[j] = d if d > lanes[j] else lanes[j]
         for i in range(i0, i1):
+            p0 = base + i * W
             for j in range(j0, j1 + 1):
-                p = base + i * W + j
-                d = abs(acc[p + W] - acc[p])
-                if d > m:
-                    m = d
+                d = abs(acc[p0 + W + j] - acc[p0 + j])
+                lanes[j] = d if d > lanes[j] else lanes[j]
+        m = 0.0
+        for j in range(j0, j1 + 1):
+            if lanes[j] > m:
+                m = lanes[j]
         if m * scale[c] > out:
             out = m * scale[c]
     return out
 
-
-def _lam_g_lip_impl(lam, G, err, grow, scale, rows, paired, C, H, W):
-    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` for the rows with ``rows[b, r]`` (0 elsewhere).
-
-    ``lam (B, m, n_0)`` and ``G`` of one dtype, in which the sums are computed (float64,
-    or float32 for speed).  Each result is ``grow`` times the computed norm plus
-    ``err[b, r]``: ``1`` and ``0`` in float64; in float32 ``1 + 2u`` and the bound of
-    :func:`_f32_dot_error`, which make it a rigorous upper bound of the exact norm (each
-    sum is off by at most ``err / 2``, so a neighbour difference by ``err``, and its
-    float32 rounding by a factor ``1 + u``).  Zero coefficients are skipped; with
-    ``paired``, rows ``r`` and ``r + m/2`` are computed together and a coefficient with
-    ``Λ_{r+m/2,k} = -Λ_{r,k}`` (a stable neuron in a lower/upper pair) costs one product
-    instead of two.
-    """
-    nb, m, n0 = lam.shape
-    p_all = G.shape[1]
-    out = np.zeros((nb, m))
-    half = m // 2 if paired else m
-    for t in numba.prange(nb * half):
-        b = t // half
-        r = t % half
-        if paired:
-            if not (rows[b, r] or rows[b, r + half]):
-                continue
-            acc = np.zeros(p_all, dtype=G.dtype)
-            acc2 = np.zeros(p_all, dtype=G.dtype)
-            for k in range(n0):
-                a = lam[b, r, k]
-                a2 = lam[b, r + half, k]
-                if a2 == -a:
-                    if a != 0.0:
-                        for p in range(p_all):
-                            v = a * G[k, p]
-                            acc[p] += v
-                            acc2[p] -= v
-                else:
-                    if a != 0.0:
-                        for p in range(p_all):
-                            acc[p] += a * G[k, p]
-                    if a2 != 0.0:
-                        for p in range(p_all):
-                            acc2[p] += a2 * G[k, p]
-            out[b, r] = _acc_lip(acc, scale[b], C, H, W) * grow + err[b, r]
-            out[b, r + half] = _acc_lip(acc2, scale[b], C, H, W) * grow + err[b, r + half]
-        else:
-            if not rows[b, r]:
-                continue
-            acc = np.zeros(p_all, dtype=G.dtype)
-            for k in range(n0):
-                a = lam[b, r, k]
-                if a != 0.0:
-                    for p in range(p_all):
-                        acc[p] += a * G[k, p]
-            out[b, r] = _acc_lip(acc, scale[b], C, H, W) * grow + err[b, r]
-    return out
-
-
-_lam_g_lip_par = numba.njit(cache=True, parallel=True)(_lam_g_lip_impl)
 
 #: Unit roundoff of float32.
 _U32 = 2.0**-24
@@ -110,9 +58,11 @@ def _f32_dot_error(lam: np.ndarray, g_absmax: np.ndarray, scale: np.ndarray):
 
     Higham's bound for a dot product of length ``n`` whose ``2n`` inputs are rounded to
     float32 first: ``|error| <= γ_{n+2} Σ_k |a_k||G_kp| + (Σ_k |a_k| + Σ_k max|G_k| + n)
-    · 2^-147`` (the last term covers subnormal results), with ``γ_n = nu / (1 - nu)`` and
-    ``Σ_k |a_k||G_kp| <= Σ_k |a_k| max_p |G_kp|``.  Returns ``(nb, m)`` or ``None`` when
-    the magnitudes could overflow float32 (the caller then uses float64).
+    · 2^-125`` (the last term covers subnormal inputs, products and sums even where a
+    BLAS flushes them to 0: each is then off by at most ``2^-126`` times the other factor,
+    or ``2^-126``), with ``γ_n = nu / (1 - nu)`` and ``Σ_k |a_k||G_kp| <= Σ_k |a_k|
+    max_p |G_kp|``.  Returns ``(nb, m)`` or ``None`` when the magnitudes could overflow
+    float32 (the caller then uses float64).
     """
     n0 = lam.shape[2]
     absl = np.abs(lam)
@@ -125,28 +75,64 @@ def _f32_dot_error(lam: np.ndarray, g_absmax: np.ndarray, scale: np.ndarray):
         return None
     nu = (n0 + 2) * _U32
     gamma = nu / (1.0 - nu)
-    tiny = (absl.sum(axis=2) + g_absmax.sum() + n0) * 2.0**-147
+    tiny = (absl.sum(axis=2) + g_absmax.sum() + n0) * 2.0**-125
     smax = scale.max(axis=1)[:, None]
     return 2.0 * (gamma * s + tiny) * smax * (1.0 + 1e-6)
 
 
-def _lam_g_lip(lam, G, scale, rows, paired, C, H, W, *, G32=None, g_absmax=None):
-    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` per row; paired rows with ``G32`` in float32.
+@numba.njit(cache=True, parallel=True)
+def _rows_lip(acc, which, scale, C, H, W):
+    """:func:`_acc_lip` of each row ``acc[t]`` (image-space, ``(N, C·H·W)``) with the
+    channel scales ``scale[which[t]]``."""
+    out = np.empty(acc.shape[0])
+    for t in numba.prange(acc.shape[0]):
+        out[t] = _acc_lip(acc[t], scale[which[t]], C, H, W)
+    return out
 
-    The float32 path (paired rows of intermediate bounds) returns a rigorous
-    upper bound of the exact norm (:func:`_lam_g_lip_impl`), so bounds stay sound; its
-    excess is at most about ``4 (n_0 + 2) u Σ_k |Λ_k| max|G_k|`` (``u = 2^-24``; 2.4e-5 of
-    that sum for 100 neurons).
+
+#: Rows of ``ΛG`` formed at once by the float32 matrix product (bounds the memory).
+_BLAS_ROWS = 8192
+
+
+def _blas_rows_lip(lam, G_t, err, grow, scale, rows, C, H, W):
+    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` times ``grow``, plus ``err[b, r]``, for the rows
+    with ``rows[b, r]`` (0 elsewhere): the sums ``Λ_r G`` a matrix product (BLAS) in the
+    dtype of ``lam (B, m, n_0)`` and ``G_t``, in chunks of :data:`_BLAS_ROWS` rows, the
+    neighbour differences :func:`_acc_lip`'s."""
+    nb, m, _ = lam.shape
+    out = np.zeros((nb, m))
+    bb, rr = np.nonzero(rows)
+    lam_t = torch.from_numpy(lam)
+    for a in range(0, bb.size, _BLAS_ROWS):
+        b, r = bb[a : a + _BLAS_ROWS], rr[a : a + _BLAS_ROWS]
+        acc = (lam_t[torch.from_numpy(b), torch.from_numpy(r)] @ G_t).numpy()
+        lip = _small_serial(_rows_lip, acc.size // 50, acc, b, scale, C, H, W)
+        out[b, r] = lip * grow + err[b, r]
+    return out
+
+
+def _lam_g_lip(lam, G, scale, rows, C, H, W, *, G32=None, g_absmax=None):
+    """``‖Aᵀ(Λ_r G diag(scale_b))‖_∞`` per row ``(B, m)`` where ``rows``, 0 elsewhere.
+
+    ``lam (B, m, n_0)`` and ``G (n_0, C·H·W)`` float64.  With ``G32`` (``G`` in float32)
+    and ``g_absmax`` (``max_p |G_kp|``) the sums are float32 and the result a rigorous
+    upper bound of the exact norm: ``1 + 2u`` times the computed norm plus the error term
+    of :func:`_f32_dot_error` (each sum is off by at most half of it, a neighbour
+    difference by all of it, and its float32 rounding by a factor ``1 + u``; ``u =
+    2^-24``); the excess is at most about ``4 (n_0 + 2) u Σ_k |Λ_k| max|G_k|`` (2.4e-5 of
+    that sum for 100 neurons).  Higham's bound holds whatever the order of the sums and
+    with fused multiply-adds, so a BLAS forms them; in float32 only where torch's float32
+    products are IEEE ones (``torch.get_float32_matmul_precision() == "highest"``, the
+    default), else, as where float32 could overflow, in float64.
     """
-    work = int(rows.sum()) * G.shape[0] * G.shape[1] // 50
-    args = (scale, rows, paired, C, H, W)
-    if paired and G32 is not None:
+    if G32 is not None and torch.get_float32_matmul_precision() == "highest":
         err = _f32_dot_error(lam, g_absmax, scale)
         if err is not None:
             lam32 = lam.astype(np.float32)
-            grow = 1.0 + 2.0 * _U32
-            return _small_serial(_lam_g_lip_par, work, lam32, G32, err, grow, *args)
-    return _small_serial(_lam_g_lip_par, work, lam, G, np.zeros(lam.shape[:2]), 1.0, *args)
+            G_t, grow = torch.from_numpy(G32), 1.0 + 2.0 * _U32
+            return _blas_rows_lip(lam32, G_t, err, grow, scale, rows, C, H, W)
+    err = np.zeros(lam.shape[:2])
+    return _blas_rows_lip(lam, torch.from_numpy(G), err, 1.0, scale, rows, C, H, W)
 
 
 @numba.njit(cache=True)
