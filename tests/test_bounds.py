@@ -363,8 +363,14 @@ def test_float32_norm_is_a_rigorous_upper_bound(seed):
     assert np.all(got <= exact * (1 + 1e-6) + 2 * err)  # error either way, then + err
     # the error term is needed: float32 sums alone fall below the exact norm here
     raw = _ball._blas_rows_lip(
-        lam.astype(np.float32), torch.from_numpy(G32), np.zeros_like(err), 1.0, scale, rows, c, h, w
-    )
+        lam.astype(np.float32).astype(np.float64),
+        torch.from_numpy(G32.astype(np.float64)),
+        scale,
+        rows,
+        c,
+        h,
+        w,
+    )  # the float32 inputs, summed without rounding error (nearly: in float64)
     assert np.any(raw < exact)
 
 

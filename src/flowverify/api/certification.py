@@ -107,7 +107,8 @@ def certify(
         ``(N,)`` index of each image in ``data`` (reported as ``index`` and never used
         as the image's own reference).
     batch_size : int
-        Images per batch of the incomplete methods.
+        Most images per batch of the incomplete methods (the images are split into
+        batches of nearly equal size).
     rtol : float
         Relative tolerance of the radius search.
     progress : bool
