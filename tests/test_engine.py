@@ -584,3 +584,49 @@ def test_folded_norms_equal_the_sparse_kernel(name, monkeypatch):
         np.testing.assert_allclose(folded[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
         unstable += int(((lo < 0) & (up > 0)).sum())
     assert unstable > 0  # the relaxations are not trivial
+
+
+@pytest.mark.parametrize("name", ["fc", "leaky"])
+def test_native_fast_paths_give_the_torch_bounds(name, monkeypatch):
+    """The numba paths of the ReLU relaxation and of the rows' centres
+    (:mod:`~flowverify.verification.engine.native`) give the bounds and ``F`` of the torch
+    code they replace, to float64 rounding, and do run."""
+    from flowverify.verification.engine import native
+
+    rng = np.random.default_rng(3)
+    if name == "fc":
+        net = load_model("fc")
+        x = bundled_digits()[0][:6].astype(np.float64)
+    else:
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(36, 20),
+            nn.LeakyReLU(0.1),
+            nn.Linear(20, 12),
+            nn.ReLU(),
+            nn.Linear(12, 4),
+        ).eval()
+        x = rng.random((5, 1, 6, 6))
+    graph = build_graph(copy.deepcopy(net).double(), torch.as_tensor(x[:1]))
+    eps = torch.as_tensor(np.linspace(0.5, 2.0, len(x)))
+    calls = []
+    usable = native.usable
+    monkeypatch.setattr(native, "usable", lambda *t: calls.append(1) or usable(*t))
+
+    def bounds():
+        prob = EngineProblem(graph, x, _labels(net, x), make_domain("w1-ball", x))
+        found = prob.layer_bounds(np.arange(len(x)), eps)[0]
+        found["F"] = (torch.as_tensor(prob(np.arange(len(x)), eps.numpy())),) * 2
+        return found
+
+    fast = bounds()
+    assert calls
+    monkeypatch.setattr(native, "usable", lambda *t: False)
+    slow = bounds()
+    unstable = 0
+    for node, (lo, up) in slow.items():
+        np.testing.assert_allclose(fast[node][0].numpy(), lo.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(fast[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
+        unstable += int(((lo < 0) & (up > 0)).sum())
+    assert unstable > 0

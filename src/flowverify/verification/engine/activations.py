@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from flowverify.verification.engine import native as _native
+
 __all__ = ["Activation", "LeakyReLUOp", "MaxPoolOp", "SigmoidOp", "TanhOp", "apply"]
 
 #: Absolute widening of the S-shaped relaxations (float64 rounding of exp and tanh).
@@ -148,6 +150,10 @@ def apply(
             out, beta = _lines(flat.reshape(b, 2, k, n), beta.reshape(b, 2, k), *lines)
             return out.reshape(lam.shape), beta.reshape(b, m)
     per_row = s_lo.dim() == lam.dim()  # alpha-CROWN (or patches): one lower slope per row
+    if b_lo is None and not per_row and _native.usable(flat, beta, s_lo, s_up, b_up):
+        lines = (t.reshape(b, n) for t in (s_lo, s_up, b_up))
+        out, beta = _native.relu_lines(flat, beta, *lines)
+        return out.reshape(lam.shape), beta
     s_lo = s_lo.reshape(b, m if per_row else 1, -1)
     if cols is None:
         s_up, b_up = s_up.reshape(b, 1, -1), b_up.reshape(b, -1)

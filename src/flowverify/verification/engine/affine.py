@@ -84,7 +84,8 @@ class LinearOp(_Affine):
 
     def unit_rows(self, sel: torch.Tensor, weight: torch.Tensor):
         """``Σ_r w_r e_{sel_r}`` carried back: ``(w_r W_{sel_r}, w_r b_{sel_r})``."""
-        lam = self.weight[sel] * weight[..., None]
+        lam = self.weight.index_select(0, sel.reshape(-1)).reshape(*sel.shape, -1)
+        lam = lam.mul_(weight[..., None]) if not weight.requires_grad else lam * weight[..., None]
         beta = weight * self.b[sel] if self.b is not None else torch.zeros_like(weight)
         return lam, beta
 

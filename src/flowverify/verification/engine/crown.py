@@ -29,6 +29,7 @@ from flowverify.verification import numerics as _numerics
 from flowverify.verification import search as _search
 from flowverify.verification.engine import activations as act
 from flowverify.verification.engine import alpha as _alpha
+from flowverify.verification.engine import native as _native
 from flowverify.verification.engine import patches as _patches
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
@@ -185,8 +186,12 @@ class EngineProblem:
             for j, lj in ends.items():
                 lo, hi = self._offsets[j]
                 lam_f[:, :, lo:hi] = lj.reshape(b, r, -1)
-        # an element-wise product and a row sum: the same value whatever the batch
-        centre = (lam_f * self._front_vals[idx][:, None, :]).sum(dim=2) + beta
+        # each row summed alone: the same value whatever the batch
+        vals = self._front_vals[idx]
+        if _native.usable(lam_f, vals):
+            centre = _native.row_dot(lam_f, vals) + beta
+        else:
+            centre = (lam_f * vals[:, None, :]).sum(dim=2) + beta
         return _flownet.Linear(lam_f, centre, torch.zeros_like(centre), self.inv_scale[idx])
 
     def q(self, lin: _flownet.Linear) -> torch.Tensor:
