@@ -1,7 +1,8 @@
 """CPU fast paths (numba) of the engine's hottest float64 loops, used where no gradient
 is wanted: each computes what its torch counterpart computes, in one pass over the
 coefficients instead of several (and without their temporaries), the sums in another
-order (covered, as every float64 sum of CROWN, by ``numerics.BOUND_RTOL``).
+order (vectorised; covered, as every float64 sum of CROWN whatever its order, by
+``numerics.BOUND_RTOL``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ def relu_lines(flat, beta, s_lo, s_up, b_up):
 
 def row_dot(lam, vals):
     """``Σ_k lam_{brk} vals_{bk}`` ``(B, m)`` for ``lam (B, m, n)``, ``vals (B, n)``: each
-    row summed in order, whatever the batch."""
+    row summed alone, in the same order whatever the batch."""
     return torch.from_numpy(_small_serial(_row_dot, lam.numel() // 4, _np(lam), _np(vals)))
 
 
-@numba.njit(cache=True, parallel=True)
+#: Sums may be reassociated (vectorised) and products fused into them: exact products
+#: and selections, sums in another order; NaN and inf as in IEEE arithmetic.
+_SUMS = {"reassoc", "contract"}
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_SUMS)
 def _relu_lines(flat, beta, s_lo, s_up, b_up):
     nb, m, n = flat.shape
     out = np.empty_like(flat)
@@ -51,18 +57,16 @@ def _relu_lines(flat, beta, s_lo, s_up, b_up):
     for t in numba.prange(nb * m):
         b, r = t // m, t % m
         acc = 0.0
-        for k in range(n):
+        for k in range(n):  # branch-free: the loop vectorises
             v = flat[b, r, k]
-            if v < 0.0:
-                out[b, r, k] = v * s_up[b, k]
-                acc += v * b_up[b, k]
-            else:
-                out[b, r, k] = v * s_lo[b, k]
+            neg = v < 0.0
+            out[b, r, k] = v * (s_up[b, k] if neg else s_lo[b, k])
+            acc += v * b_up[b, k] if neg else 0.0
         new_beta[b, r] += acc
     return out, new_beta
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_SUMS)
 def _row_dot(lam, vals):
     nb, m, n = lam.shape
     out = np.empty((nb, m))
