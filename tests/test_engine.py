@@ -578,12 +578,18 @@ def test_folded_norms_equal_the_sparse_kernel(name, monkeypatch):
     assert fronts == [name != "rgb-per-pixel"]  # the dense rows' norms too
     monkeypatch.setattr(_flownet, "conv_template", lambda *a: None)
     sparse = bounds()
+    _assert_same_bounds(folded, sparse)
+
+
+def _assert_same_bounds(got: dict, want: dict) -> None:
+    """Equal bounds ``{node: (lo, up)}`` to float64 rounding, some of them unstable (the
+    relaxations are not trivial)."""
     unstable = 0
-    for node, (lo, up) in sparse.items():
-        np.testing.assert_allclose(folded[node][0].numpy(), lo.numpy(), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(folded[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
+    for node, (lo, up) in want.items():
+        np.testing.assert_allclose(got[node][0].numpy(), lo.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
         unstable += int(((lo < 0) & (up > 0)).sum())
-    assert unstable > 0  # the relaxations are not trivial
+    assert unstable > 0
 
 
 @pytest.mark.parametrize("name", ["fc", "leaky"])
@@ -623,10 +629,4 @@ def test_native_fast_paths_give_the_torch_bounds(name, monkeypatch):
     fast = bounds()
     assert calls
     monkeypatch.setattr(native, "usable", lambda *t: False)
-    slow = bounds()
-    unstable = 0
-    for node, (lo, up) in slow.items():
-        np.testing.assert_allclose(fast[node][0].numpy(), lo.numpy(), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(fast[node][1].numpy(), up.numpy(), rtol=1e-12, atol=1e-12)
-        unstable += int(((lo < 0) & (up > 0)).sum())
-    assert unstable > 0
+    _assert_same_bounds(fast, bounds())
