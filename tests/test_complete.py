@@ -423,3 +423,24 @@ def test_branch_and_bound_search_options_stay_exact(monkeypatch, opts):
     assert res.status == "optimal", res.solver_status
     assert res.lower <= truth + 1e-9 <= res.upper + 2e-9
     assert res.upper == pytest.approx(truth, rel=1e-5)
+
+
+def test_complete_methods_keep_every_torch_thread():
+    """One image's subdomains are bounded in batches: large products, so torch keeps its
+    threads; an incomplete method on a few images of a small model runs single-threaded."""
+    from types import SimpleNamespace
+
+    from flowverify.model.loading import load_model
+    from flowverify.verification import api
+
+    model = load_model("fc")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for method, want in (("complete", 2), ("vanilla", 1)):
+            ctx = SimpleNamespace(device=torch.device("cpu"), method=method, model64=model)
+            with api._torch_threads(ctx, 1):
+                assert torch.get_num_threads() == want
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)

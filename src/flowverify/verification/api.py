@@ -350,11 +350,14 @@ def _engine_graph(model64, x, flat, input_scale):
     return build_graph(model64, _model_input(xin, scale, flat))
 
 
-#: Torch runs single-threaded while certifying fewer than ``SMALL_BATCH`` images (the
-#: complete methods: one image per chunk) of a model whose layers all have fewer entries
-#: than ``SMALL_LAYER``: such small matrix products lose more to waking BLAS threads than
-#: they gain (the heavy kernels are numba's, with their own threads).  Batches keep every
-#: thread (measured: fc vanilla 178 -> 207 images/s, cnn vanilla 0.30 -> 0.18 s/image).
+#: Torch runs single-threaded while an incomplete method certifies fewer than
+#: ``SMALL_BATCH`` images of a model whose layers all have fewer entries than
+#: ``SMALL_LAYER``: such small matrix products lose more to waking BLAS threads than they
+#: gain (the heavy kernels are numba's, with their own threads).  Batches keep every
+#: thread (measured: fc vanilla 178 -> 207 images/s, cnn vanilla 0.30 -> 0.18 s/image),
+#: and so do the complete methods, which bound batches of subdomains of one image
+#: (measured, ad-hoc, 30 s per digit: 0-25% more subdomains on fc, 13-69% on the VNN-COMP
+#: 256x2 net).
 SMALL_LAYER = 1_000_000
 SMALL_BATCH = 8
 
@@ -363,7 +366,10 @@ SMALL_BATCH = 8
 def _torch_threads(ctx: _Ctx, n_images: int):
     params = [p.numel() for p in ctx.model64.parameters()]
     small = (
-        ctx.device.type == "cpu" and n_images < SMALL_BATCH and max(params, default=0) < SMALL_LAYER
+        ctx.device.type == "cpu"
+        and not ctx.method.startswith("complete")
+        and n_images < SMALL_BATCH
+        and max(params, default=0) < SMALL_LAYER
     )
     prev = torch.get_num_threads()
     if small and prev > 1:
