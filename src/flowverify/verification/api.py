@@ -200,16 +200,14 @@ def _iter_certify_modes(
     step = 1 if method.startswith("complete") else int(batch_size)
     # chunks of nearly equal size (97 images in batches of 32: 25, 24, 24, 24, not a last
     # batch of one, whose probes would each cost a whole batch's fixed overhead)
-    n_chunks = -(-n // step) if n else 0
-    bounds = [n * k // n_chunks for k in range(n_chunks + 1)] if n else [0]
+    chunks = np.array_split(np.arange(n), -(-n // step)) if n else []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"certify {method}", unit="img", leave=False)
     try:
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            sel = np.arange(s, e)
+        for sel in chunks:
             yield from _certify_chunk(ctx, x, lab, pred, idx, ref_sets, sel, eps, unit)
             if bar is not None:
                 bar.update(len(sel))

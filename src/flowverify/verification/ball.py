@@ -93,8 +93,8 @@ def _rows_lip(acc, which, scale, C, H, W):
     return out
 
 
-#: Rows of ``ΛG`` formed at once by a matrix product, into one buffer: its memory stays
-#: in the caches (fresh megabytes each time cost page faults: measured 2x slower).
+#: Rows of ``ΛG`` formed at once by a matrix product, into one buffer per call (reused by
+#: its chunks): a fresh output of megabytes per product cost page faults (measured 2x).
 _BLAS_ROWS = 512
 
 
@@ -182,7 +182,7 @@ def _csr_row(vals, cols, b, r, indptr, indices, data, boxes, acc, C, H, W):
 
 @numba.njit(cache=True, parallel=True)
 def _lam_g_lip_csr(vals, cols, indptr, indices, data, boxes, p_all, scale, rows, C, H, W):
-    """:func:`_lam_g_lip` (unpaired) for a sparse ``G`` in CSR form (convolutions) and
+    """:func:`_lam_g_lip` (float64) for a sparse ``G`` in CSR form (convolutions) and
     rows ``Λ_r`` given by their entries (:func:`_csr_row`; a dense ``Λ`` has
     ``cols = arange(n_0)``): a row of ``ΛG`` lives in the union of its entries' boxes,
     so its sum and its differences are taken there, grown by one pixel: the same norm,

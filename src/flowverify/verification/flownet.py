@@ -227,12 +227,12 @@ def front_rows(net: FlowNet, a: int, z: int, inv: torch.Tensor):
     return rows
 
 
-def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
+def ball_norm(net: FlowNet, lin: Linear, rows=None, *, float32: bool = False) -> torch.Tensor:
     """``‖ã‖_∞ = ‖Aᵀ q‖_∞ + extra`` per bound ``(N, m)`` (the dual norm of the L1 ball).
 
     ``rows`` (``(N, m)`` bool) restricts the work (other entries are 0) on the CPU path;
-    ``paired``: rows ``r`` and ``r + m/2`` are the lower/upper rows of one neuron (an
-    intermediate bound): their sums may be float32, with a rigorous error term.
+    ``float32``: the sums of dense rows may be float32, with a rigorous error term (an
+    upper bound of the norm: for intermediate bounds; the margins keep float64).
     """
     if lin.lam.requires_grad or net.device.type != "cpu":
         return _grad_absmax_t(lin.q(net), net.shape) + lin.extra
@@ -248,7 +248,7 @@ def ball_norm(net: FlowNet, lin: Linear, rows=None, *, paired: bool = False) -> 
         cols = np.arange(lam.shape[2], dtype=np.int64).reshape(1, 1, -1)
         lip = sparse_rows_norm(net, lam, cols, scale, mask)
     else:
-        g32 = net.G_np32 if paired else None  # intermediate bounds: float32 sums
+        g32 = net.G_np32 if float32 else None
         lip = _lam_g_lip(lam, net.G_np, scale, mask, c, h, w, G32=g32, g_absmax=net.G_absmax)
     return torch.as_tensor(lip) + lin.extra
 

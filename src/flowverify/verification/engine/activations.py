@@ -9,7 +9,9 @@ Every line is exact at the values it is built from; the S-shaped ones are widene
 ``RELAX_ATOL`` for the rounding of ``σ`` in float64.
 
 :func:`apply` replaces ``Λ σ(z)`` by the linear lower bound ``Λ⁺ (s_lo z + b_lo) + Λ⁻
-(s_up z + b_up)``: the one place where a relaxation enters a bound.
+(s_up z + b_up)``: the one place where a relaxation enters a bound (on the CPU without
+gradients, for the ReLU family, through :func:`~.native.relu_lines`, the same sums in
+one pass).
 """
 
 from __future__ import annotations

@@ -199,11 +199,11 @@ class EngineProblem:
         q = lin.q(self._front_net)
         return q.reshape(*q.shape[:2], *self.x.shape[1:])
 
-    def norm(self, lin: _flownet.Linear, rows=None, *, paired: bool = False) -> torch.Tensor:
+    def norm(self, lin: _flownet.Linear, rows=None, *, float32: bool = False) -> torch.Tensor:
         """The domain's dual norm of each bound ``(B, R)`` (``rows``: where needed)."""
         if self.domain.w1:
             mask = None if rows is None else rows.detach().cpu().numpy()
-            return _flownet.ball_norm(self._front_net, lin, mask, paired=paired)
+            return _flownet.ball_norm(self._front_net, lin, mask, float32=float32)
         return self.domain.norm(self.q(lin))
 
     # ------------------------------------------------------------- bounds and oracle
@@ -363,7 +363,7 @@ class EngineProblem:
             lam[:, :k].scatter_(2, sel[..., None], one[..., None])
             lam[:, k:].scatter_(2, sel[..., None], -one[..., None])
             lin = self.linear(idx, i, lam.reshape(b, 2 * k, *node.shape), relax)
-        norm = self.norm(lin, torch.cat([valid, valid], dim=1), paired=True)
+        norm = self.norm(lin, torch.cat([valid, valid], dim=1), float32=True)
         old = torch.gather(lo_f, 1, sel), torch.gather(up_f, 1, sel)
         args = (idx, eps, lin.centre, norm, lin.rows(self._front_net), *old, valid, piecewise)
         new_lo, new_up = self._tighten(*args, key=i, sel=sel, store=store, tol=tol)
