@@ -18,7 +18,7 @@ from torch import nn
 
 import flowverify as fv
 from flowverify.core.results import Status
-from test_complete import H, W, _brute_force, _setup
+from test_complete import H, W, _block_a, _brute_force, _setup
 
 
 def _complete(model, img, label, **kw):
@@ -448,3 +448,80 @@ def test_a_decision_climbs_then_decides_from_the_root(monkeypatch, climb):
     late = _complete(model, img, label, eps=eps, timeout=1e-3)
     assert late.status == Status.UNKNOWN and late.message
     assert late.radius_raw <= truth * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_optimised_root_bounds_lie_between_crown_and_the_triangle_lp(seed):
+    """The root's second-layer bounds with optimised slopes (engine/intermediate.py) are
+    at least CROWN's, at most the triangle LP's with the same first-layer bounds over
+    the W1 polytope (its optimum: no relaxation of these bounds is tighter), close most
+    of the gap between them, and hold at the LP's own minimisers."""
+    from scipy.optimize import linprog as _linprog
+
+    from flowverify.verification.engine.bab import SplitBab
+    from flowverify.verification.engine.graph import build_graph
+
+    model, _, _, _, label, img = _setup(seed, [12, 12, 3])
+    graph = build_graph(model.double().eval(), torch.as_tensor(img[None]))
+    eps = 0.5 * img.sum()
+    plain = SplitBab(graph, img, label, root_iterations=0)
+    tuned = SplitBab(graph, img, label, root_iterations=30)
+    first, second = plain.relus
+    at1, at2 = (graph.nodes[j].inputs[0] for j in (first, second))
+    b0, b1 = plain._root(eps)[0], tuned._root(eps)[0]
+    l1, u1 = (t.reshape(-1).numpy() for t in b0[at1])
+    assert np.allclose(l1, b1[at1][0].reshape(-1).numpy())  # exact there either way
+    c_lo, c_up = (t.reshape(-1).numpy() for t in b0[at2])
+    o_lo, o_up = (t.reshape(-1).numpy() for t in b1[at2])
+    assert ((l1 < 0) & (u1 > 0)).sum() >= 3
+    # the triangle LP over (ν, p, q, a): ν = µ + A(p - q), Σ(p + q) <= ε, ν >= 0
+    lin1, lin2 = [m for m in model if isinstance(m, nn.Linear)][:2]
+    w1, bias1 = lin1.weight.detach().double().numpy(), lin1.bias.detach().double().numpy()
+    w2, bias2 = lin2.weight.detach().double().numpy(), lin2.bias.detach().double().numpy()
+    amat = _block_a(H, W, 1).toarray()
+    npx, ne, n1 = amat.shape[0], amat.shape[1], w1.shape[0]
+    nv = npx + 2 * ne + n1
+    a_eq = np.hstack([np.eye(npx), -amat, amat, np.zeros((npx, n1))])
+    a_ub, b_ub = [np.r_[np.zeros(npx), np.ones(2 * ne), np.zeros(n1)]], [eps]
+    fix = []
+    for j in range(n1):
+        zrow = np.r_[w1[j], np.zeros(2 * ne), np.zeros(n1)]
+        arow = np.zeros(nv)
+        arow[npx + 2 * ne + j] = 1.0
+        if l1[j] >= 0:  # a = z
+            fix.append((arow - zrow, bias1[j]))
+        elif u1[j] <= 0:
+            fix.append((arow, 0.0))
+        else:  # a >= z, a >= 0, a <= u (z - l) / (u - l)
+            s = u1[j] / (u1[j] - l1[j])
+            a_ub += [zrow - arow, arow - s * zrow]
+            b_ub += [-bias1[j], s * (bias1[j] - l1[j])]
+    a_eq = np.vstack([a_eq] + [r for r, _ in fix])
+    b_eq = np.r_[img.reshape(-1), [v for _, v in fix]]
+    box = [(0, None)] * (npx + 2 * ne) + [(0, None)] * n1
+    unstable = np.flatnonzero((c_lo < 0) & (c_up > 0))
+    assert unstable.size >= 3
+    gap = closed = 0.0
+    points = []
+    for j in unstable:
+        for sgn in (1.0, -1.0):
+            cost = np.r_[np.zeros(npx + 2 * ne), sgn * w2[j]]
+            res = _linprog(cost, A_ub=np.array(a_ub), b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=box)
+            assert res.status == 0
+            points.append(res.x[:npx].reshape(img.shape))
+            lp = sgn * res.fun + bias2[j]
+            crown, opt = (c_lo[j], o_lo[j]) if sgn > 0 else (c_up[j], o_up[j])
+            assert sgn * opt >= sgn * crown  # never looser than CROWN's
+            assert sgn * opt <= sgn * lp + 1e-7 * (1 + abs(lp))  # nor tighter than the LP's
+            gap, closed = gap + sgn * (lp - crown), closed + sgn * (opt - crown)
+    assert gap > 1e-3 and closed >= 0.8 * gap
+    # sound at images of D_ε: the LP minimisers (ν >= 0 up to the solver's tolerance)
+    nus = np.clip(np.stack(points), 0.0, None)
+    z = torch.as_tensor(nus)
+    with torch.no_grad():
+        for layer in model:
+            z = layer(z)
+            if layer is lin2:
+                break
+    z2 = z.numpy()
+    assert (z2 >= o_lo - 1e-6).all() and (z2 <= o_up + 1e-6).all()

@@ -6,8 +6,9 @@ A *subdomain* fixes the phase of some (leaky) ReLU neurons, ``s_j z_j >= 0`` wit
 (:func:`~.crown.backward`) with
 
 * the pre-activation bounds of the root (:meth:`~.crown.EngineProblem.layer_bounds` at
-  ``ε``), clamped by the splits: a split neuron is linear on its side, and a split that
-  contradicts the root bounds leaves an empty subdomain (closed);
+  ``ε``, those above an unstable ReLU with slopes optimised per bound row,
+  :mod:`.intermediate`), clamped by the splits: a split neuron is linear on its side,
+  and a split that contradicts the root bounds leaves an empty subdomain (closed);
 * lower slopes ``α`` of the unsplit unstable neurons (alpha-CROWN) and Lagrange
   multipliers ``β >= 0`` of the split constraints, which add ``-β_j s_j`` to the
   coefficients of the split neurons' inputs: for every ``β >= 0``,
@@ -50,6 +51,7 @@ from flowverify.verification.engine.branching import babsr_scores
 from flowverify.verification.engine.crown import EngineProblem
 from flowverify.verification.engine.domains import make_domain
 from flowverify.verification.engine.graph import Graph
+from flowverify.verification.engine.intermediate import optimise_bounds
 from flowverify.verification.engine.subdomain import BabDecision, BabRadius, _Sub
 
 __all__ = ["BabDecision", "BabRadius", "SplitBab"]
@@ -88,6 +90,9 @@ class SplitBab(BabSearch):
     candidates : int
         Filtered smart branching over this many BaBSR candidates per subdomain
         (:mod:`.branching`); 1 (default): BaBSR alone.
+    root_iterations : int
+        Adam steps per layer on the slopes of the root's intermediate bounds
+        (:mod:`.intermediate`); 0: CROWN's slopes.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class SplitBab(BabSearch):
         lr: float = 0.1,
         refine: bool = True,
         candidates: int = 1,
+        root_iterations: int = 20,
     ):
         self.graph = graph
         self.x = np.asarray(x, dtype=np.float64)[None]
@@ -121,6 +127,10 @@ class SplitBab(BabSearch):
         self.mu = self.prob.domain.mu[0]
         self.batch, self.iterations, self.lr = int(batch), int(iterations), float(lr)
         self.refine, self.candidates = bool(refine), int(candidates)
+        self.root_iterations = int(root_iterations)
+        #: ``{node: {relu: (2, n, n_relu)}}``: the root's optimised slopes per bound row
+        #: (:func:`~.intermediate.optimise_bounds`), reused by :meth:`_refine`.
+        self.row_alpha: dict = {}
         self.relus = [
             i for i in graph.activations() if isinstance(graph.nodes[i].op, act.LeakyReLUOp)
         ]
@@ -134,8 +144,13 @@ class SplitBab(BabSearch):
     # ------------------------------------------------------------------ bounding
 
     def _root(self, eps: float):
+        """The root's bounds and relaxations at raw ``ε``, intermediate bounds optimised
+        (:func:`~.intermediate.optimise_bounds`)."""
         eps_t = torch.full((1,), float(eps), dtype=torch.float64, device=self.prob.device)
-        return self.prob.layer_bounds(np.zeros(1, dtype=np.int64), eps_t)
+        root = self.prob.layer_bounds(np.zeros(1, dtype=np.int64), eps_t)
+        if self.root_iterations > 0:
+            root = optimise_bounds(self, eps, root, iterations=self.root_iterations)
+        return root
 
     def _gain(self, q: torch.Tensor, eps: float, rows: torch.Tensor, *, bound=True, slopes=True):
         """Sound gains ``(D, m)`` of the rows ``q (D, m, C, H, W)`` where ``rows`` (``inf``
@@ -220,8 +235,9 @@ class SplitBab(BabSearch):
 
     def _refine(self, i: int, todo: list, lo, up, rel: dict, eps: float, subs: list):
         """CROWN bounds of ReLU ``i``'s input on the subdomains ``todo`` (``subs``) through
-        the relaxations ``rel`` of the activations above, intersected with ``lo``, ``up``;
-        each row's polytope dual starts from its bracket in the parent."""
+        the relaxations ``rel`` of the activations above (lower slopes per row: the root's
+        optimised ones, :attr:`row_alpha`), intersected with ``lo``, ``up``; each row's
+        polytope dual starts from its bracket in the parent."""
         prob, at = self.prob, self.graph.nodes[i].inputs[0]
         rows = torch.as_tensor(todo, device=lo.device)
         sub_rel = {j: tuple(None if t is None else t[rows] for t in r) for j, r in rel.items()}
@@ -237,6 +253,7 @@ class SplitBab(BabSearch):
                 sub_rel,
                 store := _subdomain.theta_store(subs, i, lo.shape[1]),
                 REFINE_TOL,
+                self.row_alpha.get(at),
             )
         _subdomain.keep_theta(subs, i, store)
         lo, up = lo.clone(), up.clone()

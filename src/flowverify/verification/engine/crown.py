@@ -34,6 +34,7 @@ from flowverify.verification.engine import patches as _patches
 from flowverify.verification.engine.affine import ConvOp, LinearOp, Merge
 from flowverify.verification.engine.domains import Domain
 from flowverify.verification.engine.graph import Graph
+from flowverify.verification.engine.intermediate import row_slopes
 from flowverify.verification.engine.probes import ProbeBounds
 
 __all__ = ["EngineProblem", "backward"]
@@ -324,9 +325,9 @@ class EngineProblem:
                 new_up = torch.maximum(new_up, new_lo)
         return new_lo, new_up
 
-    def _crown_bounds(self, idx, eps, i, lo, up, relax, store=None, tol=None):
+    def _crown_bounds(self, idx, eps, i, lo, up, relax, store=None, tol=None, row_alpha=None):
         """Tighten node ``i``'s bounds by CROWN where unstable (``store``, ``tol``:
-        :meth:`_tighten`)."""
+        :meth:`_tighten`; ``row_alpha``: :func:`~.intermediate.row_slopes`)."""
         if i in self.front:
             return self._front_bounds(idx, eps, i, lo, up)
         node = self.graph.nodes[i]
@@ -344,7 +345,9 @@ class EngineProblem:
                 sub = {j: tuple(None if t is None else t[g] for t in r) for j, r in relax.items()}
                 g_np = g.cpu().numpy()
                 part, gi = None if store is None else store[g_np], np.asarray(idx)[g_np]
-                lo[g], up[g] = self._crown_bounds(gi, eps[g], i, lo[g], up[g], sub, part, tol)
+                lo[g], up[g] = self._crown_bounds(
+                    gi, eps[g], i, lo[g], up[g], sub, part, tol, row_alpha
+                )
                 if part is not None:
                     store[g_np] = part
             return lo, up
@@ -356,6 +359,7 @@ class EngineProblem:
             return _patches.patch_bounds(self, idx, eps, i, front, (sel, valid), lo, up, relax)
         if isinstance(node.op, ConvOp) or (isinstance(node.op, LinearOp) and len(node.shape) == 1):
             # the first step in closed form: the selected neurons' rows
+            relax = relax if not row_alpha else row_slopes(self.graph, relax, row_alpha, sel)
             lam_in, beta = node.op.unit_rows(torch.cat([sel, sel], 1), torch.cat([one, -one], 1))
             lin = self.linear(idx, node.inputs[0], lam_in, relax, beta=beta)
         else:
