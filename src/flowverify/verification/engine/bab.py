@@ -179,6 +179,14 @@ class SplitBab(BabSearch):
                 )
         return out, slope
 
+    def _front_slope(self, lin, fresh: torch.Tensor) -> torch.Tensor:
+        """The gains' gradients ``µ - ν*`` (:meth:`_gain`, ``(D, m, C*H*W)``) on the
+        front's rows: ``<q, µ - ν*> = <Λ, G (µ - ν*) / s>``."""
+        inv = lin.inv_scale[:, None, :, None].detach()
+        d, m = fresh.shape[:2]
+        slope = (fresh.reshape(d, m, inv.shape[2], -1) * inv).flatten(2)
+        return slope @ self.prob._front_net.G.T
+
     def relaxations(self, subs: list[_Sub], root, eps: float):
         """The relaxation of every activation on each subdomain ``{i: relax}`` (for a ReLU
         flat, ``(D, n)``), per ReLU ``(lo, up) (D, n)``, its unstable neurons, split signs
@@ -318,9 +326,7 @@ class SplitBab(BabSearch):
                         q.detach(), eps, open_rows, bound=evaluate, slopes=replan
                     )
                 if replan and self.feasible:  # <q, µ - ν*> = <Λ, G (µ - ν*) / s>
-                    inv = lin.inv_scale[:, None, :, None].detach()
-                    slope = (fresh.reshape(d, m, inv.shape[2], -1) * inv).flatten(2)
-                    slope = slope @ prob._front_net.G.T  # on the front's rows
+                    slope = self._front_slope(lin, fresh)
             if evaluate:
                 with torch.no_grad():
                     val = lin.centre - gain - _numerics.margin_tolerance(lin.centre, gain)

@@ -28,7 +28,6 @@ LP's bounds; 20 Adam steps leave 61 unstable (0.2 s) and it is certified in 2.7 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ __all__ = ["optimise_bounds", "row_slopes"]
 REFRESH = 4
 
 
-def optimise_bounds(bab, eps: float, root, *, iterations: int = 20, lr: float = 0.1, deadline=None):
+def optimise_bounds(bab, eps: float, root, *, iterations: int = 20, lr: float = 0.1):
     """The root's ``(bounds, relax)`` (:meth:`~.crown.EngineProblem.layer_bounds` of one
     image at raw ``ε``) with the bounds of every (leaky) ReLU's input that CROWN computes
     through unstable ReLUs below it tightened by optimised lower slopes.
@@ -58,8 +57,6 @@ def optimise_bounds(bab, eps: float, root, *, iterations: int = 20, lr: float = 
         Adam steps per layer.
     lr : float
         Adam's step on the slopes.
-    deadline : float or None
-        ``time.perf_counter()`` after which no further layer is started.
 
     Returns
     -------
@@ -74,8 +71,6 @@ def optimise_bounds(bab, eps: float, root, *, iterations: int = 20, lr: float = 
     tables = bab.row_alpha = {}
     changed = False
     for i in bab.relus:
-        if deadline is not None and time.perf_counter() >= deadline:
-            break
         at = graph.nodes[i].inputs[0]
         if at in prob.front:  # a linear function of the input: CROWN is exact there
             continue
@@ -179,10 +174,8 @@ def _optimise_rows(bab, at, sel, below, bounds, relax, eps, iterations, lr):
                 best = torch.where(better, val, best)
                 for j, a in params.items():
                     keep[j][better] = a.detach()[0][better]
-            if fresh is not None:  # <q, µ - ν*> on the front's rows
-                inv = lin.inv_scale[:, None, :, None].detach()
-                slope = (fresh.reshape(1, 2 * k, inv.shape[2], -1) * inv).flatten(2)
-                slope = slope @ prob._front_net.G.T
+            if fresh is not None:
+                slope = bab._front_slope(lin, fresh)
         if final:
             break
         if slope is not None:
